@@ -1,0 +1,120 @@
+"""Shared CLI plumbing: options, error-to-exit-code handling, output helpers.
+
+Only ``fleetctl.cli`` imports typer; rich is imported lazily inside the renderers so that the commands
+timers run every few seconds (``dispatch``, ``sweep-timeouts``, ``task complete``) start fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fleetctl.errors import ExitCode, FleetError
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Config file (else $FLEET_CONFIG, ./config.toml, $XDG_CONFIG_HOME/fleetctl/config.toml, "
+        "/etc/fleetctl/config.toml, then the embedded default).",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")]
+
+
+def load(config_path: Path | None):
+    """Load the configuration named by ``--config`` (or found by the search order)."""
+    from fleetctl.config import load_config
+
+    return load_config(config_path)
+
+
+def open_store(cfg):
+    """Open (and migrate) the store the configuration names."""
+    from fleetctl.store import Store
+
+    return Store.open(cfg.orchestrator.db_path)
+
+
+def err(message: str) -> None:
+    """A message for people, on stderr."""
+    print(message, file=sys.stderr)
+
+
+def cli_errors(func: Callable) -> Callable:
+    """Turn domain errors into ``error: …`` on stderr and the documented exit code; never a traceback.
+
+    ``FLEETCTL_DEBUG=1`` re-raises unexpected errors with their traceback.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except FleetError as exc:
+            err(f"error: {exc.message}")
+            raise typer.Exit(int(exc.exit_code)) from None
+        except KeyboardInterrupt:
+            err("interrupted")
+            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except BrokenPipeError:
+            raise typer.Exit(0) from None
+        except Exception as exc:  # the last line of defence: one message, no traceback
+            if os.environ.get("FLEETCTL_DEBUG"):
+                raise
+            err(f"error: unexpected {type(exc).__name__}: {exc} (set FLEETCTL_DEBUG=1 for a traceback)")
+            raise typer.Exit(int(ExitCode.ERROR)) from None
+
+    return wrapper
+
+
+def print_json(doc: Any) -> None:
+    """One JSON document on stdout."""
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def stdout_console():
+    from rich.console import Console
+
+    return Console(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False)
+
+
+def stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False)
+
+
+def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A rich table for people on stdout."""
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False, header_style="bold")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    stdout_console().print(table)
+
+
+def print_fields(title: str | None, pairs: Iterable[tuple[str, Any]]) -> None:
+    """A two-column key/value table for ``show`` commands."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, box=None, padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for k, v in pairs:
+        table.add_row(k, "" if v is None else str(v))
+    stdout_console().print(table)
