@@ -96,13 +96,15 @@ def stderr_console():
     return Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False)
 
 
-def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """A rich table for people on stdout."""
+def print_table(
+    title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], wrap: Sequence[str] = ("TITLE", "DETAIL")
+) -> None:
+    """A rich table for people on stdout; only the ``wrap`` columns fold, the others stay on one line."""
     from rich.table import Table
 
-    table = Table(title=title, show_lines=False, header_style="bold")
+    table = Table(title=title, show_lines=False, header_style="bold", box=None, pad_edge=False)
     for col in columns:
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col not in wrap)
     for row in rows:
         table.add_row(*("" if v is None else str(v) for v in row))
     stdout_console().print(table)

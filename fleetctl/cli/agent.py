@@ -1,3 +1,155 @@
-"""placeholder"""
+"""``fleetctl agent …``: the agent registry."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
 import typer
-app = typer.Typer()
+
+from fleetctl.cli._common import ConfigOpt, JsonOpt, cli_errors, load, open_store, print_fields, print_json
+
+app = typer.Typer(help="Register, inspect, drain and remove agents.", no_args_is_help=True)
+
+AgentIdArg = Annotated[str, typer.Argument(help="The agent id.", show_default=False)]
+
+
+def _views(store, agents: list[dict]) -> list[dict]:
+    from fleetctl import services
+
+    running = store.running_counts()
+    return [services.agent_view(a, running.get(a["agent_id"], 0)) for a in agents]
+
+
+@app.command("register")
+@cli_errors
+def agent_register(
+    agent_id: AgentIdArg,
+    agent_type: Annotated[str, typer.Option("--type", "-t", help="Agent type, e.g. codex-cli.")],
+    capability: Annotated[list[str] | None, typer.Option("--capability", "-C", help="Repeatable.")] = None,
+    max_concurrency: Annotated[int, typer.Option("--max-concurrency", help="Tasks at once.", min=1)] = 1,
+    mode: Annotated[str, typer.Option("--mode", help="http_pull or ssh_cli.")] = "http_pull",
+    json_: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Create or update an agent and put it online; a pull agent's token is printed once.
+
+    Example: fleetctl agent register builder-1 --type codex-cli -C code:rust -C code:python --max-concurrency 2
+    """
+    from fleetctl import services
+
+    cfg = load(config)
+    with open_store(cfg) as store:
+        reg = services.register_agent(store, agent_id, agent_type=agent_type, capabilities=capability or [],
+                                      max_concurrency=max_concurrency, mode=mode)  # fmt: skip
+        view = _views(store, [reg.agent])[0]
+    if json_:
+        print_json({**view, "token": reg.token})
+    else:
+        print(f"{agent_id} {'registered' if reg.created else 'updated'} ({view['status']})")
+        if reg.token:
+            print(f"token: {reg.token}")
+
+
+@app.command("heartbeat")
+@cli_errors
+def agent_heartbeat(agent_id: AgentIdArg, json_: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """Record a heartbeat: extends the agent's leases; lists its tasks cancelled meanwhile.
+
+    Example: fleetctl agent heartbeat builder-1 --json
+    """
+    from fleetctl import services
+
+    cfg = load(config)
+    with open_store(cfg) as store:
+        result = services.heartbeat(store, cfg.orchestrator, agent_id)
+        view = _views(store, [result["agent"]])[0]
+    if json_:
+        print_json({"agent": view, "cancelled": result["cancelled"]})
+    else:
+        print(
+            f"{agent_id} {view['status']}"
+            + (f"; cancelled: {' '.join(result['cancelled'])}" if result["cancelled"] else "")
+        )
+
+
+def _set_status(agent_id: str, status: str, reason: str, json_: bool, config) -> None:
+    from fleetctl import services
+    from fleetctl.states import AgentStatus
+
+    cfg = load(config)
+    with open_store(cfg) as store:
+        agent = services.set_agent_status(store, cfg.orchestrator, agent_id, AgentStatus(status), reason)
+        view = _views(store, [agent])[0]
+    if json_:
+        print_json(view)
+    else:
+        print(f"{agent_id} {view['status']}")
+
+
+@app.command("deregister")
+@cli_errors
+def agent_deregister(agent_id: AgentIdArg, json_: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """Take an agent offline; its assigned and running attempts fail (agent_lost) and are retried.
+
+    Example: fleetctl agent deregister builder-1
+    """
+    _set_status(agent_id, "offline", "deregistered", json_, config)
+
+
+@app.command("drain")
+@cli_errors
+def agent_drain(agent_id: AgentIdArg, json_: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """Let an agent finish what it has but take nothing new.
+
+    Example: fleetctl agent drain builder-1
+    """
+    _set_status(agent_id, "draining", "drained by operator", json_, config)
+
+
+@app.command("list")
+@cli_errors
+def agent_list(
+    status: Annotated[str | None, typer.Option("--status", help="online, offline or draining.")] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="http_pull or ssh_cli.")] = None,
+    capability: Annotated[str | None, typer.Option("--capability", "-C", help="Only agents with it.")] = None,
+    json_: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """List agents with their load.
+
+    Example: fleetctl agent list --status online --json
+    """
+    from fleetctl.cli.render import render_agents
+
+    cfg = load(config)
+    with open_store(cfg) as store:
+        agents = [
+            a for a in store.agents(status=status, mode=mode) if not capability or capability in a["capabilities"]
+        ]
+        views = _views(store, agents)
+    if json_:
+        print_json({"items": views, "next": None})
+    else:
+        render_agents([{**v, "_hb": a["last_heartbeat_at"]} for v, a in zip(views, agents, strict=True)])
+
+
+@app.command("show")
+@cli_errors
+def agent_show(agent_id: AgentIdArg, json_: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """Show one agent, its tasks in flight and its recent events.
+
+    Example: fleetctl agent show builder-1
+    """
+    from fleetctl import services
+    from fleetctl.cli.render import render_events
+
+    cfg = load(config)
+    with open_store(cfg) as store:
+        view = _views(store, [services.get_agent(store, agent_id)])[0]
+        tasks = [t["task_id"] for t in store.tasks(states=("assigned", "running"), agent_id=agent_id)]
+        events = store.events(agent_id=agent_id, limit=20, newest=True)
+    if json_:
+        print_json({**view, "tasks": tasks, "events": [services.event_view(e) for e in events]})
+        return
+    print_fields(f"agent {agent_id}", [*view.items(), ("tasks", " ".join(tasks))])
+    render_events(events, title="recent events")

@@ -1,3 +1,5 @@
 """placeholder"""
-import typer
-app = typer.Typer()
+
+
+def demo() -> None:
+    """Run the demo."""

@@ -1,3 +1,60 @@
-"""placeholder"""
+"""``fleetctl dispatch`` and ``fleetctl sweep-timeouts``: the one-shot passes systemd timers fire."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
 import typer
-app = typer.Typer()
+
+from fleetctl.cli._common import ConfigOpt, JsonOpt, cli_errors, load, open_store, print_json
+
+
+@cli_errors
+def dispatch(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and print; claim and launch nothing.")] = False,
+    limit: Annotated[int | None, typer.Option("--limit", help="Launch at most this many tasks.", min=0)] = None,
+    json_: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """One pass: assign queued tasks to ssh_cli agents with free capacity and launch them.
+
+    Safe to run from overlapping timers: a pass lock plus conditional claims.
+
+    Example: fleetctl dispatch --dry-run
+    """
+    from fleetctl.passes import dispatch as run_dispatch
+
+    cfg = load(config)
+    with open_store(cfg) as store:
+        report = run_dispatch(store, cfg, dry_run=dry_run, limit=limit)
+    if json_:
+        print_json(report.to_json())
+    elif report.skipped:
+        print(f"skipped: {report.skipped}")
+    else:
+        verb = "would assign" if dry_run else "launched"
+        count = len(report.planned) if dry_run else len(report.launched)
+        print(f"{verb} {count}, launch failures {len(report.failed)}, ready in queue {report.queued_ready}")
+        for p in report.planned if dry_run else report.launched:
+            print(f"  {p['task_id']} -> {p['agent_id']}")
+
+
+@cli_errors
+def sweep_timeouts(json_: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """One pass: hard timeouts, lost agents, ended or dead runs, expired leases, released backoff.
+
+    Example: fleetctl sweep-timeouts --json
+    """
+    from fleetctl.passes import sweep
+
+    cfg = load(config)
+    with open_store(cfg) as store:
+        report = sweep(store, cfg)
+    if json_:
+        print_json(report.to_json())
+    elif report.skipped:
+        print(f"skipped: {report.skipped}")
+    else:
+        print(f"{len(report.actions)} actions, {report.backoff_released} retries ready")
+        for a in report.actions:
+            print("  " + " ".join(f"{k}={v}" for k, v in a.items()))

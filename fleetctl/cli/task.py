@@ -1,3 +1,282 @@
-"""placeholder"""
+"""``fleetctl task …``: create, inspect and act on tasks; ``complete`` is what agents shell out to."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
 import typer
-app = typer.Typer()
+
+from fleetctl.cli._common import ConfigOpt, JsonOpt, cli_errors, load, open_store, print_json
+from fleetctl.cli.render import render_task, render_task_list
+from fleetctl.errors import UsageError
+
+app = typer.Typer(help="Create, list, inspect, cancel, retry and complete tasks.", no_args_is_help=True)
+
+TaskIdArg = Annotated[str, typer.Argument(help="The task id.", show_default=False)]
+AttemptOpt = Annotated[
+    int | None,
+    typer.Option("--attempt", help="Attempt number (the fencing token); default $FLEET_ATTEMPT.", min=1),
+]
+AgentOpt = Annotated[str | None, typer.Option("--agent", help="Acting agent id; default $FLEET_AGENT_ID.")]
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"${name} must be an integer, not {value!r}") from None
+
+
+@app.command("create")
+@cli_errors
+def task_create(
+    title: Annotated[str, typer.Option("--title", help="Task title.")],
+    body: Annotated[str, typer.Option("--body", help="Task body (the issue text).")] = "",
+    repo: Annotated[str | None, typer.Option("--repo", help="Forgejo repository owner/name.")] = None,
+    issue: Annotated[int | None, typer.Option("--issue", help="Issue number in --repo.", min=1)] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", "-l", help="A label; repeatable.")] = None,
+    task_id: Annotated[str | None, typer.Option("--id", help="Use this task id instead of a generated one.")] = None,
+    json_: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Create a queued task and print its id (or the task as JSON).
+
+    Labels `agent:X` require capability X; `priority:N`, `retries:N` and `timeout:SECS` tune it.
+
+    Example: fleetctl task create --title "Fix the flaky test" --label agent:code:python --label priority:5
+    """
+    from fleetctl import services
+
+    cfg = load(config)
+    with open_store(cfg) as store:
+        task = services.create_task(store, cfg.orchestrator, title=title, body=body, labels=label or [], repo=repo,
+                                    issue_number=issue, task_id=task_id)  # fmt: skip
+    print_json(services.task_view(task)) if json_ else print(task["task_id"])
+
+
+@app.command("list")
+@cli_errors
+def task_list(
+    state: Annotated[list[str] | None, typer.Option("--state", "-s", help="Only this state; repeatable.")] = None,
+    agent: Annotated[str | None, typer.Option("--agent", help="Only tasks held by this agent.")] = None,
+    repo: Annotated[str | None, typer.Option("--repo", help="Only tasks of this repository.")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="At most this many (0: no limit).", min=0)] = 100,
+    after: Annotated[int | None, typer.Option("--after", help="Page: the 'next' cursor of the previous page.")] = None,
+    json_: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """List tasks in creation order.
+
+    Example: fleetctl task list --state queued --state running --json
+    """
+    from fleetctl import services
+
+    states = _states(state or [])
+    cfg = load(config)
+    with open_store(cfg) as store:
+        rows = store.tasks(states=states, agent_id=agent, repo=repo, after_seq=after, limit=(limit + 1) or None)
+    more = bool(limit) and len(rows) > limit
+    rows = rows[:limit] if limit else rows
+    cursor = rows[-1]["seq"] if more else None
+    if json_:
+        print_json({"items": [services.task_view(t) for t in rows], "next": cursor})
+    else:
+        render_task_list(rows, cursor)
+
+
+def _states(states: list[str]) -> list[str]:
+    from fleetctl.states import TaskState
+
+    valid = {s.value for s in TaskState}
+    for s in states:
+        if s not in valid:
+            raise UsageError(f"unknown state {s!r}; choose from {', '.join(sorted(valid))}")
+    return states
+
+
+@app.command("show")
+@cli_errors
+def task_show(task_id: TaskIdArg, json_: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """Show a task with its attempts and events.
+
+    Example: fleetctl task show t-3f9a1c2b7e --json
+    """
+    from fleetctl import services
+
+    cfg = load(config)
+    with open_store(cfg) as store:
+        with store.read():
+            task = services.get_task(store, task_id)
+            attempts, events = store.attempts(task_id), store.events(task_id=task_id)
+    if json_:
+        doc = services.task_view(task)
+        doc["attempts"] = [services.attempt_view(a) for a in attempts]
+        doc["events"] = [services.event_view(e) for e in events]
+        print_json(doc)
+    else:
+        render_task(task, attempts, events)
+
+
+@app.command("cancel")
+@cli_errors
+def task_cancel(
+    task_id: TaskIdArg,
+    reason: Annotated[str, typer.Option("--reason", help="Why; kept in the event.")] = "cancelled by operator",
+    json_: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Cancel a task that is not finished (a running attempt is told at its next heartbeat or sweep).
+
+    Example: fleetctl task cancel t-3f9a1c2b7e --reason "duplicate of #12"
+    """
+    from fleetctl import services
+
+    cfg = load(config)
+    with open_store(cfg) as store:
+        task = services.cancel_task(store, task_id, reason)
+    _done(task, json_)
+
+
+@app.command("retry")
+@cli_errors
+def task_retry(task_id: TaskIdArg, json_: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """Re-queue a failed or cancelled task with a fresh attempt budget.
+
+    Example: fleetctl task retry t-3f9a1c2b7e
+    """
+    from fleetctl import services
+
+    cfg = load(config)
+    with open_store(cfg) as store:
+        task = services.retry_task(store, cfg.orchestrator, task_id)
+    _done(task, json_)
+
+
+def _done(task: dict, json_: bool) -> None:
+    from fleetctl import services
+
+    if json_:
+        print_json(services.task_view(task))
+    else:
+        print(f"{task['task_id']} {task['state']}")
+
+
+@app.command("complete")
+@cli_errors
+def task_complete(
+    task_id: TaskIdArg,
+    attempt: AttemptOpt = None,
+    outcome: Annotated[str, typer.Option("--outcome", help="success or failure.")] = "success",
+    summary: Annotated[str, typer.Option("--summary", help="What was done (or why it failed).")] = "",
+    pr: Annotated[list[int] | None, typer.Option("--pr", help="Pull request number in the task's repo.", min=1)] = None,
+    pr_url: Annotated[list[str] | None, typer.Option("--pr-url", help="Pull request URL; repeatable.")] = None,
+    branch: Annotated[str | None, typer.Option("--branch", help="Branch the work is on.")] = None,
+    receipt: Annotated[
+        str | None, typer.Option("--receipt", help="Receipt JSON file (SPEC §7.4), or - for stdin.")
+    ] = None,
+    agent: AgentOpt = None,
+    json_: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Hand in the receipt for a task's attempt (what agents run when they finish).
+
+    Exit 0 accepted (or an identical repeat), 4 lease lost, 6 receipt rejected.
+
+    Example: fleetctl task complete "$FLEET_TASK_ID" --summary "Fixed the parser" --pr 12
+    """
+    from fleetctl import services
+
+    doc = _receipt_doc(receipt, outcome, summary, pr or [], pr_url or [], branch)
+    attempt = attempt if attempt is not None else _env_int("FLEET_ATTEMPT")
+    agent = agent or os.environ.get("FLEET_AGENT_ID") or None
+    cfg = load(config)
+    with open_store(cfg) as store:
+        task = services.get_task(store, task_id)
+        require = cfg.forgejo.require_pull_request and bool(task["repo"]) and bool(cfg.forgejo.url)
+        result = services.complete_task(store, cfg.orchestrator, task_id, doc, agent_id=agent, attempt=attempt,
+                                        require_pull_request=require)  # fmt: skip
+    if json_:
+        print_json({**services.task_view(result.task), "repeated": result.repeated})
+    else:
+        note = " (repeat: already recorded)" if result.repeated else ""
+        print(f"{task_id} {result.task['state']}{note}")
+
+
+def _receipt_doc(path: str | None, outcome: str, summary: str, prs: list[int], urls: list[str], branch: str | None):
+    if outcome not in ("success", "failure"):
+        raise UsageError("--outcome must be success or failure")
+    if path is not None:
+        try:
+            text = sys.stdin.read() if path == "-" else Path(path).read_text()
+            doc = json.loads(text)
+        except OSError as exc:
+            raise UsageError(f"cannot read receipt {path}: {exc.strerror}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"receipt {path} is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise UsageError("the receipt must be a JSON object")
+        return doc
+    artifacts = [{"kind": "pull_request", "number": n} for n in prs]
+    artifacts += [{"kind": "pull_request", "url": u} for u in urls]
+    if branch:
+        artifacts.append({"kind": "branch", "name": branch})
+    return {"outcome": outcome, "summary": summary, "artifacts": artifacts}
+
+
+@app.command("status")
+@cli_errors
+def task_status(
+    task_id: TaskIdArg,
+    status: Annotated[str, typer.Option("--status", help="running (the run started) or progress.")] = "progress",
+    message: Annotated[str, typer.Option("--message", "-m", help="Progress text.")] = "",
+    attempt: AttemptOpt = None,
+    agent: AgentOpt = None,
+    json_: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Report that the run started, or a line of progress, for the current attempt.
+
+    Example: fleetctl task status "$FLEET_TASK_ID" --message "tests pass, opening the PR"
+    """
+    from fleetctl import services
+
+    if status not in ("running", "progress"):
+        raise UsageError("--status must be running or progress")
+    attempt = attempt if attempt is not None else _env_int("FLEET_ATTEMPT")
+    agent = agent or os.environ.get("FLEET_AGENT_ID") or None
+    cfg = load(config)
+    with open_store(cfg) as store:
+        if status == "running":
+            task = services.start_task(store, task_id, agent_id=agent, attempt=attempt)
+        if message or status == "progress":
+            task = services.report_progress(store, task_id, message, agent_id=agent, attempt=attempt)
+    _done(task, json_)
+
+
+@app.command("run-ended")
+@cli_errors
+def task_run_ended(
+    task_id: TaskIdArg,
+    attempt: Annotated[int, typer.Option("--attempt", help="The attempt that ended.", min=1)],
+    exit_code: Annotated[int, typer.Option("--exit-code", help="The run's exit status.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Settle an attempt whose run ended (the run wrapper calls this; the sweep does it otherwise).
+
+    If the agent handed in no receipt, the attempt fails: no_receipt (exit 0) or agent_error.
+
+    Example: fleetctl task run-ended t-3f9a1c2b7e --attempt 1 --exit-code 0
+    """
+    from fleetctl import services
+
+    cfg = load(config)
+    with open_store(cfg) as store:
+        task = services.settle_run(store, cfg.orchestrator, task_id, attempt, exit_code)
+    print(f"{task_id} {task['state']}" if task else f"{task_id} already settled")

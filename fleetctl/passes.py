@@ -1,0 +1,363 @@
+"""The one-shot passes that systemd timers fire: ``dispatch`` and ``sweep-timeouts`` (SPEC §8).
+
+Both are safe to overlap: each takes a non-blocking ``flock`` pass lock (released by the kernel even on
+``kill -9``), and every write is a guarded transition, so even two passes that both got past the lock
+could not assign a task twice or exceed an agent's ``max_concurrency`` — the conditional claim is the
+real guard. Every decision is an event with its reason, and one ``key=value`` log line on stderr.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fleetctl import services
+from fleetctl.config import Config, HostConfig
+from fleetctl.errors import ConfigError, FleetError, RemoteError
+from fleetctl.executor import Executor, LaunchSpec, LocalExecutor, python_bin_dir, run_env, workspace_path
+from fleetctl.matching import AgentSlot, QueuedTask, plan
+from fleetctl.prompt import render_prompt
+from fleetctl.states import AgentMode, AgentStatus, FailureReason
+from fleetctl.store import Store
+
+
+def log(action: str, **fields: object) -> None:
+    """One structured line per action on stderr (journald keeps it)."""
+    parts = [f"action={action}"] + [f"{k}={_logval(v)}" for k, v in fields.items() if v is not None]
+    print(" ".join(parts), file=sys.stderr, flush=True)
+
+
+def _logval(v: object) -> str:
+    s = str(v)
+    return repr(s) if (not s or any(c in s for c in " \"'=\n")) else s
+
+
+@contextmanager
+def pass_lock(db_path: Path, name: str) -> Iterator[bool]:
+    """A non-blocking exclusive lock beside the database; yields False if another pass holds it."""
+    path = Path(str(db_path) + f".{name}.lock")
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+ExecutorFactory = Callable[[HostConfig], Executor]
+
+
+def default_executor(host: HostConfig) -> Executor:
+    """The executor for a host: local subprocess, or SSH."""
+    if host.is_local:
+        return LocalExecutor()
+    from fleetctl.ssh import SshExecutor  # imported only when an SSH host is used (fabric is slow to import)
+
+    return SshExecutor(host)
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+
+@dataclass
+class DispatchReport:
+    """What one dispatch pass did."""
+
+    skipped: str | None = None
+    planned: list[dict] = field(default_factory=list)
+    launched: list[dict] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    lost_races: int = 0
+    queued_ready: int = 0
+
+    def to_json(self) -> dict:
+        return {"skipped": self.skipped, "planned": self.planned, "launched": self.launched, "failed": self.failed,
+                "lost_races": self.lost_races, "queued_ready": self.queued_ready}  # fmt: skip
+
+
+def sync_config_agents(store: Store, cfg: Config, now: float) -> None:
+    """Make the registry match the ``[[hosts]]`` agents: register new/changed ones, take removed ones offline."""
+    configured = set()
+    for host, spec in cfg.agent_specs():
+        configured.add(spec.agent_id)
+        current = store.agent(spec.agent_id)
+        wanted = {"agent_type": spec.agent_type, "capabilities": sorted(set(spec.capabilities)),
+                  "max_concurrency": spec.max_concurrency, "mode": AgentMode.SSH_CLI.value, "host_id": host.host_id}  # fmt: skip
+        if current is not None and current["status"] == AgentStatus.DRAINING:
+            wanted_same = all(current.get(k) == v for k, v in wanted.items())
+            if wanted_same:
+                continue  # an operator drained it: leave it draining
+        if current is None or any(current.get(k) != v for k, v in wanted.items()) or current["status"] == "offline":
+            services.register_agent(store, spec.agent_id, agent_type=spec.agent_type, capabilities=spec.capabilities,
+                                    max_concurrency=spec.max_concurrency, mode=AgentMode.SSH_CLI,
+                                    host_id=host.host_id, issue_token=False, now=now)  # fmt: skip
+    for agent in store.agents(mode=AgentMode.SSH_CLI.value):
+        if agent["agent_id"] not in configured and agent["status"] != AgentStatus.OFFLINE:
+            services.set_agent_status(store, cfg.orchestrator, agent["agent_id"], AgentStatus.OFFLINE,
+                                      "removed from the configuration", now=now)  # fmt: skip
+
+
+def dispatch(
+    store: Store,
+    cfg: Config,
+    *,
+    dry_run: bool = False,
+    limit: int | None = None,
+    executor_for: ExecutorFactory = default_executor,
+    now: Callable[[], float] = time.time,
+) -> DispatchReport:
+    """One dispatch pass: plan queued tasks onto online ssh_cli agents, claim each conditionally, launch."""
+    report = DispatchReport()
+    with pass_lock(store.path, "dispatch") as locked:
+        if not locked:
+            report.skipped = "another dispatch pass is running"
+            log("dispatch.skipped", reason=report.skipped)
+            return report
+        t0 = now()
+        if not dry_run:
+            sync_config_agents(store, cfg, t0)
+        pairs, slots = plan_dispatch(store, t0, limit)
+        report.queued_ready = _count_ready(store, t0)
+        by_agent = {s.agent_id: s for s in slots}
+        specs = {spec.agent_id: (host, spec) for host, spec in cfg.agent_specs()}
+        for task_id, agent_id in pairs:
+            report.planned.append({"task_id": task_id, "agent_id": agent_id})
+            if dry_run:
+                continue
+            host, spec = specs[agent_id]
+            token = secrets.token_urlsafe(24)
+            claimed = store.claim(
+                agent_id=agent_id, capabilities=by_agent[agent_id].capabilities,
+                max_concurrency=spec.max_concurrency, lease_secs=cfg.orchestrator.lease_secs, ts=now(),
+                task_id=task_id,
+                extra={"host_id": host.host_id, "token_hash": services.hash_token(token)},
+            )  # fmt: skip
+            if claimed is None:
+                report.lost_races += 1
+                log("dispatch.lost_race", task=task_id, agent=agent_id)
+                continue
+            log("task.assigned", task=task_id, agent=agent_id, attempt=claimed["attempt"], host=host.host_id)
+            outcome = launch(store, cfg, host, spec.agent_type, claimed, token, executor_for(host), now)
+            (report.launched if outcome.get("ok") else report.failed).append(outcome)
+    return report
+
+
+def plan_dispatch(store: Store, ts: float, limit: int | None = None) -> tuple[list[tuple[str, str]], list[AgentSlot]]:
+    """Read the queue and the ssh_cli agents with free capacity, and plan (pure, no writes)."""
+    with store.read():
+        agents = store.agents(status=AgentStatus.ONLINE.value, mode=AgentMode.SSH_CLI.value)
+        running = store.running_counts()
+        slots = [
+            AgentSlot(
+                a["agent_id"],
+                frozenset(a["capabilities"]),
+                a["max_concurrency"],
+                running.get(a["agent_id"], 0),
+                a["last_assigned_at"] or 0.0,
+            )  # fmt: skip
+            for a in agents
+        ]
+        if not any(s.free > 0 for s in slots):
+            return [], slots
+        sql = ("SELECT task_id, requirements FROM tasks INDEXED BY tasks_claim WHERE state='queued' "
+               "AND (not_before IS NULL OR not_before <= ?) ORDER BY priority DESC, seq")  # fmt: skip
+        tasks = [QueuedTask(r[0], tuple(_json_list(r[1]))) for r in store.execute(sql, (ts,))]
+    pairs = plan(tasks, [AgentSlot(s.agent_id, s.capabilities, s.max_concurrency, s.running, s.idle_since)
+                         for s in slots], now=ts)  # fmt: skip
+    return (pairs[:limit] if limit is not None else pairs), slots
+
+
+def _json_list(text: str) -> list[str]:
+    import json
+
+    return json.loads(text)
+
+
+def _count_ready(store: Store, ts: float) -> int:
+    return store.execute(
+        "SELECT count(*) FROM tasks WHERE state='queued' AND (not_before IS NULL OR not_before <= ?)", (ts,)
+    ).fetchone()[0]
+
+
+def launch(store: Store, cfg: Config, host: HostConfig, agent_type: str, task: dict, token: str,
+           executor: Executor, now: Callable[[], float]) -> dict:  # fmt: skip
+    """Start a claimed attempt; on confirmed start → running, on failure → attempt fails ``launch_failed``."""
+    orch = cfg.orchestrator
+    task_id, attempt, agent_id = task["task_id"], task["attempt"], task["agent_id"]
+    ws = workspace_path(host.work_dir, task_id, attempt)
+    result = {"task_id": task_id, "attempt": attempt, "agent_id": agent_id, "host_id": host.host_id, "workspace": ws}
+    try:
+        atype = cfg.agent_types.get(agent_type)
+        if atype is None:
+            raise ConfigError(f"agent type {agent_type!r} is not configured ([agent_types.{agent_type}])")
+        try:
+            prompt = render_prompt(task, attempt, orch.prompt_template, cfg.forgejo.url)
+        except (ValueError, IndexError) as exc:
+            raise ConfigError(f"orchestrator.prompt_template is not a valid template: {exc}") from None
+        env = run_env(os.environ, {**dict(atype.env), **task_env(cfg, task, token, ws, host)})
+        spec = LaunchSpec(task_id=task_id, attempt=attempt, workspace=ws, command=tuple(atype.command),
+                          prompt=prompt, prompt_mode=atype.prompt, env=env,
+                          output_cap_bytes=orch.output_cap_bytes)  # fmt: skip
+        pid = executor.launch(spec)
+    except FleetError as exc:
+        services.fail_attempt(store, orch, task_id, FailureReason.LAUNCH_FAILED, exc.message, attempt=attempt,
+                              agent_id=agent_id, now=now())  # fmt: skip
+        log("task.launch_failed", task=task_id, attempt=attempt, error=exc.message)
+        return {**result, "ok": False, "error": exc.message}
+    try:
+        services.start_task(store, task_id, agent_id=agent_id, attempt=attempt, workspace=ws, now=now())
+    except FleetError:
+        pass  # the run already handed in its receipt (or was cancelled): nothing to mark
+    log("task.started", task=task_id, attempt=attempt, pid=pid, workspace=ws)
+    return {**result, "ok": True, "pid": pid}
+
+
+def task_env(cfg: Config, task: dict, token: str, ws: str, host: HostConfig) -> dict[str, str]:
+    """SPEC §8 item 5: what a run needs to know and to report — never the Forgejo admin token."""
+    env = {
+        "FLEET_TASK_ID": task["task_id"],
+        "FLEET_ATTEMPT": str(task["attempt"]),
+        "FLEET_AGENT_ID": task["agent_id"],
+        "FLEET_TASK_TOKEN": token,
+        "FLEET_BRANCH": f"fleet/{task['task_id']}",
+        "FLEET_WORKSPACE": ws,
+        "FLEET_PROMPT_FILE": str(Path(ws) / ".fleet" / "prompt.md"),
+    }
+    if task.get("repo"):
+        env["FLEET_REPO"] = task["repo"]
+    if task.get("issue_number"):
+        env["FLEET_ISSUE"] = str(task["issue_number"])
+    api_url = os.environ.get("FLEET_API_URL")
+    if api_url:
+        env["FLEET_API_URL"] = api_url
+    if host.is_local:
+        # a local run reports straight into this database with this fleetctl
+        env["FLEET_DB_PATH"] = str(cfg.orchestrator.db_path)
+        if cfg.path is not None:
+            env["FLEET_CONFIG"] = str(cfg.path)
+        env["FLEET_PYTHON"] = sys.executable
+        env["PATH"] = python_bin_dir() + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")
+    return env
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+
+
+@dataclass
+class SweepReport:
+    """What one sweep pass did."""
+
+    skipped: str | None = None
+    actions: list[dict] = field(default_factory=list)
+    backoff_released: int = 0
+
+    def add(self, action: str, **fields: object) -> None:
+        self.actions.append({"action": action, **fields})
+        log(action, **fields)
+
+    def to_json(self) -> dict:
+        return {"skipped": self.skipped, "actions": self.actions, "backoff_released": self.backoff_released}
+
+
+def sweep(
+    store: Store,
+    cfg: Config,
+    *,
+    executor_for: ExecutorFactory = default_executor,
+    now: Callable[[], float] = time.time,
+) -> SweepReport:
+    """One sweep: lost agents, hard timeouts, ended or dead runs, expired leases, released backoff."""
+    report = SweepReport()
+    with pass_lock(store.path, "sweep") as locked:
+        if not locked:
+            report.skipped = "another sweep pass is running"
+            log("sweep.skipped", reason=report.skipped)
+            return report
+        t = now()
+        _sweep_agents(store, cfg, report, t)
+        hosts = {h.host_id: h for h in cfg.hosts}
+        executors: dict[str, Executor] = {}
+        for att in store.open_attempts():
+            t = now()
+            host = hosts.get(att["host_id"]) if att["agent_mode"] == AgentMode.SSH_CLI else None
+            if host is not None and host.host_id not in executors:
+                executors[host.host_id] = executor_for(host)
+            _sweep_attempt(store, cfg, report, att, host, executors.get(att["host_id"]), t)
+        report.backoff_released = store.execute(
+            "SELECT count(*) FROM tasks WHERE state='queued' AND not_before IS NOT NULL AND not_before <= ?",
+            (now(),),
+        ).fetchone()[0]
+    return report
+
+
+def _sweep_agents(store: Store, cfg: Config, report: SweepReport, t: float) -> None:
+    orch = cfg.orchestrator
+    limit = orch.heartbeat_interval_secs * orch.heartbeat_timeout_threshold
+    for agent in store.agents(status=AgentStatus.ONLINE.value, mode=AgentMode.HTTP_PULL.value):
+        seen = agent["last_heartbeat_at"] or agent["registered_at"]
+        if t - seen > limit:
+            services.set_agent_status(store, orch, agent["agent_id"], AgentStatus.OFFLINE,
+                                      f"no heartbeat for {t - seen:.0f}s", now=t)  # fmt: skip
+            report.add("agent.offline", agent=agent["agent_id"], silent_secs=round(t - seen))
+
+
+def _sweep_attempt(store: Store, cfg: Config, report: SweepReport, att: dict, host: HostConfig | None,
+                   executor: Executor | None, t: float) -> None:  # fmt: skip
+    orch = cfg.orchestrator
+    task = {"task_id": att["task_id"], "attempt": att["attempt"], "agent_id": att["agent_id"]}
+    ids = {"task": att["task_id"], "attempt": att["attempt"], "agent": att["agent_id"]}
+    timeout = att["timeout_secs"] or orch.task_timeout_secs
+    ws = att["workspace"] or (workspace_path(host.work_dir, att["task_id"], att["attempt"]) if host else None)
+    if t - att["attempt_started_at"] > timeout:
+        killed = False
+        if executor is not None and ws:
+            try:
+                killed = executor.kill(ws)
+            except RemoteError as exc:
+                log("task.kill_failed", **ids, error=exc.message)
+        if services.expire_or_time_out(store, orch, task, FailureReason.TIMEOUT,
+                                       f"over the {timeout:.0f}s timeout" + ("; run killed" if killed else ""), now=t):  # fmt: skip
+            report.add("task.timeout", **ids, killed=killed)
+        return
+    if executor is None or host is None:  # a pull agent's attempt: only its lease matters
+        if att["lease_expires_at"] is not None and t > att["lease_expires_at"]:
+            if services.expire_or_time_out(store, orch, task, FailureReason.AGENT_LOST, "lease expired", now=t):
+                report.add("task.lease_expired", **ids)
+        return
+    try:
+        status = executor.probe(ws)
+    except RemoteError as exc:
+        log("host.unreachable", host=host.host_id, error=exc.message)
+        return
+    if status.ended:
+        settled = services.settle_run(store, orch, att["task_id"], att["attempt"], status.exit_code,
+                                      status.stderr_tail[-500:], now=t)  # fmt: skip
+        if settled:
+            report.add("task.run_ended", **ids, exit_code=status.exit_code, state=settled["state"])
+    elif status.vanished:
+        if services.expire_or_time_out(store, orch, task, FailureReason.AGENT_ERROR,
+                                       f"the run (pid {status.pid}) is gone without an exit status", now=t):  # fmt: skip
+            report.add("task.run_vanished", **ids, pid=status.pid)
+    elif att["task_state"] == "assigned":
+        if status.alive:  # launched, but the dispatch that launched it died before saying so
+            try:
+                services.start_task(store, att["task_id"], agent_id=att["agent_id"], attempt=att["attempt"],
+                                    workspace=ws, now=t)  # fmt: skip
+                report.add("task.started", **ids, pid=status.pid)
+            except FleetError:
+                pass
+        elif att["lease_expires_at"] is not None and t > att["lease_expires_at"]:
+            if services.expire_or_time_out(store, orch, task, FailureReason.LAUNCH_FAILED,
+                                           "assigned but never started", now=t):  # fmt: skip
+                report.add("task.launch_failed", **ids)

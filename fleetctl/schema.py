@@ -1,0 +1,112 @@
+"""Schema migrations: ordered, named, recorded by sqlite-utils' ``Migrations``, never edited once released.
+
+The migration functions are plain functions listed in ``MIGRATIONS``; ``migrations()`` wraps them in a
+``sqlite_utils.migrations.Migrations`` set only when one is pending, so the common path (an up-to-date
+database) never pays sqlite-utils' import cost. A fix to a released migration is a new migration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+MIGRATION_SET = "fleetctl"
+MIGRATIONS_TABLE = "_sqlite_migrations"
+
+
+def m001_initial(db) -> None:
+    """Events, the task/agent/attempt projections and their indexes."""
+    for statement in _M001:
+        db.execute(statement)
+
+
+_M001 = (
+    """CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        type TEXT NOT NULL,
+        task_id TEXT,
+        agent_id TEXT,
+        attempt INTEGER,
+        data TEXT NOT NULL DEFAULT '{}'
+    )""",
+    "CREATE INDEX events_task ON events(task_id, id) WHERE task_id IS NOT NULL",
+    "CREATE INDEX events_agent ON events(agent_id, id) WHERE agent_id IS NOT NULL",
+    "CREATE INDEX events_type ON events(type, id)",
+    "CREATE INDEX events_ts ON events(ts)",
+    """CREATE TABLE tasks (
+        task_id TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL UNIQUE,
+        state TEXT NOT NULL CHECK (state IN ('queued', 'assigned', 'running', 'awaiting_review',
+                                             'completed', 'failed', 'cancelled')),
+        title TEXT NOT NULL,
+        body TEXT NOT NULL DEFAULT '',
+        labels TEXT NOT NULL DEFAULT '[]',
+        requirements TEXT NOT NULL DEFAULT '[]',
+        priority INTEGER NOT NULL DEFAULT 0,
+        repo TEXT,
+        issue_number INTEGER,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL,
+        timeout_secs REAL,
+        agent_id TEXT,
+        lease_expires_at REAL,
+        not_before REAL,
+        failure_reason TEXT,
+        failure_detail TEXT,
+        pull_request TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        attempt_started_at REAL
+    )""",
+    "CREATE INDEX tasks_claim ON tasks(priority DESC, seq) WHERE state = 'queued'",
+    "CREATE INDEX tasks_state ON tasks(state, seq)",
+    "CREATE INDEX tasks_active_agent ON tasks(agent_id) WHERE state IN ('assigned', 'running')",
+    """CREATE UNIQUE INDEX tasks_one_active_per_issue ON tasks(repo, issue_number)
+        WHERE repo IS NOT NULL AND issue_number IS NOT NULL
+          AND state NOT IN ('completed', 'failed', 'cancelled')""",
+    """CREATE TABLE agents (
+        agent_id TEXT PRIMARY KEY,
+        agent_type TEXT NOT NULL,
+        capabilities TEXT NOT NULL DEFAULT '[]',
+        max_concurrency INTEGER NOT NULL DEFAULT 1,
+        mode TEXT NOT NULL CHECK (mode IN ('ssh_cli', 'http_pull')),
+        host_id TEXT,
+        status TEXT NOT NULL CHECK (status IN ('online', 'offline', 'draining')),
+        token_hash TEXT,
+        registered_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        last_heartbeat_at REAL,
+        last_assigned_at REAL
+    )""",
+    """CREATE TABLE attempts (
+        task_id TEXT NOT NULL REFERENCES tasks(task_id),
+        attempt INTEGER NOT NULL,
+        agent_id TEXT NOT NULL,
+        host_id TEXT,
+        workspace TEXT,
+        token_hash TEXT,
+        assigned_at REAL NOT NULL,
+        started_at REAL,
+        ended_at REAL,
+        outcome TEXT,
+        failure_reason TEXT,
+        failure_detail TEXT,
+        receipt TEXT,
+        PRIMARY KEY (task_id, attempt)
+    )""",
+    "CREATE INDEX attempts_open ON attempts(host_id) WHERE ended_at IS NULL",
+)
+
+#: Every migration, in order. Append only.
+MIGRATIONS: tuple[Callable, ...] = (m001_initial,)
+MIGRATION_NAMES: tuple[str, ...] = tuple(f.__name__ for f in MIGRATIONS)
+
+
+def migrations():
+    """The sqlite-utils ``Migrations`` set for ``MIGRATIONS`` (imports sqlite-utils)."""
+    from sqlite_utils.migrations import Migrations
+
+    mset = Migrations(MIGRATION_SET)
+    for fn in MIGRATIONS:
+        mset()(fn)
+    return mset

@@ -1,0 +1,588 @@
+"""The event-sourced SQLite store (SPEC §3).
+
+One file, shared by every process (CLI, timers, ``serve``). Every write is one short ``BEGIN IMMEDIATE``
+transaction that appends events and updates the projections they touch through the reducer in
+``fleetctl.projections``; a claim is one conditional ``UPDATE … RETURNING`` on the partial index of queued
+tasks. Reads run in autocommit mode (each statement its own snapshot) or in ``read()`` for a consistent
+multi-statement snapshot.
+
+sqlite-utils is used for what it is good at here — its ``Migrations`` and the ``db`` maintenance
+commands — and imported only when needed: the hot paths (``dispatch`` with nothing to do, ``task
+complete``) use the stdlib connection directly, which keeps their start-up inside the SPEC §11 target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleetctl.errors import FleetError, InvalidTransition, StoreBusy, StoreError
+from fleetctl.projections import (
+    AGENT_COLUMNS,
+    ATTEMPT_COLUMNS,
+    JSON_COLUMNS,
+    TASK_COLUMNS,
+    VOLATILE,
+    Projections,
+    ReplayError,
+    apply,
+)
+from fleetctl.schema import MIGRATION_NAMES, MIGRATION_SET, MIGRATIONS_TABLE
+
+MIN_SQLITE = (3, 35, 0)
+BUSY_TIMEOUT_MS = 5000
+ACTIVE_STATES = ("assigned", "running")
+
+
+def _encode(col: str, value: Any) -> Any:
+    if col in JSON_COLUMNS and value is not None:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return value
+
+
+def _decode_row(row: sqlite3.Row | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    out = dict(row)
+    for col in JSON_COLUMNS.intersection(out):
+        if out[col] is not None:
+            out[col] = json.loads(out[col])
+    return out
+
+
+def _translate(exc: sqlite3.Error, path: Path) -> FleetError:
+    """A sqlite3 error as the domain error an operator can act on."""
+    msg = str(exc).lower()
+    if "locked" in msg or "busy" in msg:
+        return StoreBusy(f"the database {path} stayed locked for {BUSY_TIMEOUT_MS // 1000}s; nothing was written")
+    if "readonly" in msg or "read-only" in msg:
+        return StoreError(f"the database {path} is read-only: {exc}", code="store_readonly")
+    if "disk is full" in msg or "disk i/o" in msg:
+        return StoreError(f"cannot write the database {path}: {exc}", code="store_io")
+    if "not a database" in msg or "malformed" in msg or "corrupt" in msg:
+        return StoreError(f"the database {path} is corrupt or not a SQLite database: {exc}", code="store_corrupt")
+    if "unable to open" in msg:
+        return StoreError(f"cannot open the database {path}: {exc}", code="store_open")
+    return StoreError(f"database error on {path}: {exc}")
+
+
+@dataclass
+class CheckReport:
+    """The result of ``db check``."""
+
+    integrity: list[str]
+    problems: list[str] = field(default_factory=list)
+    events: int = 0
+    tasks: int = 0
+    agents: int = 0
+    attempts: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.integrity == ["ok"] and not self.problems
+
+
+class Store:
+    """One connection to the fleet database. Not thread-safe: give each thread its own."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path):
+        self.conn = conn
+        self.path = path
+        self._db = None
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: str | Path, *, migrate: bool = True, create: bool = True) -> Store:
+        """Open the database at ``path``, creating it owner-only if needed and applying migrations."""
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise StoreError(
+                f"SQLite {sqlite3.sqlite_version} is too old: fleetctl needs 3.35 or newer (RETURNING)",
+                code="sqlite_too_old",
+            )
+        path = Path(path).expanduser().absolute()
+        if not path.exists():
+            if not create:
+                raise StoreError(f"no database at {path} (run 'fleetctl init' or 'fleetctl db migrate')")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise StoreError(f"cannot create the database {path}: {exc.strerror}", code="store_open") from None
+        elif path.is_dir():
+            raise StoreError(f"the database path {path} is a directory", code="store_open")
+        try:
+            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                   check_same_thread=False)  # fmt: skip
+        except sqlite3.Error as exc:
+            raise _translate(exc, path) from None
+        conn.row_factory = sqlite3.Row
+        store = cls(conn, path)
+        try:
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if mode != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            store._check_schema(migrate=migrate)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _translate(exc, path) from None
+        except FleetError:
+            conn.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def db(self):
+        """The connection wrapped as a ``sqlite_utils.Database`` (imports sqlite-utils)."""
+        if self._db is None:
+            import sqlite_utils
+
+            self._db = sqlite_utils.Database(self.conn, execute_plugins=False)
+        return self._db
+
+    def applied_migrations(self) -> list[str]:
+        """Names of the migrations recorded in the database, in order."""
+        exists = self.conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (MIGRATIONS_TABLE,)
+        ).fetchone()
+        if not exists:
+            return []
+        rows = self.conn.execute(
+            f"SELECT name FROM {MIGRATIONS_TABLE} WHERE migration_set=? ORDER BY rowid", (MIGRATION_SET,)
+        )
+        return [r[0] for r in rows]
+
+    def pending_migrations(self) -> list[str]:
+        applied = set(self.applied_migrations())
+        return [n for n in MIGRATION_NAMES if n not in applied]
+
+    def _check_schema(self, *, migrate: bool) -> None:
+        applied = self.applied_migrations()
+        unknown = [n for n in applied if n not in MIGRATION_NAMES]
+        if unknown:
+            raise StoreError(
+                f"the database {self.path} has a newer schema than this fleetctl understands "
+                f"(unknown migrations: {', '.join(unknown)}); upgrade fleetctl",
+                code="schema_too_new",
+            )
+        if not applied:
+            tables = self.conn.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
+            ).fetchall()
+            if tables:
+                raise StoreError(f"{self.path} is a SQLite database but not a fleetctl one", code="store_foreign")
+        if len(applied) < len(MIGRATION_NAMES) and migrate:
+            self.migrate()
+
+    def migrate(self) -> list[str]:
+        """Apply pending migrations under the write lock; returns the names applied."""
+        from fleetctl.schema import migrations
+
+        with self.write():
+            pending = self.pending_migrations()
+            if pending:
+                migrations().apply(self.db)
+        return pending
+
+    # ------------------------------------------------------------------ transactions
+
+    @contextmanager
+    def write(self) -> Iterator[Store]:
+        """One short ``BEGIN IMMEDIATE`` transaction; commits on success, rolls back on any error."""
+        if self.conn.in_transaction:
+            yield self  # nested: part of the caller's transaction
+            return
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+        try:
+            yield self
+        except BaseException:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise _translate(exc, self.path) from None
+
+    @contextmanager
+    def read(self) -> Iterator[Store]:
+        """A read transaction: every query inside sees the same snapshot."""
+        if self.conn.in_transaction:
+            yield self
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            if self.conn.in_transaction:
+                self.conn.execute("COMMIT")
+
+    def execute(self, sql: str, params: Sequence | dict = ()) -> sqlite3.Cursor:
+        """Run one statement, with sqlite3 errors turned into domain errors."""
+        try:
+            return self.conn.execute(sql, params)
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path) from None
+
+    # ------------------------------------------------------------------ events
+
+    def emit(
+        self,
+        type: str,
+        *,
+        ts: float,
+        task_id: str | None = None,
+        agent_id: str | None = None,
+        attempt: int | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Append one event and apply it to the projections it touches. Call inside ``write()``."""
+        assert self.conn.in_transaction, "emit() must run inside Store.write()"
+        p = Projections()
+        task = self._row("tasks", "task_id", task_id) if task_id else None
+        if task is not None:
+            p.tasks[task_id] = task
+            if attempt is None:
+                attempt = task["attempt"] or None
+            if agent_id is None:
+                agent_id = task["agent_id"]
+        agent = self._row("agents", "agent_id", agent_id) if agent_id else None
+        if agent is not None:
+            p.agents[agent_id] = agent
+        if task_id and attempt:
+            row = self._one("SELECT * FROM attempts WHERE task_id=? AND attempt=?", (task_id, attempt))
+            if row is not None:
+                p.attempts[(task_id, attempt)] = row
+        before = (
+            {k: dict(v) for k, v in p.tasks.items()},
+            {k: dict(v) for k, v in p.agents.items()},
+            {k: dict(v) for k, v in p.attempts.items()},
+        )
+        payload = json.dumps(data or {}, sort_keys=True, separators=(",", ":"))
+        ev_id = self.execute(
+            "INSERT INTO events (ts, type, task_id, agent_id, attempt, data) VALUES (?,?,?,?,?,?) RETURNING id",
+            (ts, type, task_id, agent_id, attempt, payload),
+        ).fetchone()[0]
+        ev = {"id": ev_id, "ts": ts, "type": type, "task_id": task_id, "agent_id": agent_id,
+              "attempt": attempt, "data": data or {}}  # fmt: skip
+        try:
+            apply(p, ev)
+        except ReplayError as exc:
+            raise InvalidTransition(str(exc)) from None
+        self._write_changed("tasks", TASK_COLUMNS, ("task_id",), before[0], p.tasks)
+        self._write_changed("agents", AGENT_COLUMNS, ("agent_id",), before[1], p.agents)
+        self._write_changed("attempts", ATTEMPT_COLUMNS, ("task_id", "attempt"), before[2], p.attempts)
+        return ev
+
+    def _write_changed(self, table, columns, pk, before: dict, after: dict) -> None:
+        for key, row in after.items():
+            if before.get(key) == row:
+                continue
+            cols = ", ".join(columns)
+            marks = ", ".join("?" for _ in columns)
+            updates = ", ".join(f"{c}=excluded.{c}" for c in columns if c not in pk)
+            self.execute(
+                f"INSERT INTO {table} ({cols}) VALUES ({marks}) ON CONFLICT({', '.join(pk)}) DO UPDATE SET {updates}",
+                [_encode(c, row.get(c)) for c in columns],
+            )
+
+    def _row(self, table: str, pk: str, value: str) -> dict | None:
+        return self._one(f"SELECT * FROM {table} WHERE {pk}=?", (value,))
+
+    def _one(self, sql: str, params: Sequence | dict = ()) -> dict | None:
+        return _decode_row(self.execute(sql, params).fetchone())
+
+    def _all(self, sql: str, params: Sequence | dict = ()) -> list[dict]:
+        return [_decode_row(r) for r in self.execute(sql, params).fetchall()]
+
+    # ------------------------------------------------------------------ claims
+
+    def claim(
+        self,
+        *,
+        agent_id: str,
+        capabilities: Iterable[str],
+        max_concurrency: int,
+        lease_secs: float,
+        ts: float,
+        task_id: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict | None:
+        """Atomically move the best eligible queued task (or ``task_id``) to ``assigned`` for ``agent_id``.
+
+        One conditional ``UPDATE … RETURNING``: the task must still be queued and past its backoff, its
+        requirements covered by ``capabilities``, the agent online and under ``max_concurrency``. Returns
+        the claimed task, or None. Runs in its own write transaction unless already inside one.
+        """
+        caps = json.dumps(sorted(set(capabilities)))
+        params = {"agent": agent_id, "caps": caps, "now": ts, "lease": ts + lease_secs,
+                  "max": max_concurrency, "tid": task_id}  # fmt: skip
+        eligible = (
+            "state = 'queued' AND (not_before IS NULL OR not_before <= :now) AND NOT EXISTS ("
+            "SELECT 1 FROM json_each(tasks.requirements) AS r "
+            "WHERE r.value NOT IN (SELECT value FROM json_each(:caps)))"
+        )
+        target = (
+            "task_id = :tid"
+            if task_id is not None
+            else f"task_id = (SELECT task_id FROM tasks INDEXED BY tasks_claim WHERE {eligible} "
+            "ORDER BY priority DESC, seq LIMIT 1)"
+        )
+        sql = (
+            "UPDATE tasks SET state='assigned', agent_id=:agent, attempt=attempt+1, lease_expires_at=:lease, "
+            "not_before=NULL, attempt_started_at=:now, updated_at=:now "
+            f"WHERE {target} AND {eligible} "
+            "AND EXISTS (SELECT 1 FROM agents WHERE agent_id=:agent AND status='online') "
+            "AND (SELECT count(*) FROM tasks AS t2 WHERE t2.agent_id=:agent "
+            "     AND t2.state IN ('assigned','running')) < :max "
+            "RETURNING *"
+        )
+        with self.write():
+            row = _decode_row(self.execute(sql, params).fetchone())
+            if row is None:
+                return None
+            self._record_claim(row, ts, extra or {})
+        return row
+
+    def _record_claim(self, row: dict, ts: float, extra: dict[str, Any]) -> None:
+        """The event and the attempt/agent rows for a claim the UPDATE already wrote to ``tasks``."""
+        data = {"lease_expires_at": row["lease_expires_at"], **extra}
+        p = Projections(tasks={row["task_id"]: dict(row)})
+        agent = self._row("agents", "agent_id", row["agent_id"])
+        if agent is not None:
+            p.agents[agent["agent_id"]] = agent
+        before_agent = dict(agent) if agent else None
+        payload = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        ev_id = self.execute(
+            "INSERT INTO events (ts, type, task_id, agent_id, attempt, data) VALUES (?,?,?,?,?,?) RETURNING id",
+            (ts, "task.assigned", row["task_id"], row["agent_id"], row["attempt"], payload),
+        ).fetchone()[0]
+        ev = {"id": ev_id, "ts": ts, "type": "task.assigned", "task_id": row["task_id"],
+              "agent_id": row["agent_id"], "attempt": row["attempt"], "data": data}  # fmt: skip
+        apply(p, ev)
+        if p.tasks[row["task_id"]] != row:  # the SQL claim and the reducer must agree, always
+            raise StoreError(f"internal error: claim of {row['task_id']} disagrees with the event reducer")
+        self._write_changed("attempts", ATTEMPT_COLUMNS, ("task_id", "attempt"), {}, p.attempts)
+        if agent is not None:
+            self._write_changed("agents", AGENT_COLUMNS, ("agent_id",), {agent["agent_id"]: before_agent},
+                                p.agents)  # fmt: skip
+
+    # ------------------------------------------------------------------ reads
+
+    def task(self, task_id: str) -> dict | None:
+        return self._row("tasks", "task_id", task_id)
+
+    def tasks(
+        self,
+        *,
+        states: Sequence[str] = (),
+        agent_id: str | None = None,
+        repo: str | None = None,
+        issue_number: int | None = None,
+        after_seq: int | None = None,
+        limit: int | None = None,
+    ) -> list[dict]:
+        """Tasks in creation order, filtered; ``after_seq`` pages."""
+        where, params = [], []
+        if states:
+            where.append(f"state IN ({', '.join('?' for _ in states)})")
+            params += list(states)
+        if agent_id is not None:
+            where.append("agent_id = ?")
+            params.append(agent_id)
+        if repo is not None:
+            where.append("repo = ?")
+            params.append(repo)
+        if issue_number is not None:
+            where.append("issue_number = ?")
+            params.append(issue_number)
+        if after_seq is not None:
+            where.append("seq > ?")
+            params.append(after_seq)
+        sql = "SELECT * FROM tasks" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return self._all(sql, params)
+
+    def agent(self, agent_id: str) -> dict | None:
+        return self._row("agents", "agent_id", agent_id)
+
+    def agents(self, *, status: str | None = None, mode: str | None = None) -> list[dict]:
+        where, params = [], []
+        if status:
+            where.append("status = ?")
+            params.append(status)
+        if mode:
+            where.append("mode = ?")
+            params.append(mode)
+        sql = "SELECT * FROM agents" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY agent_id"
+        return self._all(sql, params)
+
+    def running_counts(self) -> dict[str, int]:
+        """Tasks holding each agent's capacity (assigned or running)."""
+        rows = self.execute(
+            "SELECT agent_id, count(*) FROM tasks WHERE state IN ('assigned','running') GROUP BY agent_id"
+        )
+        return {r[0]: r[1] for r in rows}
+
+    def attempts(self, task_id: str) -> list[dict]:
+        return self._all("SELECT * FROM attempts WHERE task_id=? ORDER BY attempt", (task_id,))
+
+    def attempt(self, task_id: str, attempt: int) -> dict | None:
+        return self._one("SELECT * FROM attempts WHERE task_id=? AND attempt=?", (task_id, attempt))
+
+    def open_attempts(self) -> list[dict]:
+        """Attempts that have not ended, with their task's state and timeout (for the sweep)."""
+        return self._all(
+            "SELECT a.*, t.state AS task_state, t.timeout_secs, t.attempt_started_at, t.lease_expires_at, "
+            "ag.mode AS agent_mode FROM attempts a JOIN tasks t ON t.task_id=a.task_id AND t.attempt=a.attempt "
+            "LEFT JOIN agents ag ON ag.agent_id=a.agent_id "
+            "WHERE a.ended_at IS NULL AND t.state IN ('assigned','running')"
+        )
+
+    def events(
+        self,
+        *,
+        task_id: str | None = None,
+        agent_id: str | None = None,
+        types: Sequence[str] = (),
+        since: float | None = None,
+        after_id: int | None = None,
+        limit: int | None = None,
+        newest: bool = False,
+    ) -> list[dict]:
+        """Events in order (``newest`` takes the last ``limit`` ones, still returned oldest first)."""
+        where, params = [], []
+        if task_id is not None:
+            where.append("task_id = ?")
+            params.append(task_id)
+        if agent_id is not None:
+            where.append("agent_id = ?")
+            params.append(agent_id)
+        if types:
+            clauses = []
+            for t in types:
+                if t.endswith(".*") or t.endswith("."):
+                    clauses.append("type LIKE ?")
+                    params.append(t.rstrip("*") + "%")
+                else:
+                    clauses.append("type = ?")
+                    params.append(t)
+            where.append("(" + " OR ".join(clauses) + ")")
+        if since is not None:
+            where.append("ts >= ?")
+            params.append(since)
+        if after_id is not None:
+            where.append("id > ?")
+            params.append(after_id)
+        sql = "SELECT * FROM events" + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY id DESC" if newest else " ORDER BY id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        rows = self.execute(sql, params).fetchall()
+        out = [{**dict(r), "data": json.loads(r["data"])} for r in rows]
+        return out[::-1] if newest else out
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Tasks by state and agents by status."""
+        tasks = dict(self.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall())
+        agents = dict(self.execute("SELECT status, count(*) FROM agents GROUP BY status").fetchall())
+        return {"tasks": tasks, "agents": agents}
+
+    # ------------------------------------------------------------------ maintenance
+
+    def check(self) -> CheckReport:
+        """Replay every event into fresh projections and compare with the stored ones; integrity_check."""
+        integrity = [r[0] for r in self.execute("PRAGMA integrity_check").fetchall()]
+        report = CheckReport(integrity=integrity)
+        p = Projections()
+        with self.read():
+            cur = self.execute("SELECT id, ts, type, task_id, agent_id, attempt, data FROM events ORDER BY id")
+            for row in cur:
+                ev = {"id": row[0], "ts": row[1], "type": row[2], "task_id": row[3], "agent_id": row[4],
+                      "attempt": row[5], "data": json.loads(row[6])}  # fmt: skip
+                report.events += 1
+                try:
+                    apply(p, ev)
+                except ReplayError as exc:
+                    report.problems.append(str(exc))
+            stored = {
+                "tasks": {r["task_id"]: r for r in self._all("SELECT * FROM tasks")},
+                "agents": {r["agent_id"]: r for r in self._all("SELECT * FROM agents")},
+                "attempts": {(r["task_id"], r["attempt"]): r for r in self._all("SELECT * FROM attempts")},
+            }
+        report.tasks, report.agents, report.attempts = (len(stored[k]) for k in ("tasks", "agents", "attempts"))
+        for table, replayed in (("tasks", p.tasks), ("agents", p.agents), ("attempts", p.attempts)):
+            report.problems += _diff(table, replayed, stored[table], VOLATILE.get(table, frozenset()))
+        return report
+
+    def backup(self, dest: str | Path) -> Path:
+        """Copy the live database to ``dest`` with SQLite's online backup API (never overwrites)."""
+        dest = Path(dest).expanduser().absolute()
+        if dest.exists():
+            raise StoreError(f"{dest} already exists; choose a new file for the backup", code="backup_exists")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            target = sqlite3.connect(dest)
+            try:
+                self.conn.backup(target)
+            finally:
+                target.close()
+        except sqlite3.Error as exc:
+            raise _translate(exc, dest) from None
+        except OSError as exc:
+            raise StoreError(f"cannot write the backup {dest}: {exc.strerror}", code="store_io") from None
+        return dest
+
+
+def _diff(table: str, replayed: dict, stored: dict, volatile: frozenset[str], most: int = 50) -> list[str]:
+    out = []
+    for key in sorted(replayed.keys() | stored.keys(), key=str):
+        a, b = replayed.get(key), stored.get(key)
+        if a is None:
+            out.append(f"{table} {key}: stored but no event creates it")
+        elif b is None:
+            out.append(f"{table} {key}: events create it but it is not stored")
+        else:
+            cols = sorted(c for c in a.keys() | b.keys() if c not in volatile and a.get(c) != b.get(c))
+            if cols:
+                parts = ", ".join(f"{c}: replayed {a.get(c)!r} != stored {b.get(c)!r}" for c in cols)
+                out.append(f"{table} {key}: {parts}")
+        if len(out) >= most:
+            out.append(f"{table}: more differences not shown")
+            break
+    return out
+
+
+def now() -> float:
+    """The store's clock: seconds since the epoch."""
+    return time.time()
