@@ -6,17 +6,33 @@ INTERFACE CONTRACT (other modules rely on these names; add freely, rename none):
     Config.agent_specs() -> list[tuple[HostConfig, AgentSpec]]   (every configured ssh_cli agent)
     AgentSpec.agent_id (always set after loading: explicit `agent_id` or f"{host_id}.{agent_type}")
     OrchestratorConfig.db_path is an absolute Path; FLEET_DB_PATH in env overrides it.
+Added here: Config.warnings, check_config(), mask(), config_search_paths(), find_config(),
+render_toml(), parse_value(), set_value(), init_config(), example_text().
+
+Design. Loading runs on every CLI start, so it reads with the stdlib ``tomllib`` and imports nothing
+heavy; tomlkit (comment-preserving, ~30 ms to import) is imported only by the functions that *write*
+(``set_value``) or render (``render_toml``). A file is validated against a small declarative schema
+(``_Key`` per key) and every problem is collected, so one ``fleetctl config check`` reports all of
+them, each as ``FILE:LINE:COL: dotted.key: what is wrong``. tomllib gives positions only for syntax
+errors; for semantic errors the line is found by scanning the text (``_locate``), good enough for a
+person. Secrets resolve as environment > ``<key>_file`` > inline value. Warnings (loose file modes,
+a key given twice) are collected in ``Config.warnings``; the loader never prints.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
+import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
-from fleetctl.errors import ConfigError
+from fleetctl.errors import ConfigError, Conflict
+from fleetctl.ids import ID_RE, REPO_RE
 
 
 def data_home(env: Mapping[str, str] | None = None) -> Path:
@@ -117,6 +133,7 @@ class Config:
     agent_types: Mapping[str, AgentTypeConfig]
     matrix: MatrixConfig
     path: Path | None = None  # None: the embedded default
+    warnings: tuple[str, ...] = ()  # non-fatal findings of the loader; the CLI prints them
 
     def agent_specs(self) -> list[tuple[HostConfig, AgentSpec]]:
         """Every agent configured under ``[[hosts]]``, with its host."""
@@ -130,14 +147,39 @@ class Config:
 
 
 EXAMPLE_AGENT_TYPE = "example"
+"""The built-in agent type: usable from any config file without an ``[agent_types.example]`` section."""
+
+PYTHON_PLACEHOLDER = "{python}"
+"""In an agent type's ``command``, replaced by the running interpreter (``sys.executable``)."""
+
+SECRET_KEYS: dict[str, tuple[str, ...]] = {
+    "server": ("admin_token",),
+    "forgejo": ("token", "webhook_secret"),
+    "orchestrator": ("http_pull_token",),
+    "matrix": ("access_token",),
+}
+"""Keys holding secrets, by section. Each may also be given as ``<key>_file``; ``mask`` hides them."""
+
+SECRET_ENV: dict[str, tuple[str, str]] = {
+    "FLEET_API_TOKEN": ("server", "admin_token"),
+    "FLEET_FORGEJO_TOKEN": ("forgejo", "token"),
+    "FLEET_WEBHOOK_SECRET": ("forgejo", "webhook_secret"),
+    "FLEET_MATRIX_TOKEN": ("matrix", "access_token"),
+}
+"""Environment variables that override a secret (they win over ``<key>_file`` and the inline value)."""
+
+MASK = "***"
+
+
+def _example_agent_type() -> AgentTypeConfig:
+    return AgentTypeConfig(
+        name=EXAMPLE_AGENT_TYPE, command=(sys.executable, "-m", "fleetctl.example_agent"), prompt="file"
+    )
 
 
 def embedded_default(env: Mapping[str, str] | None = None) -> Config:
     """The configuration used when no file is found: enough for ``fleetctl demo``."""
     home = data_home(env)
-    example = AgentTypeConfig(
-        name=EXAMPLE_AGENT_TYPE, command=(sys.executable, "-m", "fleetctl.example_agent"), prompt="file"
-    )
     host = HostConfig(
         host_id="local",
         hostname="localhost",
@@ -157,20 +199,834 @@ def embedded_default(env: Mapping[str, str] | None = None) -> Config:
         forgejo=ForgejoConfig(),
         orchestrator=OrchestratorConfig(db_path=home / "fleet.db"),
         hosts=(host,),
-        agent_types={EXAMPLE_AGENT_TYPE: example},
+        agent_types={EXAMPLE_AGENT_TYPE: _example_agent_type()},
         matrix=MatrixConfig(),
         path=None,
     )
 
 
-def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None = None) -> Config:
-    """Find and load the configuration (PLACEHOLDER: embedded default + FLEET_DB_PATH only)."""
-    env = os.environ if env is None else env
-    cfg = embedded_default(env)
-    if env.get("FLEET_DB_PATH"):
-        from dataclasses import replace
+# --------------------------------------------------------------------------------------------- finding
 
-        cfg = replace(
-            cfg, orchestrator=replace(cfg.orchestrator, db_path=Path(env["FLEET_DB_PATH"]).resolve())
+
+def config_search_paths(env: Mapping[str, str] | None = None) -> list[Path]:
+    """The files tried in order when no ``--config`` is given (``$FLEET_CONFIG`` first, when set)."""
+    env = os.environ if env is None else env
+    paths = []
+    if env.get("FLEET_CONFIG"):
+        paths.append(Path(env["FLEET_CONFIG"]).expanduser().absolute())
+    paths.append(Path.cwd() / "config.toml")
+    home = env.get("HOME") or str(Path.home())
+    xdg = env.get("XDG_CONFIG_HOME") or str(Path(home) / ".config")
+    paths.append(Path(xdg).expanduser() / "fleetctl" / "config.toml")
+    paths.append(Path("/etc/fleetctl/config.toml"))
+    return paths
+
+
+def find_config(path: str | Path | None = None, *, env: Mapping[str, str] | None = None) -> Path | None:
+    """The config file to use, or None for the embedded default.
+
+    An explicit ``path`` or ``$FLEET_CONFIG`` must exist (ConfigError); the other places are optional.
+
+    Example:
+        >>> find_config(None, env={"HOME": "/nonexistent"})  # doctest: +SKIP
+    """
+    env = os.environ if env is None else env
+    if path is not None and str(path) != "":
+        return _must_exist(Path(path).expanduser().absolute(), "--config")
+    if env.get("FLEET_CONFIG"):
+        return _must_exist(Path(env["FLEET_CONFIG"]).expanduser().absolute(), "$FLEET_CONFIG")
+    for candidate in config_search_paths(env):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _must_exist(path: Path, source: str) -> Path:
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found (named by {source})")
+    return path
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None = None) -> Config:
+    """Find, read and validate the configuration; secrets and FLEET_DB_PATH come in from ``env``.
+
+    Raises ConfigError (exit code 2) listing every problem, each with file, dotted key and line:column.
+
+    Example:
+        >>> cfg = load_config("config.toml")  # doctest: +SKIP
+        >>> cfg.orchestrator.task_timeout_secs  # doctest: +SKIP
+        1800
+    """
+    env = os.environ if env is None else env
+    found = find_config(path, env=env)
+    if found is None:
+        return _apply_env(embedded_default(env), env)
+    return _apply_env(_Loader(_read_text(found), found, env).load(), env)
+
+
+def load_config_text(text: str, path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
+    """Validate ``text`` as if it were the file at ``path`` (relative paths resolve against its directory)."""
+    env = os.environ if env is None else env
+    return _apply_env(_Loader(text, Path(path).absolute(), env).load(), env)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+
+
+def _apply_env(cfg: Config, env: Mapping[str, str]) -> Config:
+    """Environment overrides, applied last: secrets (env > file > inline) and FLEET_DB_PATH."""
+    sections = {name: getattr(cfg, name) for name in SECRET_KEYS}
+    for var, (section, key) in SECRET_ENV.items():
+        if env.get(var):
+            sections[section] = replace(sections[section], **{key: env[var]})
+    if env.get("FLEET_DB_PATH"):
+        db_path = Path(env["FLEET_DB_PATH"]).expanduser().absolute()
+        sections["orchestrator"] = replace(sections["orchestrator"], db_path=db_path)
+    return replace(cfg, **sections)
+
+
+@dataclass(frozen=True)
+class _Key:
+    """One key of the schema: its kind and the checks on its value."""
+
+    kind: str  # bool int num str optstr secret path url strs repos events argv strmap id optid choice
+    gt: float | None = None  # value must be > gt
+    ge: float | None = None  # value must be >= ge
+    le: float | None = None  # value must be <= le
+    choices: tuple[str, ...] = ()
+    required: bool = False
+
+
+_POS = _Key("num", gt=0)
+_POS_INT = _Key("int", gt=0)
+
+_SCHEMA: dict[str, dict[str, _Key]] = {
+    "server": {
+        "bind": _Key("str"),
+        "port": _Key("int", ge=0, le=65535),
+        "admin_token": _Key("secret"),
+        "max_body_bytes": _POS_INT,
+        "webhook_max_body_bytes": _POS_INT,
+        "metrics_public": _Key("bool"),
+    },
+    "forgejo": {
+        "url": _Key("url"),
+        "token": _Key("secret"),
+        "webhook_secret": _Key("secret"),
+        "repositories": _Key("repos"),
+        "require_pull_request": _Key("bool"),
+    },
+    "orchestrator": {
+        "db_path": _Key("path"),
+        "heartbeat_interval_secs": _POS,
+        "heartbeat_timeout_threshold": _Key("int", ge=1),
+        "task_timeout_secs": _POS,
+        "default_max_retries": _Key("int", ge=0),
+        "retry_backoff_secs": _Key("num", ge=0),
+        "retry_backoff_max_secs": _Key("num", ge=0),
+        "dispatch_interval_secs": _POS,
+        "requirement_prefix": _Key("str"),
+        "http_pull_token": _Key("secret"),
+        "lease_secs": _POS,
+        "output_cap_bytes": _POS_INT,
+        "prompt_template": _Key("optstr"),
+    },
+    "matrix": {
+        "homeserver": _Key("url"),
+        "access_token": _Key("secret"),
+        "room_id": _Key("optstr"),
+        "events": _Key("events"),
+    },
+}
+_HOST_KEYS: dict[str, _Key] = {
+    "host_id": _Key("id", required=True),
+    "hostname": _Key("str"),
+    "local": _Key("bool"),
+    "ssh_user": _Key("optstr"),
+    "ssh_port": _Key("int", ge=1, le=65535),
+    "ssh_key_path": _Key("optstr"),
+    "known_hosts": _Key("optstr"),
+    "accept_new_host_keys": _Key("bool"),
+    "connect_timeout_secs": _POS,
+    "work_dir": _Key("str"),
+    "agents": _Key("tables"),
+}
+_AGENT_KEYS: dict[str, _Key] = {
+    "agent_type": _Key("str", required=True),
+    "agent_id": _Key("optid"),
+    "max_concurrency": _Key("int", ge=1),
+    "capabilities": _Key("strs"),
+}
+_AGENT_TYPE_KEYS: dict[str, _Key] = {
+    "command": _Key("argv", required=True),
+    "prompt": _Key("choice", choices=("stdin", "file", "arg")),
+    "env": _Key("strmap"),
+}
+_TOP_KEYS = (*_SCHEMA, "hosts", "agent_types")
+_EVENT_RE = re.compile(r"^[a-z][a-z_]*\.[a-z][a-z_]*\Z")
+_URL_RE = re.compile(r"^https?://[^\s/]+", re.I)
+_BAD = object()  # a value that failed validation (already reported)
+
+KeyPath = tuple[str | int, ...]
+
+
+def dotted(keypath: KeyPath) -> str:
+    """``("hosts", 0, "agents", 1, "agent_type")`` → ``hosts[0].agents[1].agent_type``."""
+    out = ""
+    for seg in keypath:
+        if isinstance(seg, int):
+            out += f"[{seg}]"
+        else:
+            bare = re.fullmatch(r"[A-Za-z0-9_-]+", seg)
+            out += ("." if out else "") + (seg if bare else '"' + seg.replace('"', '\\"') + '"')
+    return out
+
+
+def _toml_type(value: Any) -> str:
+    names = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
+    name = names.get(type(value), type(value).__name__)
+    shown = repr(value) if not isinstance(value, bool) else str(value).lower()
+    return f"{name} {shown[:40]}" if name in ("boolean", "integer", "float", "string") else name
+
+
+def _did_you_mean(word: str, candidates: list[str]) -> str:
+    import difflib  # only on the error path
+
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class _Loader:
+    """Validate one parsed document into a Config, collecting every problem with its location."""
+
+    def __init__(self, text: str, path: Path, env: Mapping[str, str]):
+        self.text, self.path, self.env = text, path, env
+        self.errors: list[tuple[KeyPath, str]] = []
+        self.warnings: list[str] = []
+        self.inline_secrets: list[str] = []
+
+    def problem(self, keypath: KeyPath, message: str) -> None:
+        self.errors.append((keypath, message))
+
+    def where(self, keypath: KeyPath) -> str:
+        pos = _locate(self.text, keypath) if keypath else None
+        loc = f"{self.path}:{pos[0]}:{pos[1]}" if pos else str(self.path)
+        return f"{loc}: {dotted(keypath)}" if keypath else loc
+
+    def load(self) -> Config:
+        try:
+            raw = tomllib.loads(self.text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(_syntax_message(self.path, self.text, str(exc))) from None
+        cfg = self.build(raw)
+        if self.errors:
+            located = sorted(((_locate(self.text, kp) or (0, 0)), i) for i, (kp, _msg) in enumerate(self.errors))
+            msgs = [f"{self.where(self.errors[i][0])}: {self.errors[i][1]}" for _pos, i in located]
+            head = msgs[0] if len(msgs) == 1 else f"{len(msgs)} configuration errors:\n  " + "\n  ".join(msgs)
+            raise ConfigError(head, details={"errors": msgs})
+        if self.inline_secrets and _loose_mode(self.path):
+            self.warnings.append(
+                f"{self.path}: holds secrets ({', '.join(self.inline_secrets)}) but is readable by "
+                f"group/others (mode {_mode(self.path):04o}); chmod 600 it or use *_file keys"
+            )
+        return replace(cfg, warnings=tuple(self.warnings))
+
+    # -- sections ---------------------------------------------------------------------------------
+
+    def build(self, raw: dict) -> Config:
+        for key in raw:
+            if key not in _TOP_KEYS:
+                self.problem((key,), "unknown section" + _did_you_mean(key, list(_TOP_KEYS)))
+        sections = {name: self.section(raw, name) for name in _SCHEMA}
+        orch = sections["orchestrator"]
+        if isinstance(orch.get("db_path"), str):
+            orch["db_path"] = self.resolve(orch["db_path"])
+        elif "db_path" not in orch:
+            orch["db_path"] = data_home(self.env) / "fleet.db"
+        if isinstance(orch.get("prompt_template"), str):
+            self.template(orch["prompt_template"])
+        base, cap = orch.get("retry_backoff_secs", 30), orch.get("retry_backoff_max_secs", 600)
+        if cap is not _BAD and base is not _BAD and cap < base:
+            self.problem(
+                ("orchestrator", "retry_backoff_max_secs"), f"must be >= retry_backoff_secs ({base}), got {cap}"
+            )
+        for sec in ("server", "forgejo", "orchestrator", "matrix"):
+            sections[sec] = {k: v for k, v in sections[sec].items() if v is not _BAD}
+        agent_types = self.agent_types(raw.get("agent_types", {}))
+        declared = set(agent_types) | set(raw.get("agent_types") or ())  # invalid ones were reported
+        hosts = self.hosts(raw.get("hosts", []), declared)
+        return Config(
+            server=ServerConfig(**sections["server"]),
+            forgejo=ForgejoConfig(**sections["forgejo"]),
+            orchestrator=OrchestratorConfig(**sections["orchestrator"]),
+            hosts=hosts,
+            agent_types=agent_types,
+            matrix=MatrixConfig(**sections["matrix"]),
+            path=self.path,
         )
+
+    def section(self, raw: dict, name: str) -> dict:
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            self.problem((name,), f"expected a table ([{name}]), got {_toml_type(table)}")
+            return {}
+        values = self.table(table, (name,), _SCHEMA[name], secrets=SECRET_KEYS.get(name, ()))
+        for key in SECRET_KEYS.get(name, ()):
+            self.secret(table, values, (name,), key)
+        return values
+
+    def table(self, table: dict, where: KeyPath, schema: dict[str, _Key], secrets=()) -> dict:
+        """Check the keys of one table against ``schema``; returns the valid values by key."""
+        allowed = [*schema, *(f"{k}_file" for k in secrets)]
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            if key in schema:
+                values[key] = self.value(where + (key,), schema[key], value)
+            elif key not in allowed:
+                self.problem(where + (key,), "unknown key" + _did_you_mean(key, allowed))
+        for key, spec in schema.items():
+            if spec.required and key not in table:
+                self.problem(where, f"missing required key '{key}'")
+        return values
+
+    def secret(self, table: dict, values: dict, where: KeyPath, key: str) -> None:
+        """Resolve ``key`` from ``<key>_file`` (wins) or the inline value; env comes later."""
+        inline = values.get(key)
+        if inline and inline is not _BAD:
+            self.inline_secrets.append(dotted(where + (key,)))
+        file_key = f"{key}_file"
+        if file_key not in table:
+            return
+        kp = where + (file_key,)
+        raw = self.value(kp, _Key("optstr"), table[file_key])
+        if raw is _BAD or raw is None:
+            return
+        if inline:
+            self.warnings.append(f"{self.where(kp)}: both {key} and {file_key} are set; {file_key} wins")
+        secret_path = self.resolve(raw)
+        try:
+            content = secret_path.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            self.problem(kp, f"cannot read secret file {secret_path}: {reason}")
+            values[key] = _BAD
+            return
+        if _loose_mode(secret_path):
+            self.warnings.append(
+                f"{self.where(kp)}: secret file {secret_path} is readable by group/others "
+                f"(mode {_mode(secret_path):04o}); chmod 600 it"
+            )
+        values[key] = content or None
+
+    def template(self, text: str) -> None:
+        """A prompt template must be a valid ``str.format`` template (braces balanced)."""
+        import string  # only when a template is configured
+
+        try:
+            list(string.Formatter().parse(text))
+        except ValueError as exc:
+            self.problem(("orchestrator", "prompt_template"), f"invalid template: {exc} (write {{{{ and }}}})")
+
+    def resolve(self, value: str) -> Path:
+        """A path from the file: ``~`` expanded, relative ones against the config file's directory."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.path.parent / p).absolute()
+
+    # -- hosts and agent types --------------------------------------------------------------------
+
+    def agent_types(self, raw: Any) -> dict[str, AgentTypeConfig]:
+        types = {EXAMPLE_AGENT_TYPE: _example_agent_type()}
+        if not isinstance(raw, dict):
+            self.problem(("agent_types",), f"expected a table of [agent_types.NAME], got {_toml_type(raw)}")
+            return types
+        for name, table in raw.items():
+            kp = ("agent_types", name)
+            if not ID_RE.match(name):
+                self.problem(kp, "invalid agent type name: use A-Z a-z 0-9 . _ -, starting with a letter/digit")
+            if not isinstance(table, dict):
+                self.problem(kp, f"expected a table, got {_toml_type(table)}")
+                continue
+            values = self.table(table, kp, _AGENT_TYPE_KEYS)
+            if any(v is _BAD for v in values.values()) or "command" not in values:
+                continue
+            command = tuple(arg.replace(PYTHON_PLACEHOLDER, sys.executable) for arg in values["command"])
+            types[name] = AgentTypeConfig(
+                name=name, command=command, prompt=values.get("prompt", "stdin"), env=values.get("env", {})
+            )
+        return types
+
+    def hosts(self, raw: Any, agent_types: set[str]) -> tuple[HostConfig, ...]:
+        if not isinstance(raw, list) or not all(isinstance(h, dict) for h in raw):
+            self.problem(("hosts",), f"expected an array of tables ([[hosts]]), got {_toml_type(raw)}")
+            return ()
+        hosts, seen_hosts, seen_agents = [], {}, {}
+        for i, table in enumerate(raw):
+            kp: KeyPath = ("hosts", i)
+            values = self.table(table, kp, _HOST_KEYS)
+            host_id = values.get("host_id")
+            if isinstance(host_id, str):
+                if host_id in seen_hosts:
+                    self.problem(kp + ("host_id",), f"duplicate host id '{host_id}' (also {seen_hosts[host_id]})")
+                seen_hosts.setdefault(host_id, dotted(kp))
+            agents = []
+            raw_agents = values.pop("agents", None)
+            for j, agent in enumerate(raw_agents if isinstance(raw_agents, list) else []):
+                spec = self.agent(kp + ("agents", j), agent, host_id, agent_types, seen_agents)
+                if spec is not None:
+                    agents.append(spec)
+            for key in ("ssh_key_path", "known_hosts"):
+                if isinstance(values.get(key), str):
+                    values[key] = str(self.resolve(values[key]))
+            if values.get("local") and isinstance(values.get("work_dir"), str):
+                values["work_dir"] = str(self.resolve(values["work_dir"]))
+            if isinstance(host_id, str) and not any(v is _BAD for v in values.values()):
+                hosts.append(HostConfig(**values, agents=tuple(agents)))
+        return tuple(hosts)
+
+    def agent(self, kp: KeyPath, table: Any, host_id, agent_types, seen: dict) -> AgentSpec | None:
+        values = self.table(table, kp, _AGENT_KEYS)
+        agent_type = values.get("agent_type")
+        if not isinstance(agent_type, str) or not isinstance(host_id, str):
+            return None
+        if agent_type not in agent_types:
+            hint = _did_you_mean(agent_type, sorted(agent_types))
+            self.problem(kp + ("agent_type",), f"no [agent_types.{agent_type}] section{hint}")
+        agent_id = values.get("agent_id") or f"{host_id}.{agent_type}"
+        id_key = kp + (("agent_id",) if values.get("agent_id") else ("agent_type",))
+        if agent_id is _BAD:
+            return None
+        if not ID_RE.match(agent_id):
+            self.problem(id_key, f"agent id '{agent_id}' is not a valid id; set agent_id explicitly")
+        elif agent_id in seen:
+            self.problem(
+                id_key, f"duplicate agent id '{agent_id}' (also {seen[agent_id]}); give one an explicit agent_id"
+            )
+        seen.setdefault(agent_id, dotted(kp))
+        if any(v is _BAD for v in values.values()):
+            return None
+        return AgentSpec(
+            agent_type=agent_type,
+            agent_id=agent_id,
+            max_concurrency=values.get("max_concurrency", 1),
+            capabilities=tuple(values.get("capabilities", ())),
+        )
+
+    # -- values -----------------------------------------------------------------------------------
+
+    def value(self, kp: KeyPath, spec: _Key, value: Any) -> Any:
+        """Check one value against its ``_Key``; report and return ``_BAD`` when it does not fit."""
+        error = _check_value(spec, value)
+        if error:
+            self.problem(kp, error)
+            return _BAD
+        if spec.kind in ("optstr", "secret", "url", "optid") and value == "":
+            return None
+        if spec.kind in ("strs", "repos", "events", "argv"):
+            return tuple(value)
+        if spec.kind == "strmap":
+            return dict(value)
+        return value
+
+
+def _check_value(spec: _Key, value: Any) -> str | None:
+    """The problem with ``value`` for ``spec`` as a message, or None when it is fine."""
+    kind = spec.kind
+    if kind == "bool":
+        return None if isinstance(value, bool) else f"expected a boolean (true/false), got {_toml_type(value)}"
+    if kind in ("int", "num"):
+        ok = isinstance(value, int) or (kind == "num" and isinstance(value, float))
+        if isinstance(value, bool) or not ok:
+            want = "an integer" if kind == "int" else "a number"
+            return f"expected {want}, got {_toml_type(value)}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"expected a finite number, got {value}"
+        if spec.gt is not None and not value > spec.gt:
+            return f"must be > {spec.gt:g}, got {value}"
+        if spec.ge is not None and value < spec.ge:
+            return f"must be >= {spec.ge:g}, got {value}"
+        if spec.le is not None and value > spec.le:
+            return f"must be <= {spec.le:g}, got {value}"
+        return None
+    if kind in ("strs", "repos", "events", "argv"):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            return f"expected an array of non-empty strings, got {_toml_type(value)}"
+        if kind == "argv" and not value:
+            return "empty command: give at least the program to run"
+        if kind == "repos":
+            bad = [v for v in value if not REPO_RE.match(v) or ".." in v]
+            return f"expected repositories as owner/name, got {bad[0]!r}" if bad else None
+        if kind == "events":
+            bad = [v for v in value if not _EVENT_RE.match(v)]
+            return f"expected event kinds like 'task.failed', got {bad[0]!r}" if bad else None
+        return None
+    if kind == "strmap":
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            return f"expected a table of strings, got {_toml_type(value)}"
+        return None
+    if kind == "tables":
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            return f"expected an array of tables, got {_toml_type(value)}"
+        return None
+    if not isinstance(value, str):
+        return f"expected a string, got {_toml_type(value)}"
+    if kind in ("str", "path", "id") and value == "":
+        return "must not be empty"
+    if kind in ("id", "optid") and value and not ID_RE.match(value):
+        return f"invalid id {value!r}: use 1-128 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+    if kind == "url" and value and not _URL_RE.match(value):
+        return f"expected an http:// or https:// URL, got {value!r}"
+    if kind == "choice" and value not in spec.choices:
+        return f"expected one of {', '.join(spec.choices)}, got {value!r}" + _did_you_mean(value, list(spec.choices))
+    return None
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def _loose_mode(path: Path) -> bool:
+    try:
+        return bool(_mode(path) & 0o044)
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------- locations
+
+_HEADER_RE = re.compile(r"^[ \t]*(\[\[?)[ \t]*([^\[\]\n#]+?)[ \t]*\]\]?[ \t]*(?:#.*)?$", re.M)
+_KEY_TOKEN_RE = re.compile(r"""\s*(?:([A-Za-z0-9_-]+)|"((?:[^"\\]|\\.)*)"|'([^']*)')\s*""")
+
+
+def _split_dotted(text: str) -> tuple[str, ...] | None:
+    """Split a TOML dotted key (``a."b.c".d``) into its parts; None when it is not one."""
+    parts, pos = [], 0
+    while True:
+        m = _KEY_TOKEN_RE.match(text, pos)
+        if not m:
+            return None
+        parts.append(m.group(1) if m.group(1) is not None else (m.group(2) or m.group(3) or ""))
+        pos = m.end()
+        if pos == len(text):
+            return tuple(parts)
+        if text[pos] != ".":
+            return None
+        pos += 1
+
+
+def _headers(text: str) -> list[tuple[KeyPath, tuple[str, ...], int, int]]:
+    """Table headers as (address, segments, start offset, end offset); ``[[x]]`` gets its index."""
+    found, counts = [], {}
+    for m in _HEADER_RE.finditer(text):
+        segs = _split_dotted(m.group(2))
+        if segs is None:
+            continue
+        addr: KeyPath = segs
+        if m.group(1) == "[[":
+            addr = segs + (counts.get(segs, 0),)
+            counts[segs] = counts.get(segs, 0) + 1
+        found.append((addr, segs, m.start(2), m.end()))
+    return found
+
+
+def _locate(text: str, keypath: KeyPath) -> tuple[int, int] | None:
+    """Best-effort (line, column) of ``keypath`` in ``text``, or of its nearest located parent."""
+    headers = _headers(text)
+    for cut in range(len(keypath), 0, -1):
+        pos = _find(text, headers, keypath[:cut])
+        if pos is not None:
+            line = text.count("\n", 0, pos) + 1
+            return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
+    return None
+
+
+def _find(text: str, headers, kp: KeyPath) -> int | None:
+    for addr, _segs, start, _end in headers:
+        if addr[: len(kp)] == kp:
+            return start
+    best = None
+    for i, (addr, *_rest) in enumerate(headers):
+        if len(addr) < len(kp) and kp[: len(addr)] == addr and (best is None or len(addr) > len(headers[best][0])):
+            best = i
+    if best is None:
+        return _search_keys(text, 0, headers[0][2] if headers else len(text), kp)
+    addr, segs, _start, end = headers[best]
+    stop = next(
+        (h[2] for h in headers[best + 1 :] if h[1][: len(segs)] != segs or h[1] == segs),
+        len(text),
+    )
+    return _search_keys(text, end, stop, kp[len(addr) :])
+
+
+def _search_keys(text: str, start: int, stop: int, rest: KeyPath) -> int | None:
+    """Find the keys of ``rest`` one after another in text[start:stop]; an int picks the n-th next one."""
+    pos, found = start, None
+    for seg in rest:
+        if isinstance(seg, int):  # the n-th inline table of the array that starts at pos
+            braces = re.compile(r"\{").finditer(text, pos, stop)
+            m = next((m for n, m in enumerate(braces) if n == seg), None)
+        else:
+            name = re.escape(seg)
+            pattern = re.compile(rf"""(?:^[ \t]*|[{{,][ \t]*|\.)("{name}"|'{name}'|{name})[ \t]*[=.]""", re.M)
+            m = pattern.search(text, pos, stop)
+        if m is None:
+            return None
+        pos = found = m.start(1) if m.groups() else m.start()
+    return found
+
+
+def _syntax_message(path: Path, text: str, message: str) -> str:
+    m = re.search(r"\(at line (\d+), column (\d+)\)$", message)
+    if m:
+        line, col = int(m.group(1)), int(m.group(2))
+        reason = message[: m.start()].strip()
+    else:
+        line, col = text.count("\n") + 1, 1
+        reason = re.sub(r"\s*\(at end of document\)$", "", message) + " at end of file"
+    key = _key_at_line(text, line)
+    return f"{path}:{line}:{col}: {key + ': ' if key else ''}invalid TOML: {reason}"
+
+
+def _key_at_line(text: str, line: int) -> str:
+    """The dotted key written on ``line`` (1-based), with its table header; best effort."""
+    lines = text.split("\n")
+    section = ""
+    for header in _HEADER_RE.finditer("\n".join(lines[:line])):
+        section = header.group(2).strip()
+    m = re.match(r"^[ \t]*([A-Za-z0-9_.\"'-]+?)[ \t]*=", lines[line - 1] if line <= len(lines) else "")
+    if not m:
+        return section
+    return f"{section}.{m.group(1)}" if section else m.group(1)
+
+
+# ----------------------------------------------------------------------------------- checks and output
+
+
+def check_config(cfg: Config, serving_webhooks: bool = False) -> list[str]:
+    """Checks that need the whole picture; raises ConfigError for errors, returns warnings.
+
+    ``serving_webhooks``: whether a webhook listener will run (``fleetctl serve`` with Forgejo); an
+    empty ``forgejo.webhook_secret`` is then an error, since unsigned webhooks would be accepted.
+
+    Example:
+        >>> for warning in check_config(load_config(), serving_webhooks=True): print(warning)  # doctest: +SKIP
+    """
+    where = str(cfg.path) if cfg.path else "embedded default"
+    errors, warnings = [], list(cfg.warnings)
+    if serving_webhooks and not cfg.forgejo.webhook_secret:
+        errors.append(
+            f"{where}: forgejo.webhook_secret: webhook listener with an empty secret (set webhook_secret, "
+            "webhook_secret_file or FLEET_WEBHOOK_SECRET)"
+        )
+    if cfg.forgejo.url and not cfg.forgejo.token:
+        warnings.append(f"{where}: forgejo.token: empty; sync, receipt validation and write-back need one")
+    if cfg.forgejo.repositories and not cfg.forgejo.url:
+        warnings.append(f"{where}: forgejo.repositories: set but forgejo.url is empty; nothing will sync")
+    if cfg.matrix.homeserver:
+        for key in ("room_id", "access_token"):
+            if not getattr(cfg.matrix, key):
+                errors.append(f"{where}: matrix.{key}: must be set when matrix.homeserver is set")
+    for host in cfg.hosts:
+        if not host.agents:
+            warnings.append(f"{where}: hosts.{host.host_id}: has no agents")
+    if errors:
+        msg = errors[0] if len(errors) == 1 else f"{len(errors)} configuration errors:\n  " + "\n  ".join(errors)
+        raise ConfigError(msg, details={"errors": errors})
+    return warnings
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _mask_url(url: str | None) -> str | None:
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", rf"\g<1>{MASK}@", url) if url else url
+
+
+def mask(cfg: Config) -> dict:
+    """The effective configuration as plain data, every secret replaced by ``***`` when set.
+
+    Also masked: credentials inside URLs and every agent type ``env`` value (they often hold API keys).
+
+    Example:
+        >>> mask(load_config())["server"]["admin_token"]  # doctest: +SKIP
+        '***'
+    """
+    out: dict[str, Any] = {}
+    for name in ("server", "forgejo", "orchestrator", "matrix"):
+        section = getattr(cfg, name)
+        values = {f.name: _plain(getattr(section, f.name)) for f in fields(section)}
+        for key in SECRET_KEYS.get(name, ()):
+            values[key] = MASK if values[key] else None
+        out[name] = values
+    out["forgejo"]["url"] = _mask_url(cfg.forgejo.url)
+    out["matrix"]["homeserver"] = _mask_url(cfg.matrix.homeserver)
+    out["hosts"] = [
+        {f.name: _plain(getattr(h, f.name)) for f in fields(h) if f.name != "agents"}
+        | {"agents": [{f.name: _plain(getattr(a, f.name)) for f in fields(a)} for a in h.agents]}
+        for h in cfg.hosts
+    ]
+    out["agent_types"] = {
+        name: {"command": list(t.command), "prompt": t.prompt, "env": {k: MASK for k in t.env}}
+        for name, t in cfg.agent_types.items()
+    }
+    return {k: out[k] for k in ("server", "forgejo", "orchestrator", "hosts", "agent_types", "matrix")}
+
+
+def render_toml(doc: dict) -> str:
+    """Plain data as TOML (keys with None values left out, since TOML has no null)."""
+    import tomlkit
+
+    def drop_none(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: drop_none(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list):
+            return [drop_none(v) for v in value]
+        return value
+
+    return tomlkit.dumps(drop_none(doc))
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def example_text() -> str:
+    """The commented example configuration shipped inside the package (what ``fleetctl init`` writes)."""
+    return (Path(__file__).parent / "config.example.toml").read_text(encoding="utf-8")
+
+
+def init_config(path: str | Path, *, force: bool = False, env: Mapping[str, str] | None = None) -> Config:
+    """Write the example configuration to ``path`` (mode 0600) and return it loaded.
+
+    Raises Conflict (exit 4) when the file exists and ``force`` is false.
+
+    Example:
+        >>> cfg = init_config("config.toml")  # doctest: +SKIP
+    """
+    target = Path(path).expanduser().absolute()
+    if target.exists() and not force:
+        raise Conflict(f"{target} already exists; pass --force to overwrite it", code="config_exists")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(target, example_text(), 0o600)
+    return load_config(target, env=env)
+
+
+def parse_value(raw: str) -> Any:
+    """A command-line value: a TOML value when it parses as one (``60``, ``true``, ``["a"]``), else a string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def parse_key(key: str) -> KeyPath:
+    """``hosts[0].agents.1.max_concurrency`` or ``agent_types."my.type".prompt`` → its segments."""
+    segments: list[str | int] = []
+    for part in re.findall(r"""\[\d+\]|"(?:[^"\\]|\\.)*"|'[^']*'|[^.\[\]"']+""", key):
+        if part.startswith("["):
+            segments.append(int(part[1:-1]))
+        elif part[0] in "\"'":
+            segments.append(part[1:-1])
+        else:
+            segments.append(int(part) if part.isdigit() else part)
+    if not segments or not key.strip() or ".." in key or key.startswith(".") or key.endswith("."):
+        raise ConfigError(f"invalid key {key!r}: expected a dotted key such as orchestrator.task_timeout_secs")
+    return tuple(segments)
+
+
+def set_value(path: str | Path, key: str, raw_value: str, *, env: Mapping[str, str] | None = None) -> Config:
+    """Set ``key`` to ``raw_value`` in the file at ``path``, keeping its comments and order.
+
+    The edited document is validated first; an invalid result raises ConfigError and leaves the file
+    untouched. The write is atomic (temporary file + rename) and keeps the file's mode. In ``[[hosts]]``
+    and ``agents`` arrays a segment may be an index, an id or an agent type (``hosts.gpu1.work_dir``).
+
+    Example:
+        >>> set_value("config.toml", "orchestrator.task_timeout_secs", "3600")  # doctest: +SKIP
+    """
+    import tomlkit
+
+    target = Path(os.path.realpath(Path(path).expanduser()))
+    segments = parse_key(key)
+    text = _read_text(target)
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("not changed: " + _syntax_message(target, text, str(exc))) from None
+    doc = tomlkit.parse(text)
+    container: Any = doc
+    try:
+        for i, seg in enumerate(segments[:-1]):
+            container = _descend(container, seg, segments[: i + 1], key)
+        last = segments[-1]
+        if isinstance(last, int) or not hasattr(container, "keys"):
+            raise ConfigError(f"invalid key {key!r}: {dotted(segments[:-1])} is not a table")
+        container[last] = parse_value(raw_value)
+        new_text = doc.as_string()
+    except (ValueError, TypeError, KeyError) as exc:  # tomlkit refuses some structural edits
+        raise ConfigError(f"not changed: cannot set {key!r} here: {exc}") from None
+    try:
+        cfg = load_config_text(new_text, target, env=env)
+    except ConfigError as exc:
+        raise ConfigError(f"not changed: {exc.message}", details=exc.details) from None
+    _atomic_write(target, new_text, _mode(target))
     return cfg
+
+
+def _descend(container: Any, seg: str | int, so_far: KeyPath, key: str) -> Any:
+    """One step into a tomlkit document for ``set_value``, creating missing tables."""
+    import tomlkit
+
+    if isinstance(container, list):
+        if isinstance(seg, int):
+            if seg >= len(container):
+                raise ConfigError(f"invalid key {key!r}: {dotted(so_far)} is out of range ({len(container)} items)")
+            return container[seg]
+        for item in container:
+            if seg in (item.get("host_id"), item.get("agent_id"), item.get("agent_type")):
+                return item
+        raise ConfigError(f"invalid key {key!r}: no item with id {seg!r} in {dotted(so_far[:-1])}")
+    if isinstance(seg, int) or not hasattr(container, "keys"):
+        raise ConfigError(f"invalid key {key!r}: {dotted(so_far[:-1])} is not an array of tables")
+    if seg not in container:
+        container[seg] = tomlkit.table()
+    return container[seg]
+
+
+def _atomic_write(path: Path, text: str, mode: int) -> None:
+    """Write via a temporary file in the same directory and rename over ``path``; keep owner if we can."""
+    import tempfile
+
+    old = path.stat() if path.exists() else None
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        if old is not None and (old.st_uid, old.st_gid) != (os.getuid(), os.getgid()):
+            try:
+                os.chown(tmp, old.st_uid, old.st_gid)
+            except PermissionError:
+                pass  # not root: the file becomes ours, as any editor would leave it
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
