@@ -1,0 +1,495 @@
+"""Configuration: search order, validation messages, secrets, and the config/init commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from fleetctl import config as C
+from fleetctl.cli import app
+from fleetctl.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "config.example.toml"
+runner = CliRunner()
+
+MINIMAL = """\
+# my fleet
+[orchestrator]
+# wall-clock cap
+task_timeout_secs = 1800  # half an hour
+requirement_prefix = "agent:"
+
+[[hosts]]
+host_id = "local"
+local = true
+agents = [{ agent_type = "example", capabilities = ["docs"] }]
+"""
+
+
+def write(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def fleet(*args: str, env: dict | None = None):
+    return runner.invoke(app, list(args), env=env)
+
+
+# ------------------------------------------------------------------------------------- search order
+
+
+def test_embedded_default_when_no_file(tmp_path):
+    cfg = C.load_config()
+    assert cfg.path is None
+    assert cfg.orchestrator.db_path == tmp_path / "fleet.db"  # FLEETCTL_HOME is tmp_path (conftest)
+    assert [a.agent_id for _, a in cfg.agent_specs()] == ["local.example"]
+    assert cfg.forgejo.url is None and cfg.matrix.homeserver is None
+
+
+def test_search_order(tmp_path, monkeypatch):
+    xdg = tmp_path / "xdg-config" / "fleetctl" / "config.toml"
+    xdg.parent.mkdir(parents=True)
+    write(xdg, "[server]\nport = 1001\n")
+    assert C.load_config().server.port == 1001
+    write(tmp_path / "config.toml", "[server]\nport = 1002\n")
+    assert C.load_config().server.port == 1002
+    named = write(tmp_path / "named.toml", "[server]\nport = 1003\n")
+    monkeypatch.setenv("FLEET_CONFIG", str(named))
+    assert C.load_config().server.port == 1003
+    explicit = write(tmp_path / "explicit.toml", "[server]\nport = 1004\n")
+    assert C.load_config(explicit).server.port == 1004
+    assert C.load_config(explicit).path == explicit
+
+
+def test_search_paths_list(tmp_path):
+    paths = C.config_search_paths({"XDG_CONFIG_HOME": "/x", "FLEET_CONFIG": "/y/c.toml"})
+    assert paths == [
+        Path("/y/c.toml"),
+        tmp_path / "config.toml",
+        Path("/x/fleetctl/config.toml"),
+        Path("/etc/fleetctl/config.toml"),
+    ]
+    assert C.config_search_paths({"HOME": "/home/u"})[1] == Path("/home/u/.config/fleetctl/config.toml")
+
+
+@pytest.mark.parametrize("how", ["--config", "FLEET_CONFIG"])
+def test_named_config_must_exist(how):
+    args, env = (["--config", "nope.toml"], None) if how == "--config" else ([], {"FLEET_CONFIG": "nope.toml"})
+    result = fleet("config", "check", *args, env=env)
+    assert result.exit_code == 2
+    assert "nope.toml: config file not found" in result.stderr
+    with pytest.raises(ConfigError):
+        C.load_config("nope.toml")
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def test_example_file_loads_cleanly_and_has_every_key(tmp_path):
+    cfg = C.load_config(write(tmp_path / "c.toml", EXAMPLE.read_text()))
+    assert cfg.warnings == ()
+    assert C.check_config(cfg, serving_webhooks=False) == []
+    raw = tomllib.loads(EXAMPLE.read_text())
+    for section, keys in C._SCHEMA.items():
+        assert set(keys) <= set(raw[section]), section
+    assert set(C._HOST_KEYS) <= {k for h in raw["hosts"] for k in h}
+    assert set(C._AGENT_KEYS) <= {k for h in raw["hosts"] for a in h["agents"] for k in a}
+    assert set(C._AGENT_TYPE_KEYS) <= set(raw["agent_types"]["codex-cli"])
+    assert {"codex-cli", "claude-code"} <= set(raw["agent_types"]) and "matrix" in raw
+    assert any(not h.is_local for h in cfg.hosts) and any(h.is_local for h in cfg.hosts)
+
+
+def test_packaged_example_is_the_repo_example():
+    assert (REPO / "fleetctl" / "config.example.toml").read_text() == EXAMPLE.read_text()
+    assert C.example_text() == EXAMPLE.read_text()
+
+
+def test_defaults_paths_placeholder_and_builtin_example(tmp_path):
+    (tmp_path / "etc").mkdir()
+    path = write(
+        tmp_path / "etc" / "c.toml",
+        '[orchestrator]\ndb_path = "state/f.db"\n'
+        '[[hosts]]\nhost_id = "h1"\nhostname = "h1.example.org"\nssh_key_path = "keys/id"\n'
+        'agents = [{ agent_type = "py" }, { agent_type = "example", agent_id = "ex1", max_concurrency = 3 }]\n'
+        '[agent_types.py]\ncommand = ["{python}", "-m", "agent", "--python={python}"]\nprompt = "arg"\n'
+        'env = { A = "1" }\n',
+    )
+    cfg = C.load_config(path)
+    assert cfg.orchestrator.db_path == tmp_path / "etc" / "state" / "f.db"
+    host = cfg.host("h1")
+    assert host.ssh_key_path == str(tmp_path / "etc" / "keys" / "id") and host.ssh_port == 22
+    assert [a.agent_id for a in host.agents] == ["h1.py", "ex1"]
+    assert cfg.agent_types["py"].command == (sys.executable, "-m", "agent", f"--python={sys.executable}")
+    assert cfg.agent_types["py"].env == {"A": "1"}
+    assert cfg.agent_types["example"].command == (sys.executable, "-m", "fleetctl.example_agent")
+    assert cfg.agent_types["example"].prompt == "file"
+    assert cfg.orchestrator.task_timeout_secs == 1800 and cfg.server.port == 9090
+
+
+def test_db_path_default_and_env_override(tmp_path, monkeypatch):
+    path = write(tmp_path / "c.toml", "[server]\n")
+    assert C.load_config(path).orchestrator.db_path == tmp_path / "fleet.db"
+    monkeypatch.setenv("FLEET_DB_PATH", "other/x.db")
+    assert C.load_config(path).orchestrator.db_path == tmp_path / "other" / "x.db"
+    assert C.load_config().orchestrator.db_path == tmp_path / "other" / "x.db"
+
+
+# ------------------------------------------------------------------------------------------ secrets
+
+
+def test_secret_precedence_env_over_file_over_inline(tmp_path):
+    secret = write(tmp_path / "token", "from-file\n")
+    path = write(tmp_path / "c.toml", '[forgejo]\ntoken = "inline"\n')
+    assert C.load_config(path).forgejo.token == "inline"
+    write(path, '[forgejo]\ntoken = "inline"\ntoken_file = "token"\n')
+    cfg = C.load_config(path, env={})
+    assert cfg.forgejo.token == "from-file"
+    assert any("both token and token_file" in w for w in cfg.warnings)
+    cfg = C.load_config(path, env={"FLEET_FORGEJO_TOKEN": "from-env"})
+    assert cfg.forgejo.token == "from-env"
+    assert secret.exists()
+
+
+def test_every_secret_env_var(tmp_path):
+    env = {var: f"env-{var}" for var in C.SECRET_ENV}
+    cfg = C.load_config(write(tmp_path / "c.toml", ""), env=env)
+    assert cfg.server.admin_token == "env-FLEET_API_TOKEN"
+    assert cfg.forgejo.token == "env-FLEET_FORGEJO_TOKEN"
+    assert cfg.forgejo.webhook_secret == "env-FLEET_WEBHOOK_SECRET"
+    assert cfg.matrix.access_token == "env-FLEET_MATRIX_TOKEN"
+    assert C.load_config(env=env).server.admin_token == "env-FLEET_API_TOKEN"  # embedded default too
+
+
+def test_every_secret_file_key(tmp_path):
+    lines = []
+    for section, keys in C.SECRET_KEYS.items():
+        lines.append(f"[{section}]\n")
+        for key in keys:
+            write(tmp_path / f"{section}.{key}", f"s-{key}\n")
+            lines.append(f'{key}_file = "{tmp_path / f"{section}.{key}"}"\n')
+    cfg = C.load_config(write(tmp_path / "c.toml", "".join(lines)), env={})
+    assert cfg.orchestrator.http_pull_token == "s-http_pull_token"
+    assert cfg.matrix.access_token == "s-access_token" and cfg.server.admin_token == "s-admin_token"
+    assert cfg.forgejo.token == "s-token" and cfg.forgejo.webhook_secret == "s-webhook_secret"
+    assert cfg.warnings == ()
+
+
+def test_secret_file_problems(tmp_path):
+    write(tmp_path / "loose", "abc\n", mode=0o644)
+    cfg = C.load_config(write(tmp_path / "c.toml", '[server]\nadmin_token_file = "loose"\n'))
+    assert cfg.server.admin_token == "abc"
+    assert any("readable by group/others" in w and "server.admin_token_file" in w for w in cfg.warnings)
+    result = fleet("config", "check", "-c", str(write(tmp_path / "c.toml", '[server]\nadmin_token_file = "missing"\n')))
+    assert result.exit_code == 2
+    assert "c.toml:2:1: server.admin_token_file: cannot read secret file" in result.stderr
+
+
+def test_config_file_with_secrets_readable_by_others_warns(tmp_path):
+    path = write(tmp_path / "c.toml", '[forgejo]\nwebhook_secret = "s3cret"\n', mode=0o644)
+    result = fleet("config", "check", "-c", str(path), "--no-webhooks")
+    assert result.exit_code == 0
+    assert "warning:" in result.stderr and "readable by group/others" in result.stderr
+    assert "s3cret" not in result.output
+    path.chmod(0o600)
+    assert C.load_config(path).warnings == ()
+
+
+# --------------------------------------------------------------------------------------- validation
+
+ERROR_CASES = [
+    # (file text, expected fragments of the message)
+    ("[server]\nport = \n", ["c.toml:2:8:", "server.port", "invalid TOML"]),
+    ("[server]\nport = 1\nport = 2\n", ["c.toml:3:", "invalid TOML", "Cannot overwrite"]),
+    (
+        "[orchestrator]\ntask_timeout_sec = 5\n",
+        ["c.toml:2:1:", "orchestrator.task_timeout_sec", "did you mean 'task_timeout_secs'?"],
+    ),
+    ("[matrx]\n", ["c.toml:1:", "matrx", "unknown section", "did you mean 'matrix'?"]),
+    (
+        "[server]\nbind = '0.0.0.0'\nport = true\n",
+        ["c.toml:3:1:", "server.port", "expected an integer, got boolean true"],
+    ),
+    ('[server]\nport = "80"\n', ["server.port", "expected an integer, got string '80'"]),
+    ("[server]\nport = 70000\n", ["c.toml:2:1:", "server.port", "must be <= 65535"]),
+    ("[server]\nmetrics_public = 1\n", ["server.metrics_public", "expected a boolean"]),
+    ("[orchestrator]\nheartbeat_interval_secs = -5\n", ["orchestrator.heartbeat_interval_secs", "must be > 0, got -5"]),
+    ("[orchestrator]\ntask_timeout_secs = 0\n", ["orchestrator.task_timeout_secs", "must be > 0"]),
+    ("[orchestrator]\ndefault_max_retries = -1\n", ["orchestrator.default_max_retries", "must be >= 0"]),
+    (
+        "[orchestrator]\nretry_backoff_secs = 100\nretry_backoff_max_secs = 50\n",
+        ["c.toml:3:1:", "must be >= retry_backoff_secs"],
+    ),
+    ("[orchestrator]\nprompt_template = 'x {'\n", ["orchestrator.prompt_template", "invalid template"]),
+    ("[orchestrator]\nrequirement_prefix = ''\n", ["orchestrator.requirement_prefix", "must not be empty"]),
+    ("[forgejo]\nurl = 'forge.example.org'\n", ["forgejo.url", "expected an http:// or https:// URL"]),
+    ("[forgejo]\nrepositories = ['nope']\n", ["forgejo.repositories", "owner/name"]),
+    ("[matrix]\nevents = ['task failed']\n", ["matrix.events", "event kinds"]),
+    ("hosts = 5\n", ["c.toml:1:1:", "hosts", "array of tables"]),
+    ("[[hosts]]\nhostname = 'x'\n", ["c.toml:1:", "hosts[0]", "missing required key 'host_id'"]),
+    ("[[hosts]]\nhost_id = '../etc'\n", ["c.toml:2:1:", "hosts[0].host_id", "invalid id '../etc'"]),
+    (
+        "[[hosts]]\nhost_id = 'a'\n[[hosts]]\nhost_id = 'a'\n",
+        ["c.toml:4:1:", "hosts[1].host_id", "duplicate host id 'a'"],
+    ),
+    ("[[hosts]]\nhost_id = 'a'\nssh_port = 0\n", ["hosts[0].ssh_port", "must be >= 1"]),
+    (
+        "[[hosts]]\nhost_id = 'h'\nagents = [\n  { agent_type = 'example' },\n  { agent_type = 'example' },\n]\n",
+        ["c.toml:5:5:", "hosts[0].agents[1].agent_type", "duplicate agent id 'h.example'"],
+    ),
+    (
+        "[[hosts]]\nhost_id = 'h'\nagents = [{ agent_type = 'example', agent_id = 'x' }]\n"
+        "[[hosts]]\nhost_id = 'g'\nagents = [{ agent_type = 'example', agent_id = 'x' }]\n",
+        ["c.toml:6:", "hosts[1].agents[0].agent_id", "duplicate agent id 'x' (also hosts[0].agents[0])"],
+    ),
+    (
+        "[[hosts]]\nhost_id = 'h'\nagents = [{ agent_type = 'codx' }]\n[agent_types.codex]\ncommand = ['c']\n",
+        ["c.toml:3:", "hosts[0].agents[0].agent_type", "no [agent_types.codx] section (did you mean 'codex'?)"],
+    ),
+    (
+        "[[hosts]]\nhost_id = 'h'\nagents = [{ agent_type = 'example', agent_id = 'a b' }]\n",
+        ["agent_id", "invalid id 'a b'"],
+    ),
+    (
+        "[[hosts]]\nhost_id = 'h'\nagents = [{ agent_type = 'example', max_concurrency = 0 }]\n",
+        ["c.toml:3:", "max_concurrency", "must be >= 1"],
+    ),
+    (
+        "[agent_types.x]\ncommand = ['x']\nprompt = 'stdn'\n",
+        ["c.toml:3:1:", "agent_types.x.prompt", "stdin, file, arg", "did you mean 'stdin'?"],
+    ),
+    ("[agent_types.x]\ncommand = []\n", ["c.toml:2:1:", "agent_types.x.command", "empty command"]),
+    ("[agent_types.x]\nprompt = 'arg'\n", ["agent_types.x", "missing required key 'command'"]),
+    ("[agent_types.x]\ncommand = ['x']\nenv = { A = 1 }\n", ["agent_types.x.env", "table of strings"]),
+]
+
+
+@pytest.mark.parametrize(("text", "fragments"), ERROR_CASES)
+def test_config_errors(tmp_path, text, fragments):
+    path = write(tmp_path / "c.toml", text)
+    result = fleet("config", "check", "--config", str(path))
+    assert result.exit_code == 2, result.output
+    message = result.stderr
+    assert message.startswith("error: ")
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message
+    assert "Traceback" not in result.output
+
+
+def test_all_errors_reported_at_once(tmp_path):
+    path = write(tmp_path / "c.toml", "[server]\nport = -1\nbnid = 'x'\n[orchestrator]\nlease_secs = 0\n")
+    with pytest.raises(ConfigError) as info:
+        C.load_config(path)
+    assert info.value.message.startswith("3 configuration errors:")
+    assert len(info.value.details["errors"]) == 3
+    lines = [e.split(":")[1] for e in info.value.details["errors"]]
+    assert lines == ["2", "3", "5"]  # sorted by position in the file
+
+
+def test_webhook_listener_with_empty_secret(tmp_path):
+    path = write(tmp_path / "c.toml", "[forgejo]\nurl = 'https://forge.example.org'\ntoken = 't'\n")
+    cfg = C.load_config(path)
+    assert C.check_config(cfg, serving_webhooks=False) == []
+    with pytest.raises(ConfigError, match="webhook listener with an empty secret"):
+        C.check_config(cfg, serving_webhooks=True)
+    result = fleet("config", "check", "-c", str(path))
+    assert result.exit_code == 2
+    assert "forgejo.webhook_secret: webhook listener with an empty secret" in result.stderr
+    assert fleet("config", "check", "-c", str(path), "--no-webhooks").exit_code == 0
+    assert fleet("config", "check", "-c", str(path), env={"FLEET_WEBHOOK_SECRET": "w"}).exit_code == 0
+
+
+def test_matrix_needs_room_and_token(tmp_path):
+    path = write(tmp_path / "c.toml", "[matrix]\nhomeserver = 'https://m.example.org'\n")
+    result = fleet("config", "check", "-c", str(path))
+    assert result.exit_code == 2
+    assert "matrix.room_id" in result.stderr and "matrix.access_token" in result.stderr
+
+
+def test_check_ok_output(tmp_path):
+    path = write(tmp_path / "c.toml", MINIMAL)
+    result = fleet("config", "check", "-c", str(path))
+    assert result.exit_code == 0
+    assert result.stdout == f"ok: {path}\n"
+    assert fleet("config", "check").stdout == "ok: embedded default\n"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("[]{}=\"'.,# \n_abcdehilmnoprstuvx0123456789-")), max_size=120))
+def test_any_text_gives_a_config_or_a_config_error(text):
+    try:
+        C.load_config_text(text, "/nonexistent/c.toml", env={})
+    except ConfigError as exc:
+        assert "/nonexistent/c.toml" in exc.message
+
+
+# --------------------------------------------------------------------------------------------- show
+
+SECRETS = {
+    "admin": "sekrit-admin-1",
+    "token": "sekrit-forgejo-2",
+    "webhook": "sekrit-webhook-3",
+    "pull": "sekrit-pull-4",
+    "matrix": "sekrit-matrix-5",
+    "urlpass": "sekrit-urlpass-6",
+    "envval": "sekrit-envval-7",
+}
+
+
+def test_show_masks_every_secret(tmp_path):
+    write(tmp_path / "pull", SECRETS["pull"] + "\n")
+    path = write(
+        tmp_path / "c.toml",
+        f"""[server]\nadmin_token = "{SECRETS["admin"]}"\n[forgejo]\nurl = "https://bot:{SECRETS["urlpass"]}@forge.example.org"
+token = "{SECRETS["token"]}"\n[orchestrator]\nhttp_pull_token_file = "pull"\n[matrix]\nhomeserver = "https://m.example.org"
+room_id = "!r:example.org"\n[agent_types.x]\ncommand = ["x"]\nenv = {{ API_KEY = "{SECRETS["envval"]}" }}\n""",
+    )
+    env = {"FLEET_WEBHOOK_SECRET": SECRETS["webhook"], "FLEET_MATRIX_TOKEN": SECRETS["matrix"]}
+    for args in ([], ["--json"]):
+        result = fleet("config", "show", "-c", str(path), *args, env=env)
+        assert result.exit_code == 0, result.output
+        for secret in SECRETS.values():
+            assert secret not in result.output
+        assert "***" in result.stdout
+    doc = json.loads(result.stdout)
+    assert doc["forgejo"]["token"] == doc["forgejo"]["webhook_secret"] == doc["server"]["admin_token"] == "***"
+    assert doc["orchestrator"]["http_pull_token"] == doc["matrix"]["access_token"] == "***"
+    assert doc["forgejo"]["url"] == "https://***@forge.example.org"
+    assert doc["agent_types"]["x"]["env"] == {"API_KEY": "***"}
+    assert doc["orchestrator"]["task_timeout_secs"] == 1800
+
+
+def test_show_toml_round_trips(tmp_path):
+    shown = fleet("config", "show", "-c", str(write(tmp_path / "c.toml", EXAMPLE.read_text())))
+    assert shown.exit_code == 0
+    again = C.load_config(write(tmp_path / "shown.toml", shown.stdout))
+    assert C.mask(again) == C.mask(C.load_config(tmp_path / "c.toml"))
+
+
+# ---------------------------------------------------------------------------------------------- set
+
+
+def test_set_keeps_comments_and_order(tmp_path):
+    path = write(tmp_path / "config.toml", EXAMPLE.read_text(), mode=0o640)
+    before = path.read_text().splitlines()
+    result = fleet("config", "set", "orchestrator.task_timeout_secs", "3600")
+    assert result.exit_code == 0, result.output
+    after = path.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+    assert changed == [("task_timeout_secs = 1800", "task_timeout_secs = 3600")]
+    assert C.load_config(path).orchestrator.task_timeout_secs == 3600
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]  # no temporary file left
+
+
+def test_set_value_kinds_and_paths(tmp_path):
+    path = write(tmp_path / "config.toml", MINIMAL)
+    for key, value in [
+        ("orchestrator.requirement_prefix", "fleet:"),
+        ("forgejo.repositories", '["acme/api", "acme/web"]'),
+        ("hosts.local.work_dir", "/srv/work"),
+        ("hosts[0].agents[0].max_concurrency", "3"),
+        ("hosts.0.agents.example.capabilities", '["docs", "code:python"]'),
+        ("matrix.room_id", "!room:example.org"),
+        ('agent_types."my.type".command', '["{python}", "-V"]'),
+        ("server.metrics_public", "false"),
+    ]:
+        result = fleet("config", "set", key, value)
+        assert result.exit_code == 0, (key, result.output)
+    cfg = C.load_config(path)
+    assert cfg.orchestrator.requirement_prefix == "fleet:"
+    assert cfg.forgejo.repositories == ("acme/api", "acme/web")
+    assert cfg.hosts[0].work_dir == "/srv/work"
+    assert cfg.hosts[0].agents[0].max_concurrency == 3
+    assert cfg.hosts[0].agents[0].capabilities == ("docs", "code:python")
+    assert cfg.matrix.room_id == "!room:example.org"
+    assert cfg.agent_types["my.type"].command == (sys.executable, "-V")
+    assert cfg.server.metrics_public is False
+    text = path.read_text()
+    assert text.startswith("# my fleet\n") and "# wall-clock cap\n" in text and "# half an hour" in text
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("orchestrator.task_timeout_secs", "-5", "must be > 0"),
+        ("orchestrator.task_timeout_secs", "soon", "expected a number, got string 'soon'"),
+        ("orchestrator.task_timeout_sec", "60", "did you mean 'task_timeout_secs'?"),
+        ("server.port", "true", "expected an integer, got boolean true"),
+        ("hosts.nohost.work_dir", "/x", "no item with id 'nohost'"),
+        ("hosts[3].work_dir", "/x", "out of range"),
+        ("orchestrator.task_timeout_secs.x", "1", "is not a table"),
+        ("orchestrator..x", "1", "invalid key"),
+    ],
+)
+def test_set_refuses_invalid_results_and_changes_nothing(tmp_path, key, value, fragment):
+    path = write(tmp_path / "config.toml", MINIMAL)
+    stat = path.stat()
+    result = fleet("config", "set", "--", key, value)
+    assert result.exit_code == 2, result.output
+    assert fragment in result.stderr
+    assert path.read_text() == MINIMAL and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
+
+
+def test_set_without_a_file_or_on_broken_toml(tmp_path):
+    result = fleet("config", "set", "server.port", "8080")
+    assert result.exit_code == 2 and "run `fleetctl init` first" in result.stderr
+    path = write(tmp_path / "config.toml", "[server]\nport = \n")
+    result = fleet("config", "set", "server.port", "8080")
+    assert result.exit_code == 2 and "config.toml:2:8" in result.stderr
+    assert path.read_text() == "[server]\nport = \n"
+
+
+def test_parse_value():
+    assert C.parse_value("60") == 60 and C.parse_value("1.5") == 1.5 and C.parse_value("true") is True
+    assert C.parse_value('["a", 1]') == ["a", 1] and C.parse_value('"quoted"') == "quoted"
+    assert C.parse_value("fleet:") == "fleet:" and C.parse_value("") == "" and C.parse_value("a b") == "a b"
+
+
+# --------------------------------------------------------------------------------------------- init
+
+
+def test_init_writes_private_config_and_database(tmp_path):
+    result = fleet("init")
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "config.toml"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.read_text() == EXAMPLE.read_text()
+    assert (tmp_path / "data" / "agent-fleet.db").exists()
+    assert fleet("config", "check").exit_code == 0
+
+
+def test_init_refuses_overwrite(tmp_path):
+    path = write(tmp_path / "mine.toml", "# precious\n")
+    result = fleet("init", "--path", str(path))
+    assert result.exit_code == 4
+    assert "already exists" in result.stderr and "--force" in result.stderr
+    assert path.read_text() == "# precious\n"
+    assert fleet("init", "--path", str(path), "--force").exit_code == 0
+    assert path.read_text() == EXAMPLE.read_text() and path.stat().st_mode & 0o777 == 0o600
+
+
+# ------------------------------------------------------------------------------------------ startup
+
+
+def test_loading_imports_nothing_heavy(tmp_path):
+    code = (
+        "import sys, fleetctl.config as c; c.load_config(); "
+        "print([m for m in ('tomlkit', 'rich', 'typer', 'difflib') if m in sys.modules])"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
