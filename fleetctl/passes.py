@@ -28,10 +28,26 @@ from fleetctl.states import AgentMode, AgentStatus, FailureReason
 from fleetctl.store import Store
 
 
+_QUIET = False
+
+
 def log(action: str, **fields: object) -> None:
     """One structured line per action on stderr (journald keeps it)."""
+    if _QUIET:
+        return
     parts = [f"action={action}"] + [f"{k}={_logval(v)}" for k, v in fields.items() if v is not None]
     print(" ".join(parts), file=sys.stderr, flush=True)
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the action log (the demo renders its own view)."""
+    global _QUIET
+    before, _QUIET = _QUIET, True
+    try:
+        yield
+    finally:
+        _QUIET = before
 
 
 def _logval(v: object) -> str:

@@ -80,10 +80,14 @@ def render_task(task: dict, attempts: Sequence[dict], events: Sequence[dict]) ->
     render_events(events, title="events")
 
 
-def describe_event(ev: dict) -> str:
-    """A one-line human description of an event's data."""
+def describe_event(ev: dict, short: bool = False) -> str:
+    """A one-line human description of an event's data (``short``: without the retry arithmetic)."""
     d = ev["data"] or {}
     t = ev["type"]
+    if t in ("task.requeued", "task.failed") and short:
+        return f"{d.get('reason')}: {d.get('detail', '')}"
+    if t == "task.started":
+        return f"in {d['workspace']}" if d.get("workspace") else "running"
     if t == "task.created":
         return f"{d.get('title', '')!r} needs {', '.join(d.get('requirements') or []) or 'nothing special'}"
     if t == "task.assigned":
