@@ -2,17 +2,41 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from fleetctl.cli import agent, config, db, demo, events, passes, task
 
 app = typer.Typer(
     name="fleetctl",
-    help="Run a fleet of AI coding agents from Forgejo issues.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from fleetctl import __version__
+
+        print(f"fleetctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
+    ] = False,
+) -> None:
+    """Run a fleet of AI coding agents from Forgejo issues.
+
+    Exit codes: 0 ok, 1 operational error, 2 usage or config error, 3 not found, 4 conflict (invalid
+    state change, lease lost), 5 remote failure, 6 validation failed (receipt), 130 interrupted.
+    """
+
+
 app.add_typer(config.app, name="config")
 app.add_typer(task.app, name="task")
 app.add_typer(agent.app, name="agent")
