@@ -35,7 +35,10 @@ def load(config_path: Path | None):
     """Load the configuration named by ``--config`` (or found by the search order)."""
     from fleetctl.config import load_config
 
-    return load_config(config_path)
+    cfg = load_config(config_path)
+    for warning in cfg.warnings:
+        err(f"warning: {warning}")
+    return cfg
 
 
 def open_store(cfg):
