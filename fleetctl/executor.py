@@ -189,7 +189,7 @@ class LocalExecutor:
 
     def kill(self, workspace: str, grace_secs: float = 3.0) -> bool:
         status = self.probe(workspace)
-        if status.pid is None or status.ended:
+        if status.pid is None or status.ended or not _leader_is_ours(status.pid, workspace):
             return False
         try:
             os.killpg(status.pid, signal.SIGTERM)
@@ -204,6 +204,17 @@ class LocalExecutor:
             except ProcessLookupError:
                 pass
         return True
+
+
+def _leader_is_ours(pid: int, workspace: str) -> bool:
+    """Guard against pid reuse: a live group leader must still be our wrapper (cwd = the workspace).
+    A dead leader's pgid cannot be reused while members of its group live, so those are ours."""
+    try:
+        return os.readlink(f"/proc/{pid}/cwd") == os.path.realpath(workspace)
+    except FileNotFoundError:
+        return True  # the leader is gone; what is left of its group is ours
+    except OSError:
+        return True  # no /proc or no permission: fall back to trusting the pid file
 
 
 def _group_alive(pgid: int) -> bool:

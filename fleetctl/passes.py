@@ -27,7 +27,6 @@ from fleetctl.prompt import render_prompt
 from fleetctl.states import AgentMode, AgentStatus, FailureReason
 from fleetctl.store import Store
 
-
 _QUIET = False
 
 
@@ -103,18 +102,22 @@ class DispatchReport:
 
 
 def sync_config_agents(store: Store, cfg: Config, now: float) -> None:
-    """Make the registry match the ``[[hosts]]`` agents: register new/changed ones, take removed ones offline."""
+    """Make the registry match the ``[[hosts]]`` agents: register new ones, update changed ones, bring back
+    ones that were offline, take removed ones offline. An agent an operator drained stays draining."""
     configured = set()
     for host, spec in cfg.agent_specs():
         configured.add(spec.agent_id)
         current = store.agent(spec.agent_id)
         wanted = {"agent_type": spec.agent_type, "capabilities": sorted(set(spec.capabilities)),
                   "max_concurrency": spec.max_concurrency, "mode": AgentMode.SSH_CLI.value, "host_id": host.host_id}  # fmt: skip
+        changed = current is None or any(current.get(k) != v for k, v in wanted.items())
         if current is not None and current["status"] == AgentStatus.DRAINING:
-            wanted_same = all(current.get(k) == v for k, v in wanted.items())
-            if wanted_same:
-                continue  # an operator drained it: leave it draining
-        if current is None or any(current.get(k) != v for k, v in wanted.items()) or current["status"] == "offline":
+            if changed:
+                with store.write():
+                    store.emit("agent.updated", ts=now, agent_id=spec.agent_id,
+                               data={k: v for k, v in wanted.items() if current.get(k) != v})  # fmt: skip
+            continue
+        if changed or current["status"] == AgentStatus.OFFLINE:
             services.register_agent(store, spec.agent_id, agent_type=spec.agent_type, capabilities=spec.capabilities,
                                     max_concurrency=spec.max_concurrency, mode=AgentMode.SSH_CLI,
                                     host_id=host.host_id, issue_token=False, now=now)  # fmt: skip
@@ -310,11 +313,34 @@ def sweep(
             if host is not None and host.host_id not in executors:
                 executors[host.host_id] = executor_for(host)
             _sweep_attempt(store, cfg, report, att, host, executors.get(att["host_id"]), t)
+        _stop_cancelled_runs(store, cfg, report, hosts, executors, executor_for, now())
         report.backoff_released = store.execute(
             "SELECT count(*) FROM tasks WHERE state='queued' AND not_before IS NOT NULL AND not_before <= ?",
             (now(),),
         ).fetchone()[0]
     return report
+
+
+def _stop_cancelled_runs(store: Store, cfg: Config, report: SweepReport, hosts: dict[str, HostConfig],
+                         executors: dict[str, Executor], executor_for: ExecutorFactory, t: float) -> None:  # fmt: skip
+    """Kill the runs of attempts that were cancelled while running on a host (their process may live on)."""
+    window = 2 * cfg.orchestrator.task_timeout_secs
+    rows = store.execute(
+        "SELECT task_id, attempt, agent_id, host_id, workspace FROM attempts "
+        "WHERE outcome='cancelled' AND host_id IS NOT NULL AND workspace IS NOT NULL AND ended_at >= ?",
+        (t - window,),
+    ).fetchall()
+    for task_id, attempt, agent_id, host_id, ws in rows:
+        host = hosts.get(host_id)
+        if host is None:
+            continue
+        if host_id not in executors:
+            executors[host_id] = executor_for(host)
+        try:
+            if executors[host_id].kill(ws):
+                report.add("task.run_killed", task=task_id, attempt=attempt, agent=agent_id, why="cancelled")
+        except RemoteError as exc:
+            log("task.kill_failed", task=task_id, attempt=attempt, error=exc.message)
 
 
 def _sweep_agents(store: Store, cfg: Config, report: SweepReport, t: float) -> None:
