@@ -43,7 +43,11 @@ class RetryPolicy:
 
     def backoff(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        delay = min(self.cap, self.base * self.factor ** max(0, attempt - 1))
+        try:
+            growth = self.factor ** max(0, attempt - 1)
+        except OverflowError:  # attempt ~1025+ (``retries:N`` allows that many): past any cap
+            growth = float("inf")
+        delay = min(self.cap, self.base * growth) if self.base else 0.0
         fixed = delay * (1 - self.jitter)
         return fixed + delay * self.jitter * rand()
 
