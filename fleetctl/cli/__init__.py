@@ -7,6 +7,9 @@ from typing import Annotated
 import typer
 
 from fleetctl.cli import agent, config, db, demo, events, passes, task
+from fleetctl.cli._coerce import install as _install_fast_coercion
+
+_install_fast_coercion()  # keeps pydantic out of start-up: see fleetctl/cli/_coerce.py
 
 app = typer.Typer(
     name="fleetctl",

@@ -1,0 +1,85 @@
+"""fleetctl/cli/_coerce.py: the pydantic-free coercion agrees with typer's own, value by value.
+
+No timing here (benchmarks live in bench/); these check behaviour, and that the commands timers and
+agents run every few seconds do not import pydantic at all.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from typer import _coercion, _param_types
+from typer._click import Context
+from typer._click.exceptions import BadParameter
+from typer.core import _TyperParameter
+
+from fleetctl.cli import app
+from fleetctl.cli._coerce import FastRuntimeParam, handles, install
+
+VALUES = [
+    None, "", "0", "1", "7", "-1", "-0", "007", "+3", "1_000", " 5", "5 ", "3.0", "abc", "12345678901234567890",
+    "-", "/tmp", "x/y", "config.toml", "/nonexistent/dir/f.toml", Path("rel/p"), 3, 0, -2, True, False,
+    ("1", "2"), ("a",), (), ["5"], ("1", "x"), ("0",),
+]  # fmt: skip
+
+
+def _params():
+    root = typer.main.get_command(app)
+
+    def walk(cmd, path):
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, [*path, name])
+        for p in cmd.params:
+            if isinstance(p, _TyperParameter):
+                yield " ".join(path), cmd, p
+
+    return list(walk(root, ["fleetctl"]))
+
+
+def _outcome(runtime, value, param, ctx):
+    try:
+        out = runtime.coerce(value, param=param, ctx=ctx)
+    except BadParameter as exc:
+        return ("error", exc.format_message())
+    return ("ok", type(out).__name__, out)
+
+
+def test_every_fleetctl_parameter_takes_the_fast_path():
+    """A new parameter of another type would silently bring pydantic back into start-up."""
+    slow = [f"{where} {p.name}: {p.type_descriptor.annotation}" for where, _, p in _params()
+            if not handles(p.type_descriptor) and p.name not in ("install_completion", "show_completion")]  # fmt: skip
+    assert slow == []
+
+
+@pytest.mark.parametrize("where,cmd,param", _params(), ids=lambda x: x if isinstance(x, str) else "")
+def test_fast_and_typer_coercion_agree(where, cmd, param):
+    d = param.type_descriptor
+    if not handles(d):
+        pytest.skip("typer's own path")
+    fast = FastRuntimeParam(d, _coercion.build_runtime_param, _param_types.coerce_cli_path)
+    slow = _coercion.build_runtime_param(d)
+    ctx = Context(cmd)
+    for value in VALUES:
+        assert _outcome(fast, value, param, ctx) == _outcome(slow, value, param, ctx), (where, param.name, value)
+
+
+def test_install_is_idempotent():
+    assert install() is True
+    assert install() is True
+
+
+@pytest.mark.parametrize("argv", [["dispatch"], ["task", "list", "--state", "queued", "--json", "--limit", "5"]])
+def test_hot_commands_do_not_import_pydantic(argv, tmp_path):
+    code = (
+        "import sys\n"
+        "from fleetctl.cli import main\n"
+        f"sys.argv = ['fleetctl', *{argv!r}]\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'pydantic_core')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
