@@ -81,7 +81,9 @@ def task_list(
     states = _states(state or [])
     cfg = load(config)
     with open_store(cfg) as store:
-        rows = store.tasks(states=states, agent_id=agent, repo=repo, after_seq=after, limit=(limit + 1) or None)
+        rows = store.tasks(
+            states=states, agent_id=agent, repo=repo, after_seq=after, limit=limit + 1 if limit else None
+        )
     more = bool(limit) and len(rows) > limit
     rows = rows[:limit] if limit else rows
     cursor = rows[-1]["seq"] if more else None
