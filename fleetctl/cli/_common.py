@@ -87,16 +87,21 @@ def print_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def _plain() -> dict[str, Any]:
+    """NO_COLOR: no escape sequences at all (rich's own no_color still emits bold and dim)."""
+    return {"color_system": None} if os.environ.get("NO_COLOR") else {}
+
+
 def stdout_console():
     from rich.console import Console
 
-    return Console(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False)
+    return Console(no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False, **_plain())
 
 
 def stderr_console():
     from rich.console import Console
 
-    return Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False)
+    return Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False, **_plain())
 
 
 def print_table(
