@@ -97,8 +97,14 @@ _M001 = (
     "CREATE INDEX attempts_open ON attempts(host_id) WHERE ended_at IS NULL",
 )
 
+def m002_token_indexes(db) -> None:
+    """Look agents and attempts up by the hash of the bearer token they present (HTTP pull mode)."""
+    db.execute("CREATE INDEX agents_token ON agents(token_hash) WHERE token_hash IS NOT NULL")
+    db.execute("CREATE INDEX attempts_token ON attempts(token_hash) WHERE token_hash IS NOT NULL")
+
+
 #: Every migration, in order. Append only.
-MIGRATIONS: tuple[Callable, ...] = (m001_initial,)
+MIGRATIONS: tuple[Callable, ...] = (m001_initial, m002_token_indexes)
 MIGRATION_NAMES: tuple[str, ...] = tuple(f.__name__ for f in MIGRATIONS)
 
 

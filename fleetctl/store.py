@@ -37,6 +37,8 @@ from fleetctl.projections import (
 from fleetctl.schema import MIGRATION_NAMES, MIGRATION_SET, MIGRATIONS_TABLE
 
 MIN_SQLITE = (3, 35, 0)
+#: Events after which a task may be claimable: waiting dequeuers are woken when one commits.
+WAKE_EVENTS = frozenset({"task.created", "task.requeued", "task.retried", "task.updated"})
 BUSY_TIMEOUT_MS = 5000
 ACTIVE_STATES = ("assigned", "running")
 
@@ -96,6 +98,7 @@ class Store:
         self.conn = conn
         self.path = path
         self._db = None
+        self._wake = False
 
     # ------------------------------------------------------------------ opening
 
@@ -217,6 +220,7 @@ class Store:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             raise _translate(exc, self.path) from None
+        self._wake = False
         try:
             yield self
         except BaseException:
@@ -229,6 +233,10 @@ class Store:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
             raise _translate(exc, self.path) from None
+        if self._wake:
+            from fleetctl.wake import notify
+
+            notify(self.path)
 
     @contextmanager
     def read(self) -> Iterator[Store]:
@@ -286,6 +294,8 @@ class Store:
             {k: dict(v) for k, v in p.agents.items()},
             {k: dict(v) for k, v in p.attempts.items()},
         )
+        if type in WAKE_EVENTS:
+            self._wake = True
         payload = json.dumps(data or {}, sort_keys=True, separators=(",", ":"))
         ev_id = self.execute(
             "INSERT INTO events (ts, type, task_id, agent_id, attempt, data) VALUES (?,?,?,?,?,?) RETURNING id",

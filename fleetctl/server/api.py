@@ -1,0 +1,560 @@
+"""The agent API of ``fleetctl serve`` (SPEC §6): routing, authentication, and thin handlers that call
+the same service functions as the CLI.
+
+Writes go through one writer connection under a lock; reads use a small pool of their own connections.
+A dequeue that finds nothing waits (up to ``wait`` ≤ 30 s) on a condition that is notified when the
+queue changes — by this process, or by any other process on the same database through ``fleetctl.wake``
+— and when the earliest backoff ends; it never polls the database in a loop.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import queue
+import re
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from fleetctl import __version__, services
+from fleetctl.config import Config
+from fleetctl.errors import FleetError, Forbidden, LeaseLost, NotFound, StoreBusy, Unauthorized, UsageError
+from fleetctl.ids import check_id
+from fleetctl.prompt import render_prompt
+from fleetctl.server.http import Response, error_response, json_response
+from fleetctl.server.metrics import Metrics
+from fleetctl.states import AgentMode, AgentStatus, TaskState
+from fleetctl.store import Store
+
+MAX_WAIT_SECS = 30.0
+READER_POOL = 8
+OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.json"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: ``admin``, ``registrar``, ``agent`` (its own token) or ``task`` (a run's task token)."""
+
+    kind: str
+    agent_id: str | None = None
+    task_id: str | None = None
+    attempt: int | None = None
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    params: dict[str, str]
+    query: dict[str, list[str]]
+    headers: Any
+    raw: bytes
+    principal: Principal | None = None
+    _json: Any = field(default=None, repr=False)
+
+    def json(self, *, required: bool = False) -> dict:
+        """The body as a JSON object ({} when empty and not required)."""
+        if self._json is None:
+            if not self.raw.strip():
+                if required:
+                    raise UsageError("a JSON object body is required", code="invalid_body")
+                self._json = {}
+            else:
+                try:
+                    self._json = json.loads(self.raw)
+                except (ValueError, UnicodeDecodeError) as exc:
+                    raise UsageError(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+                if not isinstance(self._json, dict):
+                    raise UsageError("the body must be a JSON object", code="invalid_body")
+        return self._json
+
+    def q(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[-1] if values else None
+
+
+class Waker:
+    """A generation counter under a condition: dequeuers wait for it to change."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.generation = 0
+        self.closing = False
+
+    def notify(self) -> None:
+        with self.cond:
+            self.generation += 1
+            self.cond.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.generation == seen and not self.closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.cond.wait(left)
+
+    def close(self) -> None:
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+
+
+def _int_field(doc: dict, name: str, *, required: bool = False, minimum: int = 1) -> int | None:
+    value = doc.get(name)
+    if value is None:
+        if required:
+            raise UsageError(f"'{name}' is required", code="invalid_field")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UsageError(f"'{name}' must be an integer >= {minimum}", code="invalid_field")
+    return value
+
+
+def _str_field(doc: dict, name: str, *, required: bool = False, default: str | None = None) -> str | None:
+    value = doc.get(name, default)
+    if value is None:
+        if required:
+            raise UsageError(f"'{name}' is required", code="invalid_field")
+        return None
+    if not isinstance(value, str):
+        raise UsageError(f"'{name}' must be a string", code="invalid_field")
+    return value
+
+
+def _str_list(doc: dict, name: str) -> list[str]:
+    value = doc.get(name, [])
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"'{name}' must be a list of strings", code="invalid_field")
+    return value
+
+
+class Api:
+    """Routes and handlers. ``handle()`` never raises: every outcome is a ``Response``."""
+
+    def __init__(self, cfg: Config, *, clock: Callable[[], float] = time.time):
+        self.cfg = cfg
+        self.orch = cfg.orchestrator
+        self.clock = clock
+        self.db_path = cfg.orchestrator.db_path
+        self.writer = Store.open(self.db_path)
+        self.wlock = threading.Lock()
+        self.readers: queue.LifoQueue[Store] = queue.LifoQueue()
+        self.waker = Waker()
+        self.metrics = Metrics()
+        self.closing = False
+        self.admin_tokens = [t for t in (cfg.server.admin_token,) if t]
+        self.registration_tokens = [t for t in (cfg.orchestrator.http_pull_token,) if t]
+        self._openapi: bytes | None = None
+        self.routes: list[tuple[str, re.Pattern, Callable, str]] = []
+        for method, pattern, handler, auth in (
+            ("GET", "/healthz", self.healthz, "anyone"),
+            ("GET", "/metrics", self.metrics_text, "metrics"),
+            ("GET", "/openapi.json", self.openapi, "anyone"),
+            ("POST", "/api/v1/agents/register", self.agents_register, "registrar"),
+            ("POST", "/api/v1/agents/heartbeat", self.agents_heartbeat, "agent"),
+            ("POST", "/api/v1/agents/deregister", self.agents_deregister, "agent"),
+            ("GET", "/api/v1/agents", self.agents_list, "admin"),
+            ("GET", "/api/v1/tasks", self.tasks_list, "admin"),
+            ("POST", "/api/v1/tasks", self.tasks_create, "admin"),
+            ("POST", "/api/v1/tasks/dequeue", self.tasks_dequeue, "agent"),
+            ("GET", "/api/v1/tasks/{task_id}", self.tasks_get, "admin_or_agent"),
+            ("POST", "/api/v1/tasks/{task_id}/status", self.tasks_status, "agent_or_task"),
+            ("POST", "/api/v1/tasks/{task_id}/complete", self.tasks_complete, "agent_or_task"),
+            ("POST", "/api/v1/tasks/{task_id}/retry", self.tasks_retry, "admin"),
+            ("POST", "/api/v1/tasks/{task_id}/cancel", self.tasks_cancel, "admin"),
+            ("POST", "/api/v1/receipts", self.receipts, "agent_or_task"),
+        ):
+            regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+            self.routes.append((method, regex, handler, auth))
+
+    # ------------------------------------------------------------------ plumbing
+
+    def close(self) -> None:
+        self.closing = True
+        self.waker.close()
+
+    def body_cap(self, raw_path: str) -> int:
+        path = urlsplit(raw_path).path
+        if path.startswith("/api/v1/webhooks/"):
+            return self.cfg.server.webhook_max_body_bytes
+        return self.cfg.server.max_body_bytes
+
+    def reader(self) -> _Borrowed:
+        return _Borrowed(self)
+
+    def write(self, fn: Callable[[Store], Any]) -> Any:
+        """Run ``fn(store)`` on the writer connection, under the writer lock; wake dequeuers after."""
+        with self.wlock:
+            result = fn(self.writer)
+        self.waker.notify()
+        return result
+
+    def handle(self, method: str, raw_path: str, headers: Any, body: bytes) -> Response:
+        try:
+            split = urlsplit(raw_path)
+            path = split.path
+            allowed = []
+            for route_method, regex, handler, auth in self.routes:
+                m = regex.match(path)
+                if not m:
+                    continue
+                if route_method != method and not (method == "HEAD" and route_method == "GET"):
+                    allowed.append(route_method)
+                    continue
+                params = {k: unquote(v) for k, v in m.groupdict().items()}
+                req = Request(method, path, params, parse_qs(split.query, keep_blank_values=True), headers, body)
+                req.principal = self.authenticate(headers, auth)
+                return handler(req)
+            if allowed:
+                return error_response(405, "method_not_allowed", f"{method} is not allowed on {path}",
+                                      {"Allow": ", ".join(sorted(set(allowed)))})  # fmt: skip
+            return error_response(404, "not_found", f"no route {path}")
+        except StoreBusy as exc:
+            return error_response(503, exc.code, exc.message, {"Retry-After": "1"})
+        except FleetError as exc:
+            status = exc.http_status if exc.http_status < 500 or exc.http_status == 503 else 502
+            doc = exc.to_json()
+            return json_response(status, doc, {"Retry-After": "1"} if status == 503 else None)
+        except Exception as exc:  # a bug: log it, answer without a traceback
+            print(f"action=http.internal_error path={raw_path[:200]!r} error={type(exc).__name__}: {exc}",
+                  file=sys.stderr)  # fmt: skip
+            return error_response(500, "internal_error", "internal error; see the server log")
+
+    # ------------------------------------------------------------------ auth
+
+    def authenticate(self, headers: Any, kind: str) -> Principal | None:
+        if kind == "anyone" or (kind == "metrics" and self.cfg.server.metrics_public):
+            return None
+        auth = headers.get("Authorization") or ""
+        scheme, _, token = auth.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or len(token) > 512:
+            raise Unauthorized("missing or malformed Authorization: Bearer token")
+        principal = self._resolve(token)
+        if principal is None:
+            raise Unauthorized("unknown token")
+        ok = {
+            "metrics": ("admin",),
+            "admin": ("admin",),
+            "registrar": ("admin", "registrar"),
+            "agent": ("agent",),
+            "admin_or_agent": ("admin", "agent", "task"),
+            "agent_or_task": ("agent", "task"),
+        }[kind]
+        if principal.kind not in ok:
+            raise Forbidden(f"this token may not call this endpoint ({principal.kind})")
+        return principal
+
+    def _resolve(self, token: str) -> Principal | None:
+        for t in self.admin_tokens:
+            if hmac.compare_digest(t.encode(), token.encode()):
+                return Principal("admin")
+        for t in self.registration_tokens:
+            if hmac.compare_digest(t.encode(), token.encode()):
+                return Principal("registrar")
+        digest = services.hash_token(token)
+        with self.reader() as store:
+            row = store.execute("SELECT agent_id FROM agents WHERE token_hash=?", (digest,)).fetchone()
+            if row:
+                return Principal("agent", agent_id=row[0])
+            row = store.execute(
+                "SELECT task_id, attempt, agent_id FROM attempts WHERE token_hash=?", (digest,)
+            ).fetchone()
+            if row:
+                return Principal("task", agent_id=row[2], task_id=row[0], attempt=row[1])
+        return None
+
+    def _acting_agent(self, req: Request, task_id: str) -> tuple[str, int | None]:
+        """The agent a task write is made for; 403 for a token that never held this task."""
+        p = req.principal
+        check_id(task_id, "task id")
+        if p.kind == "task":
+            if p.task_id != task_id:
+                raise Forbidden("this task token is for another task")
+            return p.agent_id, p.attempt
+        with self.reader() as store:
+            if store.task(task_id) is None:
+                raise NotFound(f"no task {task_id!r}", code="task_not_found")
+            held = store.execute("SELECT 1 FROM attempts WHERE task_id=? AND agent_id=? LIMIT 1",
+                                 (task_id, p.agent_id)).fetchone()  # fmt: skip
+        if not held:
+            raise Forbidden(f"task {task_id} is not assigned to agent {p.agent_id}")
+        return p.agent_id, None
+
+    # ------------------------------------------------------------------ handlers: meta
+
+    def healthz(self, req: Request) -> Response:
+        try:
+            with self.reader() as store:
+                store.execute("SELECT 1 FROM tasks LIMIT 1").fetchall()
+        except FleetError as exc:
+            return json_response(503, {"status": "unavailable", "version": __version__, "database": exc.message})
+        return json_response(200, {"status": "ok", "version": __version__, "database": "ok"})
+
+    def metrics_text(self, req: Request) -> Response:
+        with self.reader() as store:
+            counts = store.counts()
+        return Response(200, self.metrics.render(counts).encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def openapi(self, req: Request) -> Response:
+        if self._openapi is None:
+            self._openapi = OPENAPI_PATH.read_bytes()
+        return Response(200, self._openapi)
+
+    # ------------------------------------------------------------------ handlers: agents
+
+    def agents_register(self, req: Request) -> Response:
+        doc = req.json(required=True)
+        agent_id = _str_field(doc, "agent_id", required=True)
+        kwargs = {
+            "agent_type": _str_field(doc, "agent_type", required=True),
+            "capabilities": _str_list(doc, "capabilities"),
+            "max_concurrency": _int_field(doc, "max_concurrency") or 1,
+            "mode": _str_field(doc, "mode", default=AgentMode.HTTP_PULL.value),
+        }
+        if kwargs["mode"] != AgentMode.HTTP_PULL.value:
+            raise UsageError("only http_pull agents register over the API", code="invalid_field")
+        reg = self.write(lambda s: services.register_agent(s, agent_id, now=self.clock(), **kwargs))
+        view = self._agent_view(reg.agent)
+        return json_response(201 if reg.created else 200, {**view, "token": reg.token})
+
+    def agents_heartbeat(self, req: Request) -> Response:
+        req.json()
+        agent_id = req.principal.agent_id
+        result = self.write(lambda s: services.heartbeat(s, self.orch, agent_id, now=self.clock()))
+        return json_response(200, {"agent": self._agent_view(result["agent"]), "cancelled": result["cancelled"],
+                                   "heartbeat_interval_secs": self.orch.heartbeat_interval_secs})  # fmt: skip
+
+    def agents_deregister(self, req: Request) -> Response:
+        req.json()
+        agent_id = req.principal.agent_id
+        agent = self.write(lambda s: services.set_agent_status(s, self.orch, agent_id, AgentStatus.OFFLINE,
+                                                               "deregistered", now=self.clock()))  # fmt: skip
+        return json_response(200, self._agent_view(agent))
+
+    def agents_list(self, req: Request) -> Response:
+        status, mode, capability = req.q("status"), req.q("mode"), req.q("capability")
+        if status is not None and status not in {s.value for s in AgentStatus}:
+            raise UsageError("status must be online, offline or draining", code="invalid_query")
+        if mode is not None and mode not in {m.value for m in AgentMode}:
+            raise UsageError("mode must be http_pull or ssh_cli", code="invalid_query")
+        with self.reader() as store:
+            agents = [a for a in store.agents(status=status, mode=mode)
+                      if capability is None or capability in a["capabilities"]]  # fmt: skip
+            running = store.running_counts()
+        items = [services.agent_view(a, running.get(a["agent_id"], 0)) for a in agents]
+        return json_response(200, {"items": items, "next": None})
+
+    def _agent_view(self, agent: dict) -> dict:
+        with self.reader() as store:
+            running = store.running_counts().get(agent["agent_id"], 0)
+        return services.agent_view(agent, running)
+
+    # ------------------------------------------------------------------ handlers: tasks
+
+    def tasks_list(self, req: Request) -> Response:
+        states = [s for v in req.query.get("state", []) for s in v.split(",") if s]
+        valid = {s.value for s in TaskState}
+        bad = [s for s in states if s not in valid]
+        if bad:
+            raise UsageError(f"unknown state {bad[0]!r}", code="invalid_query")
+        limit = _query_int(req, "limit", 100, 1, 1000)
+        cursor = _query_int(req, "cursor", None, 0, 2**62)
+        agent_id = req.q("agent_id")
+        repo = req.q("repo")
+        with self.reader() as store:
+            rows = store.tasks(states=states, agent_id=agent_id, repo=repo, after_seq=cursor, limit=limit + 1)
+        nxt = rows[limit - 1]["seq"] if len(rows) > limit else None
+        return json_response(200, {"items": [services.task_view(t) for t in rows[:limit]], "next": nxt})
+
+    def tasks_create(self, req: Request) -> Response:
+        doc = req.json(required=True)
+        kwargs = {
+            "title": _str_field(doc, "title", required=True),
+            "body": _str_field(doc, "body", default="") or "",
+            "labels": _str_list(doc, "labels"),
+            "repo": _str_field(doc, "repo"),
+            "issue_number": _int_field(doc, "issue_number"),
+            "task_id": _str_field(doc, "task_id"),
+        }
+        task = self.write(lambda s: services.create_task(s, self.orch, now=self.clock(), **kwargs))
+        return json_response(201, services.task_view(task))
+
+    def tasks_get(self, req: Request) -> Response:
+        task_id = req.params["task_id"]
+        check_id(task_id, "task id")
+        p = req.principal
+        with self.reader() as store:
+            with store.read():
+                task = services.get_task(store, task_id)
+                if p.kind == "agent":
+                    held = store.execute("SELECT 1 FROM attempts WHERE task_id=? AND agent_id=? LIMIT 1",
+                                         (task_id, p.agent_id)).fetchone()  # fmt: skip
+                    if not held:
+                        raise Forbidden(f"task {task_id} is not assigned to agent {p.agent_id}")
+                elif p.kind == "task" and p.task_id != task_id:
+                    raise Forbidden("this task token is for another task")
+                attempts, events = store.attempts(task_id), store.events(task_id=task_id)
+        doc = services.task_view(task)
+        doc["attempts"] = [services.attempt_view(a) for a in attempts]
+        doc["events"] = [services.event_view(e) for e in events]
+        return json_response(200, doc)
+
+    def tasks_dequeue(self, req: Request) -> Response:
+        doc = req.json()
+        wait = doc.get("wait", 0)
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
+            raise UsageError("'wait' must be a number of seconds >= 0", code="invalid_field")
+        wait = min(float(wait), MAX_WAIT_SECS)
+        agent_id = req.principal.agent_id
+        deadline = time.monotonic() + wait
+        while True:
+            seen = self.waker.generation
+            claimed = self._claim(agent_id)
+            if claimed is not None:
+                return json_response(200, claimed)
+            left = deadline - time.monotonic()
+            if left <= 0 or self.closing:
+                return Response(204)
+            self.waker.wait(seen, min(left, self._next_backoff_in()))
+
+    def _claim(self, agent_id: str) -> dict | None:
+        with self.reader() as store:
+            agent = store.agent(agent_id)
+        if agent is None:
+            raise Unauthorized("unknown agent")
+        if agent["status"] == AgentStatus.DRAINING:
+            return None
+        if agent["status"] == AgentStatus.OFFLINE:  # it is obviously alive: bring it back
+            self.write(lambda s: services.heartbeat(s, self.orch, agent_id, now=self.clock()))
+        token = secrets.token_urlsafe(24)
+        with self.wlock:
+            task = self.writer.claim(
+                agent_id=agent_id, capabilities=agent["capabilities"], max_concurrency=agent["max_concurrency"],
+                lease_secs=self.orch.lease_secs, ts=self.clock(), extra={"token_hash": services.hash_token(token)},
+            )  # fmt: skip
+        if task is None:
+            return None
+        self.metrics.claims += 1
+        return {"task": services.task_view(task), "attempt": task["attempt"],
+                "lease_expires_at": services.iso(task["lease_expires_at"]), "task_token": token,
+                "prompt": render_prompt(task, task["attempt"], self.orch.prompt_template, self.cfg.forgejo.url)}  # fmt: skip
+
+    def _next_backoff_in(self) -> float:
+        now = self.clock()
+        with self.reader() as store:
+            row = store.execute(
+                "SELECT min(not_before) FROM tasks WHERE state='queued' AND not_before > ?", (now,)
+            ).fetchone()
+        return MAX_WAIT_SECS if row[0] is None else max(0.01, row[0] - now + 0.005)
+
+    def tasks_status(self, req: Request) -> Response:
+        task_id = req.params["task_id"]
+        agent_id, token_attempt = self._acting_agent(req, task_id)
+        doc = req.json(required=True)
+        attempt = _int_field(doc, "attempt") or token_attempt
+        status = _str_field(doc, "status", default="progress")
+        message = _str_field(doc, "message", default="") or ""
+        if status not in ("running", "progress"):
+            raise UsageError("'status' must be running or progress", code="invalid_field")
+        if token_attempt is not None and attempt != token_attempt:
+            raise LeaseLost("this task token is for another attempt")
+
+        def op(s: Store) -> dict:
+            task = None
+            if status == "running":
+                task = services.start_task(s, task_id, agent_id=agent_id, attempt=attempt, now=self.clock())
+            if message or status == "progress":
+                task = services.report_progress(s, task_id, message, agent_id=agent_id, attempt=attempt,
+                                                now=self.clock())  # fmt: skip
+            return task
+
+        return json_response(200, services.task_view(self.write(op)))
+
+    def tasks_complete(self, req: Request) -> Response:
+        return self._complete(req, req.params["task_id"], req.json(required=True))
+
+    def receipts(self, req: Request) -> Response:
+        doc = req.json(required=True)
+        task_id = _str_field(doc, "task_id", required=True)
+        return self._complete(req, task_id, doc)
+
+    def _complete(self, req: Request, task_id: str, doc: dict) -> Response:
+        agent_id, token_attempt = self._acting_agent(req, task_id)
+        attempt = _int_field(doc, "attempt") or token_attempt
+        if attempt is None:
+            raise UsageError("'attempt' is required", code="invalid_field")
+        if token_attempt is not None and attempt != token_attempt:
+            raise LeaseLost("this task token is for another attempt")
+
+        def op(s: Store):
+            task = s.task(task_id)
+            require = bool(self.cfg.forgejo.url) and self.cfg.forgejo.require_pull_request and bool(task["repo"])
+            return services.complete_task(s, self.orch, task_id, doc, agent_id=agent_id, attempt=attempt,
+                                          require_pull_request=require, now=self.clock())  # fmt: skip
+
+        result = self.write(op)
+        return json_response(200, {**services.task_view(result.task), "repeated": result.repeated})
+
+    def tasks_retry(self, req: Request) -> Response:
+        task_id = req.params["task_id"]
+        check_id(task_id, "task id")
+        task = self.write(lambda s: services.retry_task(s, self.orch, task_id, now=self.clock()))
+        return json_response(200, services.task_view(task))
+
+    def tasks_cancel(self, req: Request) -> Response:
+        task_id = req.params["task_id"]
+        check_id(task_id, "task id")
+        reason = _str_field(req.json(), "reason", default="cancelled over the API") or "cancelled over the API"
+        task = self.write(lambda s: services.cancel_task(s, task_id, reason, now=self.clock()))
+        return json_response(200, services.task_view(task))
+
+
+def _query_int(req: Request, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = req.q(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UsageError(f"'{name}' must be an integer", code="invalid_query") from None
+    if not lo <= value <= hi:
+        raise UsageError(f"'{name}' must be between {lo} and {hi}", code="invalid_query")
+    return value
+
+
+class _Borrowed:
+    """A read connection from the pool for the duration of a ``with`` block."""
+
+    def __init__(self, api: Api):
+        self.api = api
+        self.store: Store | None = None
+
+    def __enter__(self) -> Store:
+        try:
+            self.store = self.api.readers.get_nowait()
+        except queue.Empty:
+            self.store = Store.open(self.api.db_path, migrate=False)
+        return self.store
+
+    def __exit__(self, *exc: object) -> None:
+        store, self.store = self.store, None
+        if store is None:
+            return
+        if store.conn.in_transaction:
+            store.conn.execute("ROLLBACK")
+        if self.api.readers.qsize() < READER_POOL:
+            self.api.readers.put(store)
+        else:
+            store.close()

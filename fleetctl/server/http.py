@@ -1,0 +1,206 @@
+"""The HTTP transport of ``fleetctl serve``: stdlib ``http.server``, hardened and tuned (SPEC §6).
+
+- HTTP/1.1 keep-alive, ``TCP_NODELAY``, a listen backlog of 256, one thread per connection.
+- Limits checked before anything is read: request line (414), header block (431), ``Content-Length``
+  required on bodies (411), body cap per route (413); a per-connection read timeout for slow clients.
+- Every response, errors included, is JSON (``{"error": {"code", "message"}}``) written with one
+  buffered ``write``; no traceback ever reaches a client.
+- SIGTERM/SIGINT: stop accepting, wake long-polls, let in-flight requests finish within a grace
+  period, exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fleetctl.server.api import Api
+
+MAX_REQUEST_LINE = 8192
+MAX_HEADER_BYTES = 32768
+CONNECTION_TIMEOUT_SECS = 60.0  # idle keep-alive and slow-client read timeout (long-poll waits are ≤ 30 s)
+
+
+class Response:
+    """A status, extra headers and a body (bytes, already encoded)."""
+
+    __slots__ = ("status", "headers", "body", "content_type")
+
+    def __init__(self, status: int, body: bytes = b"", content_type: str = "application/json",
+                 headers: dict[str, str] | None = None):  # fmt: skip
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers or {}
+
+
+def json_response(status: int, doc: object, headers: dict[str, str] | None = None) -> Response:
+    return Response(status, json.dumps(doc, separators=(",", ":")).encode(), headers=headers)
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return json_response(status, {"error": {"code": code, "message": message}}, headers)
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Parses one request at a time off a keep-alive connection and hands it to the ``Api``."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "fleetctl"
+    sys_version = ""
+    timeout = CONNECTION_TIMEOUT_SECS
+    server: FleetHTTPServer
+
+    def setup(self) -> None:
+        super().setup()
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+    def handle_one_request(self) -> None:
+        try:
+            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if len(self.raw_requestline) > MAX_REQUEST_LINE:
+                self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
+                self._send(error_response(414, "uri_too_long", "request line too long"), close=True)
+                return
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if not self.parse_request():
+                return
+            self._dispatch()
+            self.wfile.flush()
+        except (TimeoutError, ConnectionError):
+            self.close_connection = True
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        if ok and sum(len(k) + len(v) + 4 for k, v in self.headers.items()) > MAX_HEADER_BYTES:
+            self._send(error_response(431, "headers_too_large", "request headers too large"), close=True)
+            return False
+        return ok
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (bad request line, header parse errors), as JSON."""
+        slug = {400: "bad_request", 414: "uri_too_long", 431: "headers_too_large", 505: "http_version"}.get(
+            code, "http_error"
+        )
+        self._send(error_response(code, slug, message or HTTPStatus(code).phrase), close=True)
+
+    def _dispatch(self) -> None:
+        api = self.server.api
+        length_header = self.headers.get("Content-Length")
+        body = b""
+        if self.headers.get("Transfer-Encoding"):
+            self._send(error_response(411, "length_required", "send a Content-Length, not chunked"), close=True)
+            return
+        if length_header is not None:
+            try:
+                length = int(length_header)
+                if length < 0:
+                    raise ValueError
+            except ValueError:
+                self._send(error_response(400, "bad_request", "invalid Content-Length"), close=True)
+                return
+            cap = api.body_cap(self.path)
+            if length > cap:
+                self._send(error_response(413, "body_too_large", f"request body over {cap} bytes"), close=True)
+                return
+            body = self.rfile.read(length)
+            if len(body) != length:
+                self.close_connection = True
+                return
+        elif self.command == "POST":
+            self._send(error_response(411, "length_required", "a request with a body needs Content-Length"),
+                       close=True)  # fmt: skip
+            return
+        started = time.perf_counter()
+        self.server.begin()
+        try:
+            response = api.handle(self.command, self.path, self.headers, body)
+            api.metrics.observe(self.command, response.status, time.perf_counter() - started)
+            if api.closing:
+                self.close_connection = True
+            self._send(response)
+        finally:
+            self.server.end()
+
+    def __getattr__(self, name: str):
+        # every method token (GET, POST, PATCH, BREW…) goes through the router, which answers 405 or 404
+        if name.startswith("do_"):
+            return self._dispatch
+        raise AttributeError(name)
+
+    def _send(self, response: Response, close: bool = False) -> None:
+        if close:
+            self.close_connection = True
+        head = [f"HTTP/1.1 {response.status} {_phrase(response.status)}",
+                f"Content-Type: {response.content_type}", f"Content-Length: {len(response.body)}",
+                "Cache-Control: no-store"]  # fmt: skip
+        head += [f"{k}: {v}" for k, v in response.headers.items()]
+        if self.close_connection:
+            head.append("Connection: close")
+        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (response.body if self.command != "HEAD" else b"")
+        try:
+            self.wfile.write(data)
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        pass  # one line per action is logged by the Api, never the Authorization header
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+class FleetHTTPServer(ThreadingHTTPServer):
+    """A threading server with a deep listen queue, fast restarts and a graceful stop."""
+
+    request_queue_size = 256
+    allow_reuse_address = True
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], api: Api):
+        self.api = api
+        self._active = 0
+        self._active_lock = threading.Condition()
+        super().__init__(address, Handler)
+
+    def begin(self) -> None:
+        """A request is in flight."""
+        with self._active_lock:
+            self._active += 1
+
+    def end(self) -> None:
+        with self._active_lock:
+            self._active -= 1
+            self._active_lock.notify_all()
+
+    def drain(self, grace_secs: float) -> bool:
+        """Wait until no request is in flight (idle keep-alive connections do not count); True if drained."""
+        deadline = time.monotonic() + grace_secs
+        with self._active_lock:
+            while self._active > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._active_lock.wait(left)
+        return True
+
+    def handle_error(self, request, client_address) -> None:
+        exc = sys.exc_info()[1]
+        print(f"action=http.error client={client_address[0]} error={type(exc).__name__}", file=sys.stderr)
