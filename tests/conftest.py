@@ -23,3 +23,351 @@ def _isolated(tmp_path, monkeypatch):
     for name in _FLEET_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------
+# CLI and local-dispatch harness (tests/test_cli.py, test_exit_codes.py, test_ids.py, test_dispatch.py)
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sqlite3  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+#: A local run that hands in a success receipt with the real console script (FLEET_* come from the run).
+COMPLETE_SCRIPT = (
+    "import os, subprocess, sys; "
+    "sys.exit(subprocess.run(['fleetctl', 'task', 'complete', os.environ['FLEET_TASK_ID'], '--summary', 'ok'])"
+    ".returncode)"
+)
+DEFAULT_AGENT_TYPES = {"ok": {"command": ["{python}", "-c", COMPLETE_SCRIPT], "prompt": "file"}}
+DEFAULT_ORCHESTRATOR = {
+    "db_path": "fleet.db",
+    "task_timeout_secs": 60,
+    "retry_backoff_secs": 0.2,
+    "retry_backoff_max_secs": 1,
+    "default_max_retries": 1,
+    "lease_secs": 60,
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_run_env(monkeypatch):
+    """Nothing named FLEET_* leaks in — not even FLEET_TASK_ID/FLEET_ATTEMPT when an agent runs the suite."""
+    for name in [n for n in os.environ if n.startswith("FLEET_")]:
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def runner():
+    """typer's CliRunner with colour off and a wide terminal, so tables never fold."""
+    from typer.testing import CliRunner
+
+    return CliRunner(env={"NO_COLOR": "1", "COLUMNS": "200"})
+
+
+def make_config(
+    directory: Path,
+    *,
+    orchestrator: dict | None = None,
+    agents: list[dict] | None = None,
+    agent_types: dict[str, dict] | None = None,
+    forgejo: dict | None = None,
+    work_dir: str = "ws",
+    name: str = "config.toml",
+) -> Path:
+    """Write a SPEC §4 config: one local host (work_dir under ``directory``), its agents, their types.
+
+    Defaults: agent ``local-ok`` (type ``ok``, max_concurrency 2, no capabilities) whose command hands in
+    a success receipt at once; small retry backoff (0.2 s), one retry, db ``fleet.db`` beside the file.
+    """
+    import tomlkit
+
+    doc: dict[str, Any] = {"orchestrator": {**DEFAULT_ORCHESTRATOR, **(orchestrator or {})}}
+    if forgejo is not None:
+        doc["forgejo"] = forgejo
+    doc["hosts"] = [
+        {
+            "host_id": "local",
+            "local": True,
+            "work_dir": work_dir,
+            "agents": agents
+            if agents is not None
+            else [{"agent_type": "ok", "agent_id": "local-ok", "max_concurrency": 2, "capabilities": []}],
+        }
+    ]
+    doc["agent_types"] = agent_types if agent_types is not None else DEFAULT_AGENT_TYPES
+    path = directory / name
+    path.write_text(tomlkit.dumps(doc))
+    return path
+
+
+def reap_runs(directory: Path) -> None:
+    """Kill (by process group) every run under ``directory`` that has not written its exit status."""
+    for pidfile in directory.rglob("pid"):
+        if pidfile.parent.name != ".fleet" or (pidfile.parent / "exit_status").exists():
+            continue
+        try:
+            os.killpg(int(pidfile.read_text().strip()), signal.SIGKILL)
+        except (ValueError, OSError):
+            pass
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+class Fleet:
+    """A configured fleet in ``tmp_path``: real ``fleetctl`` subprocesses plus direct reads of its database."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.config: Path | None = None
+        self.db = directory / DEFAULT_ORCHESTRATOR["db_path"]
+        self.procs: list[subprocess.Popen] = []
+
+    def configure(self, **overrides: Any) -> Path:
+        """``make_config`` in this fleet's directory (found as ./config.toml: the cwd is the directory)."""
+        self.config = make_config(self.dir, **overrides)
+        db = (overrides.get("orchestrator") or {}).get("db_path")
+        if db:
+            self.db = self.dir / db
+        return self.config
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **extra}
+
+    def run(self, *args: str, env: dict | None = None, input: str | None = None, timeout: float = 60):
+        """Run ``fleetctl ARGS`` to completion; a CompletedProcess with text stdout/stderr."""
+        return subprocess.run(["fleetctl", *args], capture_output=True, text=True, input=input,
+                              env=self.env(**(env or {})), cwd=self.dir, timeout=timeout)  # fmt: skip
+
+    def popen(self, *args: str, env: dict | None = None) -> subprocess.Popen:
+        """Start ``fleetctl ARGS`` in the background; stopped by pid at teardown if still running."""
+        proc = subprocess.Popen(["fleetctl", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=self.env(**(env or {})), cwd=self.dir)  # fmt: skip
+        self.procs.append(proc)
+        return proc
+
+    def create(self, *args: str) -> str:
+        """``fleetctl task create ARGS``; the new task id."""
+        done = self.run("task", "create", *args)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    def query(self, sql: str, params: tuple = ()) -> list[dict]:
+        conn = sqlite3.connect(self.db, timeout=10)
+        conn.row_factory = sqlite3.Row
+        try:
+            rows = [dict(r) for r in conn.execute(sql, params)]
+        finally:
+            conn.close()
+        for row in rows:
+            for col in ("labels", "requirements", "pull_request", "capabilities", "receipt", "data"):
+                if isinstance(row.get(col), str):
+                    row[col] = json.loads(row[col])
+        return rows
+
+    def task(self, task_id: str) -> dict:
+        rows = self.query("SELECT * FROM tasks WHERE task_id=?", (task_id,))
+        assert rows, f"no task {task_id}"
+        return rows[0]
+
+    def events(self, task_id: str | None = None) -> list[dict]:
+        if task_id is None:
+            return self.query("SELECT * FROM events ORDER BY id")
+        return self.query("SELECT * FROM events WHERE task_id=? ORDER BY id", (task_id,))
+
+    def attempts(self, task_id: str) -> list[dict]:
+        return self.query("SELECT * FROM attempts WHERE task_id=? ORDER BY attempt", (task_id,))
+
+    def wait_state(self, task_id: str, *states: str, timeout: float = 20.0) -> dict:
+        """Poll the database until the task is in one of ``states``; the task row."""
+        return wait_for(lambda: (t := self.task(task_id))["state"] in states and t, timeout,
+                        what=f"task {task_id} to reach {'/'.join(states)}")  # fmt: skip
+
+    def check_db(self) -> None:
+        done = self.run("db", "check")
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+        reap_runs(self.dir)
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    """A ``Fleet`` in tmp_path; its background processes and detached runs are stopped at teardown."""
+    f = Fleet(tmp_path)
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """``write_config(**overrides)`` writes tmp_path/config.toml (see ``make_config``); runs are reaped after."""
+    try:
+        yield lambda **overrides: make_config(tmp_path, **overrides)
+    finally:
+        reap_runs(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Store and services (tests/test_store.py, test_services.py, test_property.py, test_concurrency.py)
+
+
+@pytest.fixture
+def orch(tmp_path):
+    """Default orchestrator settings with the database at tmp_path/fleet.db."""
+    from fleetctl.config import OrchestratorConfig
+
+    return OrchestratorConfig(db_path=tmp_path / "fleet.db")
+
+
+@pytest.fixture
+def store(orch):
+    """A real, migrated database file at ``orch.db_path``; closed at teardown."""
+    from fleetctl.store import Store
+
+    s = Store.open(orch.db_path)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+# ------------------------------------------------------------------------------------------------------
+# A live `fleetctl serve` (tests/test_server.py and the other HTTP tests)
+
+ADMIN_TOKEN = "admin-token-for-tests-0123456789"
+REGISTRATION_TOKEN = "registration-token-for-tests-0123"
+
+
+class LiveServer:
+    """``fleetctl serve`` as a real subprocess on a free loopback port, over a database in ``directory``."""
+
+    def __init__(self, directory, **orchestrator):
+        import os
+
+        self.dir = directory
+        self.db_path = directory / "fleet.db"
+        self.config_path = directory / "server.toml"
+        settings = {"lease_secs": 30, "heartbeat_interval_secs": 60, **orchestrator}
+        lines = ["[server]", f'admin_token = "{ADMIN_TOKEN}"', "[orchestrator]", f'db_path = "{self.db_path}"',
+                 f'http_pull_token = "{REGISTRATION_TOKEN}"']  # fmt: skip
+        lines += [f"{k} = {v!r}" for k, v in settings.items()]
+        self.config_path.write_text("\n".join(lines) + "\n")
+        os.chmod(self.config_path, 0o600)
+        self.proc = None
+        self.port = 0
+        self.stderr_path = directory / "serve.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, port: int = 0) -> LiveServer:
+        import re
+        import subprocess
+        import sys
+        import time
+
+        log = open(self.stderr_path, "a")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fleetctl", "serve", "--config", str(self.config_path), "--port", str(port)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            text = self.stderr_path.read_text()
+            found = re.findall(r"action=serve.listening bind=\S+ port=(\d+)", text)
+            if found and self.proc.poll() is None and len(found) > getattr(self, "_starts", 0):
+                self._starts = len(found)
+                self.port = int(found[-1])
+                return self
+            if self.proc.poll() is not None:
+                raise AssertionError(f"fleetctl serve exited {self.proc.returncode}: {text[-2000:]}")
+            time.sleep(0.02)
+        raise AssertionError(f"fleetctl serve did not start: {self.stderr_path.read_text()[-2000:]}")
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        import signal
+
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise
+
+    def client(self, token: str | None = None):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=40)
+
+    def register(self, agent_id: str, capabilities=(), max_concurrency: int = 1, agent_type: str = "test") -> str:
+        """Register a pull agent; its token."""
+        with self.client(REGISTRATION_TOKEN) as c:
+            r = c.post("/api/v1/agents/register", json={"agent_id": agent_id, "agent_type": agent_type,
+                                                         "capabilities": list(capabilities),
+                                                         "max_concurrency": max_concurrency})  # fmt: skip
+            assert r.status_code in (200, 201), r.text
+            return r.json()["token"]
+
+
+@pytest.fixture
+def live_server(tmp_path):
+    """A started ``LiveServer`` (lease 30 s); stopped by PID at teardown."""
+    server = LiveServer(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    """``make_server(**orchestrator_settings)`` → an unstarted ``LiveServer``; stopped at teardown."""
+    servers = []
+
+    def make(**settings):
+        server = LiveServer(tmp_path, **settings)
+        servers.append(server)
+        return server
+
+    try:
+        yield make
+    finally:
+        for s in servers:
+            s.stop()
