@@ -79,10 +79,13 @@ def _task_table(tasks: list[dict]):
 def _run_live(directory: Path):
     from rich.live import Live
 
-    from fleetctl.demo import run_demo
+    from fleetctl.demo import demo_config, run_demo
 
     console = stdout_console()
     stderr_console().print(f"[dim]demo directory: {directory}[/dim]")
+    agents = "; ".join(f"{a.agent_id} ({', '.join(a.capabilities)}; {a.max_concurrency} at a time)"
+                       for _, a in demo_config(directory).agent_specs())  # fmt: skip
+    console.print(f"local example agents: {agents}")
     with Live(_task_table([]), console=console, refresh_per_second=8, transient=False) as live:
         return run_demo(directory, on_tick=lambda tasks: live.update(_task_table(tasks)))
 
@@ -116,6 +119,8 @@ def _render_result(result, keep: bool) -> None:
     console.print(
         f"{len(result.tasks)} tasks in {result.seconds:.1f}s ({result.passes} dispatch+sweep passes): {summary}"
     )
+    console.print("T2 crashed once and was retried; T4 needs code:rust, which no agent has; T5 exited without a "
+                  "receipt and had no retries left (label retries:0).")  # fmt: skip
     console.print(f"db check (replay {len(result.events)} events, compare projections): {verdict}")
     if keep:
         console.print(
