@@ -273,7 +273,7 @@ def complete_task(
         prior = store.attempt(task_id, n) if isinstance(n, int) and n > 0 else None
         if prior is not None and prior["receipt"] == receipt.to_json() and agent_id in (None, prior["agent_id"]):
             return CompletionResult(task, repeated=True)
-        task = _fenced(store, task_id, agent_id, n)
+        task = _fenced(store, task_id, agent_id, attempt)  # not ``n``: a never-claimed task has attempt 0
         if receipt.outcome == "failure":
             result = fail_attempt(store, orch, task_id, FailureReason.AGENT_ERROR, receipt.summary or "failure receipt",
                                   receipt=receipt.to_json(), now=ts)  # fmt: skip
