@@ -68,8 +68,11 @@ class Request:
                 self._json = {}
             else:
                 try:
-                    self._json = json.loads(self.raw)
-                except (ValueError, UnicodeDecodeError) as exc:
+                    self._json = json.loads(self.raw, parse_constant=_no_constant, parse_int=_int64,
+                                            parse_float=_finite)  # fmt: skip
+                    # a lone surrogate ("\ud800") parses but cannot be stored: refuse it here, not with a 500
+                    json.dumps(self._json, ensure_ascii=False).encode()
+                except (ValueError, UnicodeError, RecursionError) as exc:
                     raise UsageError(f"the body is not valid JSON: {exc}", code="invalid_json") from None
                 if not isinstance(self._json, dict):
                     raise UsageError("the body must be a JSON object", code="invalid_body")
@@ -78,6 +81,26 @@ class Request:
     def q(self, name: str) -> str | None:
         values = self.query.get(name)
         return values[-1] if values else None
+
+
+def _no_constant(name: str) -> None:
+    """NaN and Infinity are not JSON (and a NaN ``wait`` would never end)."""
+    raise ValueError(f"{name} is not allowed")
+
+
+def _int64(text: str) -> int:
+    """Integers must fit SQLite's 64 bits."""
+    value = int(text)
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"integer {text[:30]} out of range")
+    return value
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:30]} out of range")
+    return value
 
 
 class Waker:
