@@ -30,6 +30,7 @@ from fleetctl.ids import check_id
 from fleetctl.prompt import render_prompt
 from fleetctl.server.http import Response, error_response, json_response
 from fleetctl.server.metrics import Metrics
+from fleetctl.server.writer import Writer
 from fleetctl.states import AgentMode, AgentStatus, TaskState
 from fleetctl.store import Store
 
@@ -170,10 +171,9 @@ class Api:
         self.orch = cfg.orchestrator
         self.clock = clock
         self.db_path = cfg.orchestrator.db_path
-        self.writer = Store.open(self.db_path)
-        self.wlock = threading.Lock()
         self.readers: queue.LifoQueue[Store] = queue.LifoQueue()
         self.waker = Waker()
+        self.writer = Writer(Store.open(self.db_path), on_commit=self.waker.notify)
         self.metrics = Metrics()
         self.closing = False
         self.admin_tokens = [t for t in (cfg.server.admin_token,) if t]
@@ -207,6 +207,13 @@ class Api:
         self.closing = True
         self.waker.close()
 
+    def shutdown(self) -> None:
+        """After the last request: stop the writer and close every connection."""
+        self.writer.close()
+        self.writer.store.close()
+        while not self.readers.empty():
+            self.readers.get_nowait().close()
+
     def body_cap(self, raw_path: str) -> int:
         path = urlsplit(raw_path).path
         if path.startswith("/api/v1/webhooks/"):
@@ -217,11 +224,8 @@ class Api:
         return _Borrowed(self)
 
     def write(self, fn: Callable[[Store], Any]) -> Any:
-        """Run ``fn(store)`` on the writer connection, under the writer lock; wake dequeuers after."""
-        with self.wlock:
-            result = fn(self.writer)
-        self.waker.notify()
-        return result
+        """Run ``fn(store)`` in the writer's next group-committed transaction (dequeuers are woken after)."""
+        return self.writer.submit(fn)
 
     def handle(self, method: str, raw_path: str, headers: Any, body: bytes) -> Response:
         try:
@@ -462,11 +466,10 @@ class Api:
         if agent["status"] == AgentStatus.OFFLINE:  # it is obviously alive: bring it back
             self.write(lambda s: services.heartbeat(s, self.orch, agent_id, now=self.clock()))
         token = secrets.token_urlsafe(24)
-        with self.wlock:
-            task = self.writer.claim(
-                agent_id=agent_id, capabilities=agent["capabilities"], max_concurrency=agent["max_concurrency"],
-                lease_secs=self.orch.lease_secs, ts=self.clock(), extra={"token_hash": services.hash_token(token)},
-            )  # fmt: skip
+        task = self.writer.submit(lambda s: s.claim(
+            agent_id=agent_id, capabilities=agent["capabilities"], max_concurrency=agent["max_concurrency"],
+            lease_secs=self.orch.lease_secs, ts=self.clock(), extra={"token_hash": services.hash_token(token)},
+        ))  # fmt: skip
         if task is None:
             return None
         self.metrics.claims += 1
@@ -496,11 +499,12 @@ class Api:
 
         def op(s: Store) -> dict:
             task = None
-            if status == "running":
-                task = services.start_task(s, task_id, agent_id=agent_id, attempt=attempt, now=self.clock())
-            if message or status == "progress":
-                task = services.report_progress(s, task_id, message, agent_id=agent_id, attempt=attempt,
-                                                now=self.clock())  # fmt: skip
+            with s.write():  # one transaction: a refused message must not leave the task started
+                if status == "running":
+                    task = services.start_task(s, task_id, agent_id=agent_id, attempt=attempt, now=self.clock())
+                if message or status == "progress":
+                    task = services.report_progress(s, task_id, message, agent_id=agent_id, attempt=attempt,
+                                                    now=self.clock())  # fmt: skip
             return task
 
         return json_response(200, services.task_view(self.write(op)))
@@ -524,10 +528,10 @@ class Api:
         def op(s: Store):
             task = s.task(task_id)
             require = bool(self.cfg.forgejo.url) and self.cfg.forgejo.require_pull_request and bool(task["repo"])
-            return services.complete_task(s, self.orch, task_id, doc, agent_id=agent_id, attempt=attempt,
-                                          require_pull_request=require, now=self.clock())  # fmt: skip
+            return services.hand_in_receipt(s, self.orch, task_id, doc, agent_id=agent_id, attempt=attempt,
+                                            require_pull_request=require, now=self.clock())  # fmt: skip
 
-        result = self.write(op)
+        result = self.write(op).raise_if_rejected()  # a refused receipt's failed attempt is committed first
         return json_response(200, {**services.task_view(result.task), "repeated": result.repeated})
 
     def tasks_retry(self, req: Request) -> Response:
