@@ -17,7 +17,7 @@ from typer._click import Context
 from typer._click.exceptions import BadParameter
 from typer.core import _TyperParameter
 
-from fleetctl.cli import app
+from fleetctl.cli import app, app_for
 from fleetctl.cli._coerce import FastRuntimeParam, handles, install
 
 VALUES = [
@@ -83,3 +83,42 @@ def test_hot_commands_do_not_import_pydantic(argv, tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# main() builds only the invoked command's parser (fleetctl.cli.app_for); it must read exactly like the app
+
+
+def _paths():
+    root = typer.main.get_command(app)
+
+    def walk(cmd, path):
+        is_group = hasattr(cmd, "commands")
+        yield path, is_group
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, [*path, name])
+
+    return list(walk(root, []))
+
+
+@pytest.mark.parametrize("path,is_group", _paths(), ids=lambda p: " ".join(p) if isinstance(p, list) else "")
+def test_slim_app_reads_like_the_whole_app(path, is_group):
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    cases = [[*path, "--help"], [*path, "--no-such-option"]]  # a command itself never runs here
+    if is_group:
+        cases += [path, [*path, "no-such-command"]]
+    for args in cases:
+        whole = runner.invoke(app, args, env={"NO_COLOR": "1", "COLUMNS": "100"})
+        slim = runner.invoke(app_for(args), args, env={"NO_COLOR": "1", "COLUMNS": "100"})
+        assert (slim.exit_code, slim.output) == (whole.exit_code, whole.output), args
+
+
+def test_slim_app_leaves_the_app_whole():
+    before = [c.name for c in app.registered_commands], [g.name for g in app.registered_groups]
+    assert [c.name for c in app_for(["dispatch"]).registered_commands] == ["dispatch"]
+    assert app_for(["task", "complete", "x"]).registered_groups[0].typer_instance.registered_commands[0].name == (
+        "complete"
+    )
+    assert ([c.name for c in app.registered_commands], [g.name for g in app.registered_groups]) == before
