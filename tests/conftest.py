@@ -141,6 +141,9 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
 class Fleet:
     """A configured fleet in ``tmp_path``: real ``fleetctl`` subprocesses plus direct reads of its database."""
 
+    wait_for = staticmethod(wait_for)
+    pid_alive = staticmethod(pid_alive)
+
     def __init__(self, directory: Path):
         self.dir = directory
         self.config: Path | None = None
@@ -206,6 +209,16 @@ class Fleet:
         """Poll the database until the task is in one of ``states``; the task row."""
         return wait_for(lambda: (t := self.task(task_id))["state"] in states and t, timeout,
                         what=f"task {task_id} to reach {'/'.join(states)}")  # fmt: skip
+
+    def claim(self, task_id: str, agent_id: str, capabilities: tuple[str, ...] = ()) -> dict:
+        """What a pull agent's dequeue does (the conditional claim; the CLI has no dequeue): the task row."""
+        from fleetctl.store import Store
+
+        with Store.open(self.db) as store:
+            row = store.claim(agent_id=agent_id, capabilities=capabilities, max_concurrency=10, lease_secs=60,
+                              ts=time.time(), task_id=task_id)  # fmt: skip
+        assert row is not None and row["state"] == "assigned", f"{agent_id} could not claim {task_id}"
+        return row
 
     def check_db(self) -> None:
         done = self.run("db", "check")
