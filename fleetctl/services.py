@@ -245,9 +245,27 @@ class CompletionResult:
 
     task: dict
     repeated: bool = False
+    rejected: str | None = None  # why the receipt was refused (the attempt then failed receipt_invalid)
+
+    def raise_if_rejected(self) -> CompletionResult:
+        """``ValidationFailed`` for a refused receipt (call it after the transaction committed)."""
+        if self.rejected:
+            raise ValidationFailed(
+                f"receipt rejected: {self.rejected}; the attempt failed and the task is {self.task['state']}",
+                code="receipt_invalid",
+                details={"task_id": self.task["task_id"], "state": self.task["state"]},
+            )
+        return self
 
 
 def complete_task(
+    store: Store, orch: OrchestratorConfig, task_id: str, receipt_doc: Any, **kwargs: Any
+) -> CompletionResult:
+    """``hand_in_receipt`` that raises ``ValidationFailed`` (after committing) when the receipt is refused."""
+    return hand_in_receipt(store, orch, task_id, receipt_doc, **kwargs).raise_if_rejected()
+
+
+def hand_in_receipt(
     store: Store,
     orch: OrchestratorConfig,
     task_id: str,
@@ -258,12 +276,14 @@ def complete_task(
     require_pull_request: bool = False,
     now: float | None = None,
 ) -> CompletionResult:
-    """Hand in a receipt for the current attempt (SPEC §7.4).
+    """Hand in a receipt for the current attempt (SPEC §7.4); never raises for a refused receipt.
 
     Success naming a pull request → awaiting_review; success without one → completed (or, when a pull
     request is required, the attempt fails ``receipt_invalid``); failure → the attempt fails
     ``agent_error``. A repeat of an already accepted identical receipt returns the stored result and
-    records nothing; any other late write raises ``LeaseLost``.
+    records nothing; any other late write raises ``LeaseLost``. A refused receipt fails the attempt
+    (``receipt_invalid``) and comes back as ``result.rejected``: committing that failure and telling the
+    caller are separate steps, so that a batch of writes (the server) commits it before answering 422.
     """
     receipt = parse_receipt(receipt_doc)
     ts = _now(now)
@@ -282,21 +302,15 @@ def complete_task(
         if problem:
             rejected = fail_attempt(store, orch, task_id, FailureReason.RECEIPT_INVALID, problem,
                                     receipt=receipt.to_json(), now=ts)  # fmt: skip
-        else:
-            prs = receipt.pull_requests()
-            data: dict[str, Any] = {"receipt": receipt.to_json()}
-            if prs:
-                pr = dict(prs[0])
-                pr.setdefault("repo", task["repo"])
-                data["pull_request"] = pr
-                return CompletionResult(_transition(store, task, Transition.AWAIT_REVIEW, ts, data=data))
-            return CompletionResult(_transition(store, task, Transition.COMPLETE, ts, data=data))
-    # the failed attempt is committed; the caller still learns that its receipt was refused
-    raise ValidationFailed(
-        f"receipt rejected: {problem}; the attempt failed and the task is {rejected['state']}",
-        code="receipt_invalid",
-        details={"task_id": task_id, "state": rejected["state"]},
-    )
+            return CompletionResult(rejected, rejected=problem)
+        prs = receipt.pull_requests()
+        data: dict[str, Any] = {"receipt": receipt.to_json()}
+        if prs:
+            pr = dict(prs[0])
+            pr.setdefault("repo", task["repo"])
+            data["pull_request"] = pr
+            return CompletionResult(_transition(store, task, Transition.AWAIT_REVIEW, ts, data=data))
+        return CompletionResult(_transition(store, task, Transition.COMPLETE, ts, data=data))
 
 
 def _receipt_problem(task: dict, receipt: Receipt, require_pull_request: bool) -> str | None:

@@ -45,6 +45,7 @@ def serve(cfg: Config, *, host: str | None = None, port: int | None = None,
         api.close()  # long-polls answer 204 now; keep-alive connections are closed after their request
         drained = server.drain(GRACE_SECS)
         server.server_close()
+        api.shutdown()
         listener.close()
         for s, h in previous.items():
             signal.signal(s, h)

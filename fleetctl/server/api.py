@@ -35,11 +35,11 @@ from fleetctl.states import AgentMode, AgentStatus, TaskState
 from fleetctl.store import Store
 
 MAX_WAIT_SECS = 30.0
-READER_POOL = 8
+READER_POOL = 64
 OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.json"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Principal:
     """Who is calling: ``admin``, ``registrar``, ``agent`` (its own token) or ``task`` (a run's task token)."""
 
@@ -47,6 +47,7 @@ class Principal:
     agent_id: str | None = None
     task_id: str | None = None
     attempt: int | None = None
+    agent: dict | None = field(default=None, compare=False)  # the agent row, for agent tokens
 
 
 @dataclass
@@ -292,9 +293,9 @@ class Api:
                 return Principal("registrar")
         digest = services.hash_token(token)
         with self.reader() as store:
-            row = store.execute("SELECT agent_id FROM agents WHERE token_hash=?", (digest,)).fetchone()
-            if row:
-                return Principal("agent", agent_id=row[0])
+            agent = store._one("SELECT * FROM agents WHERE token_hash=?", (digest,))
+            if agent:
+                return Principal("agent", agent_id=agent["agent_id"], agent=agent)
             row = store.execute(
                 "SELECT task_id, attempt, agent_id FROM attempts WHERE token_hash=?", (digest,)
             ).fetchone()
@@ -448,7 +449,8 @@ class Api:
         deadline = time.monotonic() + wait
         while True:
             seen = self.waker.generation
-            claimed = self._claim(agent_id)
+            claimed = self._claim(agent_id, req.principal.agent)
+            req.principal.agent = None  # read it afresh if we have to wait and try again
             if claimed is not None:
                 return json_response(200, claimed)
             left = deadline - time.monotonic()
@@ -456,9 +458,10 @@ class Api:
                 return Response(204)
             self.waker.wait(seen, min(left, self._next_backoff_in()))
 
-    def _claim(self, agent_id: str) -> dict | None:
-        with self.reader() as store:
-            agent = store.agent(agent_id)
+    def _claim(self, agent_id: str, agent: dict | None) -> dict | None:
+        if agent is None:
+            with self.reader() as store:
+                agent = store.agent(agent_id)
         if agent is None:
             raise Unauthorized("unknown agent")
         if agent["status"] == AgentStatus.DRAINING:

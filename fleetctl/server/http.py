@@ -25,7 +25,33 @@ if TYPE_CHECKING:
 
 MAX_REQUEST_LINE = 8192
 MAX_HEADER_BYTES = 32768
+MAX_HEADERS = 100
 CONNECTION_TIMEOUT_SECS = 60.0  # idle keep-alive and slow-client read timeout (long-poll waits are ≤ 30 s)
+
+
+class Headers:
+    """Request headers: case-insensitive ``get``; repeated headers keep the last value."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        self._items: dict[str, tuple[str, str]] = {}
+
+    def add(self, name: str, value: str) -> None:
+        self._items[name.lower()] = (name, value)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        item = self._items.get(name.lower())
+        return default if item is None else item[1]
+
+    def __getitem__(self, name: str) -> str | None:
+        return self.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._items
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._items.values())
 
 
 class Response:
@@ -83,11 +109,48 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def parse_request(self) -> bool:
-        ok = super().parse_request()
-        if ok and sum(len(k) + len(v) + 4 for k, v in self.headers.items()) > MAX_HEADER_BYTES:
-            self._send(error_response(431, "headers_too_large", "request headers too large"), close=True)
+        """A strict, fast replacement for http.server's parser (which runs the email package per request)."""
+        line = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        self.requestline = line
+        self.request_version = "HTTP/1.1"
+        self.command = ""
+        words = line.split(" ")
+        if len(words) != 3 or not all(words):
+            self._send(error_response(400, "bad_request", "malformed request line"), close=True)
             return False
-        return ok
+        command, path, version = words
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
+            self._send(error_response(505, "http_version", "HTTP/1.0 or HTTP/1.1 only"), close=True)
+            return False
+        self.command, self.path, self.request_version = command, path, version
+        self.close_connection = version == "HTTP/1.0"
+        headers = Headers()
+        total = 0
+        for _ in range(MAX_HEADERS + 1):
+            raw = self.rfile.readline(MAX_HEADER_BYTES + 1)
+            total += len(raw)
+            if total > MAX_HEADER_BYTES:
+                self._send(error_response(431, "headers_too_large", "request headers too large"), close=True)
+                return False
+            if raw in (b"\r\n", b"\n", b""):
+                break
+            name, sep, value = raw.decode("iso-8859-1").partition(":")
+            if not sep or not name or name != name.strip() or any(c in name for c in " \t\r\n"):
+                self._send(error_response(400, "bad_request", "malformed header line"), close=True)
+                return False
+            headers.add(name, value.strip())
+        else:
+            self._send(error_response(431, "headers_too_large", "too many request headers"), close=True)
+            return False
+        self.headers = headers
+        connection = headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if headers.get("Expect", "").lower() == "100-continue" and version == "HTTP/1.1":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (bad request line, header parse errors), as JSON."""
