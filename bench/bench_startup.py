@@ -76,7 +76,7 @@ def importtime(home: Path, argv: list[str], top: int = 10) -> None:
     for line in proc.stderr.splitlines():
         if not line.startswith("import time:") or "cumulative" in line:
             continue
-        self_us, cum_us, name = line[len("import time:"):].split("|", 2)
+        self_us, cum_us, name = line[len("import time:") :].split("|", 2)
         rows.append((int(cum_us), int(self_us), name.rstrip()))
     rows.sort(reverse=True)
     names = {r[2].strip() for r in rows}
