@@ -331,7 +331,9 @@ def settle_run(store: Store, orch: OrchestratorConfig, task_id: str, attempt: in
         task = get_task(store, task_id)
         if task["attempt"] != attempt or task["state"] not in ACTIVE:
             return None
-        if exit_code == 0:
+        if exit_code in (126, 127):  # the shell's "not executable" / "command not found": it never ran
+            reason, why = FailureReason.LAUNCH_FAILED, f"the agent command could not be started (exit {exit_code})"
+        elif exit_code == 0:
             reason, why = FailureReason.NO_RECEIPT, "the run exited 0 without handing in a receipt"
         elif exit_code is None:
             reason, why = FailureReason.AGENT_ERROR, "the run ended without an exit status"
@@ -510,9 +512,10 @@ def task_view(task: dict) -> dict:
 
 
 def event_view(ev: dict) -> dict:
-    """The public JSON shape of an event."""
+    """The public JSON shape of an event (token hashes left out: nobody outside needs them)."""
+    data = {k: v for k, v in (ev["data"] or {}).items() if k != "token_hash"}
     return {"id": ev["id"], "ts": iso(ev["ts"]), "type": ev["type"], "task_id": ev["task_id"],
-            "agent_id": ev["agent_id"], "attempt": ev["attempt"], "data": ev["data"]}  # fmt: skip
+            "agent_id": ev["agent_id"], "attempt": ev["attempt"], "data": data}  # fmt: skip
 
 
 def attempt_view(a: dict) -> dict:

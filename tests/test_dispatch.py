@@ -262,11 +262,12 @@ def test_a_run_that_exits_0_without_a_receipt_fails_no_receipt(fleet):
     fleet.check_db()
 
 
-def test_a_command_that_does_not_exist_fails_its_attempt_with_status_127(fleet):
+def test_a_command_that_does_not_exist_fails_its_attempt_as_launch_failed(fleet):
     fleet.configure(**one_agent("missing", ["/nonexistent/agent-binary"], prompt="stdin"))
     task_id = fleet.create("--title", "no such binary", "--label", "retries:0")
     report = dispatch(fleet)
-    # the wrapper starts (so the launch itself is confirmed); the command then fails with 127
+    # the wrapper starts (so the launch itself is confirmed); the shell then answers 127: it never ran
     assert len(report["launched"]) == 1
     task = fleet.wait_state(task_id, "failed")
-    assert (task["failure_reason"], task["failure_detail"]) == ("agent_error", "the run exited with status 127")
+    assert task["failure_reason"] == "launch_failed"
+    assert task["failure_detail"].startswith("the agent command could not be started (exit 127)")

@@ -91,7 +91,8 @@ def describe_event(ev: dict, short: bool = False) -> str:
     if t == "task.created":
         return f"{d.get('title', '')!r} needs {', '.join(d.get('requirements') or []) or 'nothing special'}"
     if t == "task.assigned":
-        return f"to {ev['agent_id']}" + (f" on {d['host_id']}" if d.get("host_id") else "")
+        where = f"on {d['host_id']}" if d.get("host_id") else "claimed over the API"
+        return where if short else f"to {ev['agent_id']} {where}"
     if t in ("task.requeued", "task.failed"):
         return f"{d.get('reason')}: {d.get('detail', '')} ({d.get('why', '')})"
     if t in ("task.completed", "task.awaiting_review"):
@@ -107,14 +108,18 @@ def describe_event(ev: dict, short: bool = False) -> str:
 
 
 def render_events(events: Sequence[dict], title: str | None = None) -> None:
-    from fleetctl.services import iso
-
+    """Events as a table that stays readable at 80 columns: the agent and attempt go into the detail."""
     print_table(
         title,
-        ("ID", "TIME", "TYPE", "TASK", "AGENT", "ATT", "DETAIL"),
-        ((e["id"], iso(e["ts"]), e["type"], e["task_id"] or "", e["agent_id"] or "", e["attempt"] or "",
-          describe_event(e)) for e in events),
+        ("ID", "TIME", "TYPE", "TASK", "DETAIL"),
+        ((e["id"], time.strftime("%m-%d %H:%M:%S", time.localtime(e["ts"])), e["type"],
+          e["task_id"] or e["agent_id"] or "", _detail(e)) for e in events),
     )  # fmt: skip
+
+
+def _detail(e: dict) -> str:
+    who = f"{e['agent_id']}#{e['attempt']}: " if e["task_id"] and e["agent_id"] and e["attempt"] else ""
+    return who + describe_event(e, short=True)
 
 
 def render_agents(rows: Sequence[dict]) -> None:
