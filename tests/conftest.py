@@ -384,3 +384,12 @@ def make_server(tmp_path):
     finally:
         for s in servers:
             s.stop()
+
+
+def stop_cleanly(server: LiveServer) -> str:
+    """Stop ``server`` with SIGTERM; assert that it exited 0 and logged no internal error. Its log."""
+    code = server.stop()
+    log = server.stderr_path.read_text()
+    assert code == 0, f"fleetctl serve exited {code}: {log[-2000:]}"
+    assert "internal_error" not in log and "Traceback" not in log, log[-4000:]
+    return log
