@@ -29,6 +29,21 @@ ConfigOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")]
+ApiUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--api-url", help="Talk to this fleetctl serve instead of the local database; default $FLEET_API_URL."
+    ),
+]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        help="Bearer token for the API (prefer the environment: $FLEET_TASK_TOKEN, $FLEET_AGENT_TOKEN, "
+        "$FLEET_API_TOKEN; for register and run $FLEET_REGISTRATION_TOKEN, $FLEET_API_TOKEN).",
+        show_default=False,
+    ),
+]
 
 
 def load(config_path: Path | None):

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fleetctl.cli._common import ConfigOpt, JsonOpt, cli_errors, load, open_store, print_fields, print_json
+from fleetctl.cli._common import (
+    ApiUrlOpt,
+    ConfigOpt,
+    JsonOpt,
+    TokenOpt,
+    cli_errors,
+    load,
+    open_store,
+    print_fields,
+    print_json,
+)
 
 app = typer.Typer(help="Register, inspect, drain and remove agents.", no_args_is_help=True)
 
@@ -30,39 +42,68 @@ def agent_register(
     mode: Annotated[str, typer.Option("--mode", help="http_pull or ssh_cli.")] = "http_pull",
     json_: JsonOpt = False,
     config: ConfigOpt = None,
+    api_url: ApiUrlOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Create or update an agent and put it online; a pull agent's token is printed once.
 
+    With --api-url or $FLEET_API_URL it registers with that fleetctl serve (registration token: --token,
+    $FLEET_REGISTRATION_TOKEN or $FLEET_API_TOKEN).
+
     Example: fleetctl agent register builder-1 --type codex-cli -C code:rust -C code:python --max-concurrency 2
     """
-    from fleetctl import services
+    if url := api_url or os.environ.get("FLEET_API_URL"):
+        from fleetctl import remote
 
-    cfg = load(config)
-    with open_store(cfg) as store:
-        reg = services.register_agent(store, agent_id, agent_type=agent_type, capabilities=capability or [],
-                                      max_concurrency=max_concurrency, mode=mode)  # fmt: skip
-        view = _views(store, [reg.agent])[0]
-    if json_:
-        print_json({**view, "token": reg.token})
+        with remote.connect(url, token, remote.REGISTRATION_TOKEN_ENV) as client:
+            doc, created = client.register(agent_id, agent_type=agent_type, capabilities=capability or [],
+                                           max_concurrency=max_concurrency, mode=mode)  # fmt: skip
+        view, new_token = {k: v for k, v in doc.items() if k != "token"}, doc.get("token")
     else:
-        print(f"{agent_id} {'registered' if reg.created else 'updated'} ({view['status']})")
-        if reg.token:
-            print(f"token: {reg.token}")
+        from fleetctl import services
+
+        cfg = load(config)
+        with open_store(cfg) as store:
+            reg = services.register_agent(store, agent_id, agent_type=agent_type, capabilities=capability or [],
+                                          max_concurrency=max_concurrency, mode=mode)  # fmt: skip
+            view, new_token, created = _views(store, [reg.agent])[0], reg.token, reg.created
+    if json_:
+        print_json({**view, "token": new_token})
+    else:
+        print(f"{agent_id} {'registered' if created else 'updated'} ({view['status']})")
+        if new_token:
+            print(f"token: {new_token}")
 
 
 @app.command("heartbeat")
 @cli_errors
-def agent_heartbeat(agent_id: AgentIdArg, json_: JsonOpt = False, config: ConfigOpt = None) -> None:
+def agent_heartbeat(
+    agent_id: AgentIdArg,
+    json_: JsonOpt = False,
+    config: ConfigOpt = None,
+    api_url: ApiUrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
     """Record a heartbeat: extends the agent's leases; lists its tasks cancelled meanwhile.
+
+    With --api-url or $FLEET_API_URL it goes to that fleetctl serve with the agent's own token
+    (--token, $FLEET_AGENT_TOKEN or $FLEET_API_TOKEN).
 
     Example: fleetctl agent heartbeat builder-1 --json
     """
-    from fleetctl import services
+    if url := api_url or os.environ.get("FLEET_API_URL"):
+        from fleetctl import remote
 
-    cfg = load(config)
-    with open_store(cfg) as store:
-        result = services.heartbeat(store, cfg.orchestrator, agent_id)
-        view = _views(store, [result["agent"]])[0]
+        with remote.connect(url, token, remote.AGENT_TOKEN_ENV) as client:
+            result = remote.heartbeat_as(client, agent_id)
+        view = result["agent"]
+    else:
+        from fleetctl import services
+
+        cfg = load(config)
+        with open_store(cfg) as store:
+            result = services.heartbeat(store, cfg.orchestrator, agent_id)
+            view = _views(store, [result["agent"]])[0]
     if json_:
         print_json({"agent": view, "cancelled": result["cancelled"]})
     else:
@@ -153,3 +194,47 @@ def agent_show(agent_id: AgentIdArg, json_: JsonOpt = False, config: ConfigOpt =
         return
     print_fields(f"agent {agent_id}", [*view.items(), ("tasks", " ".join(tasks))])
     render_events(events, title="recent events")
+
+
+@app.command("run")
+@cli_errors
+def agent_run(
+    command: Annotated[str, typer.Option("--command", help="What to run for each task (split like a shell would).")],
+    shell: Annotated[bool, typer.Option("--shell", help="Run --command with sh -c; the prompt arrives as $1.")] = False,
+    prompt: Annotated[
+        str,
+        typer.Option("--prompt", help="How the command gets the prompt: file (its path, last argument), stdin, arg."),
+    ] = "file",
+    one_job: Annotated[bool, typer.Option("--one-job", help="Run one task, hand in its receipt, exit.")] = False,
+    agent_id: Annotated[
+        str | None, typer.Option("--agent-id", help="Agent id (default: the one in --credentials, else the host name).")
+    ] = None,
+    agent_type: Annotated[str, typer.Option("--type", "-t", help="Agent type, e.g. codex-cli.")] = "command",
+    capability: Annotated[list[str] | None, typer.Option("--capability", "-C", help="Repeatable.")] = None,
+    max_concurrency: Annotated[int, typer.Option("--max-concurrency", help="Tasks at once.", min=1)] = 1,
+    workspace_root: Annotated[
+        Path | None, typer.Option("--workspace-root", help="Task workspaces go in ROOT/TASK/ATTEMPT.")
+    ] = None,
+    credentials: Annotated[
+        Path | None, typer.Option("--credentials", help="Saved agent token (default $FLEETCTL_HOME/agent-ID.json).")
+    ] = None,
+    api_url: ApiUrlOpt = None,
+    token: TokenOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run a pull agent: register, heartbeat, dequeue tasks, run --command for each, hand in receipts.
+
+    The command runs in the task's workspace with FLEET_TASK_ID, FLEET_ATTEMPT, FLEET_TASK_TOKEN,
+    FLEET_API_URL… set; it may hand in its own receipt with `fleetctl task complete`, else the agent does
+    (success on exit 0, failure otherwise). SIGTERM drains: running commands finish, then exit 0.
+    Exit 2 bad usage or refused credentials, 5 server unreachable at start-up. See docs/agent-onboarding.md.
+
+    Example: fleetctl agent run --api-url http://fleet:9090 -C code:python --command 'codex exec --full-auto' --prompt stdin
+    """
+    from fleetctl.pull_agent import make_settings, run_agent
+
+    settings = make_settings(command=command, shell=shell, prompt=prompt, one_job=one_job, agent_id=agent_id,
+                             agent_type=agent_type, capabilities=capability or [], max_concurrency=max_concurrency,
+                             workspace_root=workspace_root, credentials=credentials, api_url=api_url, token=token,
+                             load_config=lambda: load(config))  # fmt: skip
+    raise typer.Exit(run_agent(settings))

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from fleetctl.cli._common import ConfigOpt, JsonOpt, cli_errors, load, open_store, print_json
+from fleetctl.cli._common import ApiUrlOpt, ConfigOpt, JsonOpt, TokenOpt, cli_errors, load, open_store, print_json
 from fleetctl.cli.render import render_task, render_task_list
 from fleetctl.errors import UsageError
 
@@ -186,10 +186,13 @@ def task_complete(
     agent: AgentOpt = None,
     json_: JsonOpt = False,
     config: ConfigOpt = None,
+    api_url: ApiUrlOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Hand in the receipt for a task's attempt (what agents run when they finish).
 
-    Exit 0 accepted (or an identical repeat), 4 lease lost, 6 receipt rejected.
+    Exit 0 accepted (or an identical repeat), 4 lease lost, 6 receipt rejected. With --api-url or
+    $FLEET_API_URL it goes through that fleetctl serve (the acting agent is the token's).
 
     Example: fleetctl task complete "$FLEET_TASK_ID" --summary "Fixed the parser" --pr 12
     """
@@ -198,17 +201,29 @@ def task_complete(
     doc = _receipt_doc(receipt, outcome, summary, pr or [], pr_url or [], branch)
     attempt = attempt if attempt is not None else _env_int("FLEET_ATTEMPT")
     agent = agent or os.environ.get("FLEET_AGENT_ID") or None
-    cfg = load(config)
-    with open_store(cfg) as store:
-        task = services.get_task(store, task_id)
-        require = cfg.forgejo.require_pull_request and bool(task["repo"]) and bool(cfg.forgejo.url)
-        result = services.complete_task(store, cfg.orchestrator, task_id, doc, agent_id=agent, attempt=attempt,
-                                        require_pull_request=require)  # fmt: skip
-    if json_:
-        print_json({**services.task_view(result.task), "repeated": result.repeated})
+    if url := _api_url(api_url):
+        from fleetctl import remote
+
+        with remote.connect(url, token, remote.TASK_TOKEN_ENV) as client:
+            out = client.complete(task_id, doc, attempt=attempt)
     else:
-        note = " (repeat: already recorded)" if result.repeated else ""
-        print(f"{task_id} {result.task['state']}{note}")
+        cfg = load(config)
+        with open_store(cfg) as store:
+            task = services.get_task(store, task_id)
+            require = cfg.forgejo.require_pull_request and bool(task["repo"]) and bool(cfg.forgejo.url)
+            result = services.complete_task(store, cfg.orchestrator, task_id, doc, agent_id=agent, attempt=attempt,
+                                            require_pull_request=require)  # fmt: skip
+        out = {**services.task_view(result.task), "repeated": result.repeated}
+    if json_:
+        print_json(out)
+    else:
+        note = " (repeat: already recorded)" if out["repeated"] else ""
+        print(f"{task_id} {out['state']}{note}")
+
+
+def _api_url(option: str | None) -> str | None:
+    """Remote mode: ``--api-url``, else $FLEET_API_URL (cheap: fleetctl.remote is imported only when set)."""
+    return option or os.environ.get("FLEET_API_URL") or None
 
 
 def _receipt_doc(path: str | None, outcome: str, summary: str, prs: list[int], urls: list[str], branch: str | None):
@@ -242,6 +257,8 @@ def task_status(
     agent: AgentOpt = None,
     json_: JsonOpt = False,
     config: ConfigOpt = None,
+    api_url: ApiUrlOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Report that the run started, or a line of progress, for the current attempt.
 
@@ -253,6 +270,13 @@ def task_status(
         raise UsageError("--status must be running or progress")
     attempt = attempt if attempt is not None else _env_int("FLEET_ATTEMPT")
     agent = agent or os.environ.get("FLEET_AGENT_ID") or None
+    if url := _api_url(api_url):
+        from fleetctl import remote
+
+        with remote.connect(url, token, remote.TASK_TOKEN_ENV) as client:
+            view = client.status(task_id, attempt=attempt, status=status, message=message)
+        print_json(view) if json_ else print(f"{view['task_id']} {view['state']}")
+        return
     cfg = load(config)
     with open_store(cfg) as store:
         if status == "running":
