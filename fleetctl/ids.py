@@ -8,7 +8,6 @@ must be a letter or digit, which rules out ``.``, ``..`` and option-like ``-x``.
 from __future__ import annotations
 
 import re
-import secrets
 
 from fleetctl.errors import UsageError
 
@@ -35,4 +34,6 @@ def check_repo(value: str) -> str:
 
 def new_task_id() -> str:
     """A fresh opaque task id such as ``t-3f9a1c2b7e``."""
+    import secrets  # here, not at the top: it loads OpenSSL, which start-up does not need
+
     return "t-" + secrets.token_hex(5)

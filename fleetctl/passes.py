@@ -10,23 +10,26 @@ from __future__ import annotations
 
 import fcntl
 import os
-import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fleetctl import services
 from fleetctl.config import Config, HostConfig
 from fleetctl.errors import ConfigError, FleetError, RemoteError
-from fleetctl.executor import Executor, LaunchSpec, LocalExecutor, python_bin_dir, run_env, workspace_path
 from fleetctl.matching import AgentSlot, QueuedTask, plan
-from fleetctl.prompt import render_prompt
 from fleetctl.states import AgentMode, AgentStatus, FailureReason
 from fleetctl.store import Store
 
+if TYPE_CHECKING:
+    from fleetctl.executor import Executor
+
+# The executor, the prompt and secrets are imported where a launch or a sweep needs them: a dispatch
+# pass with nothing to do is what a timer runs every few seconds (SPEC §11 start-up target).
 _QUIET = False
 
 
@@ -70,12 +73,14 @@ def pass_lock(db_path: Path, name: str) -> Iterator[bool]:
         os.close(fd)
 
 
-ExecutorFactory = Callable[[HostConfig], Executor]
+ExecutorFactory = Callable[[HostConfig], "Executor"]
 
 
 def default_executor(host: HostConfig) -> Executor:
     """The executor for a host: local subprocess, or SSH."""
     if host.is_local:
+        from fleetctl.executor import LocalExecutor
+
         return LocalExecutor()
     from fleetctl.ssh import SshExecutor  # imported only when an SSH host is used (fabric is slow to import)
 
@@ -155,6 +160,8 @@ def dispatch(
             if dry_run:
                 continue
             host, spec = specs[agent_id]
+            import secrets
+
             token = secrets.token_urlsafe(24)
             claimed = store.claim(
                 agent_id=agent_id, capabilities=by_agent[agent_id].capabilities,
@@ -212,6 +219,9 @@ def _count_ready(store: Store, ts: float) -> int:
 def launch(store: Store, cfg: Config, host: HostConfig, agent_type: str, task: dict, token: str,
            executor: Executor, now: Callable[[], float]) -> dict:  # fmt: skip
     """Start a claimed attempt; on confirmed start → running, on failure → attempt fails ``launch_failed``."""
+    from fleetctl.executor import LaunchSpec, run_env, workspace_path
+    from fleetctl.prompt import render_prompt
+
     orch = cfg.orchestrator
     task_id, attempt, agent_id = task["task_id"], task["attempt"], task["agent_id"]
     ws = workspace_path(host.work_dir, task_id, attempt)
@@ -266,6 +276,8 @@ def task_env(cfg: Config, task: dict, token: str, ws: str, host: HostConfig) -> 
         if cfg.path is not None:
             env["FLEET_CONFIG"] = str(cfg.path)
         env["FLEET_PYTHON"] = sys.executable
+        from fleetctl.executor import python_bin_dir
+
         env["PATH"] = python_bin_dir() + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")
     return env
 
@@ -356,6 +368,8 @@ def _sweep_agents(store: Store, cfg: Config, report: SweepReport, t: float) -> N
 
 def _sweep_attempt(store: Store, cfg: Config, report: SweepReport, att: dict, host: HostConfig | None,
                    executor: Executor | None, t: float) -> None:  # fmt: skip
+    from fleetctl.executor import workspace_path
+
     orch = cfg.orchestrator
     task = {"task_id": att["task_id"], "attempt": att["attempt"], "agent_id": att["agent_id"]}
     ids = {"task": att["task_id"], "attempt": att["attempt"], "agent": att["agent_id"]}

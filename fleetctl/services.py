@@ -9,20 +9,15 @@ Time is injected (``now=``), never read from a patched clock.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleetctl.config import OrchestratorConfig
 from fleetctl.errors import Conflict, LeaseLost, NotFound, UsageError, ValidationFailed
 from fleetctl.ids import check_id, check_repo, new_task_id
 from fleetctl.matching import parse_labels
-from fleetctl.receipts import Receipt, parse_receipt
-from fleetctl.retry import RetryPolicy
 from fleetctl.states import (
     ACTIVE,
     LEASED,
@@ -34,6 +29,13 @@ from fleetctl.states import (
     next_state,
 )
 from fleetctl.store import Store
+
+if TYPE_CHECKING:
+    from fleetctl.receipts import Receipt
+    from fleetctl.retry import RetryPolicy
+
+# hashlib/hmac/secrets (OpenSSL), receipts and retry are imported where they are used, so that what
+# timers run every few seconds (a dispatch pass with nothing to do) does not load them (SPEC §11 start-up).
 
 MAX_TITLE = 1000
 MAX_BODY = 256 * 1024
@@ -48,15 +50,21 @@ def _now(now: float | None) -> float:
 
 def hash_token(token: str) -> str:
     """The stored form of a bearer token (tokens themselves are never stored)."""
+    import hashlib
+
     return hashlib.sha256(token.encode()).hexdigest()
 
 
 def token_matches(token: str, token_hash: str | None) -> bool:
     """Constant-time comparison of a presented token with a stored hash."""
+    import hmac
+
     return bool(token_hash) and hmac.compare_digest(hash_token(token), token_hash)
 
 
 def policy(orch: OrchestratorConfig) -> RetryPolicy:
+    from fleetctl.retry import RetryPolicy
+
     return RetryPolicy(base=orch.retry_backoff_secs, cap=orch.retry_backoff_max_secs)
 
 
@@ -285,6 +293,8 @@ def hand_in_receipt(
     (``receipt_invalid``) and comes back as ``result.rejected``: committing that failure and telling the
     caller are separate steps, so that a batch of writes (the server) commits it before answering 422.
     """
+    from fleetctl.receipts import parse_receipt
+
     receipt = parse_receipt(receipt_doc)
     ts = _now(now)
     with store.write():
@@ -424,6 +434,8 @@ def register_agent(
         mode = AgentMode(mode)
     except ValueError:
         raise UsageError("mode must be http_pull or ssh_cli", code="invalid_field") from None
+    import secrets
+
     token = secrets.token_urlsafe(32) if issue_token and mode == AgentMode.HTTP_PULL else None
     fields: dict[str, Any] = {"agent_type": agent_type, "capabilities": caps, "max_concurrency": max_concurrency,
                               "mode": mode.value, "host_id": host_id}  # fmt: skip
