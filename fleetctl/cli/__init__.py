@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from fleetctl.cli import agent, config, db, demo, events, passes, task
+from fleetctl.cli import agent, config, db, demo, events, passes, serve, task
 from fleetctl.cli._coerce import install as _install_fast_coercion
 
 _install_fast_coercion()  # keeps pydantic out of start-up: see fleetctl/cli/_coerce.py
@@ -48,6 +48,7 @@ app.add_typer(agent.app, name="agent")
 app.add_typer(db.app, name="db")
 app.command("init")(config.init)
 app.command("events")(events.events)
+app.command("serve")(serve.serve)
 app.command("dispatch")(passes.dispatch)
 app.command("sweep-timeouts")(passes.sweep_timeouts)
 app.command("demo")(demo.demo)
