@@ -12,7 +12,7 @@ gc.disable()  # importing typer and the commands makes ~100k long-lived objects 
 
 import typer  # noqa: E402
 
-from fleetctl.cli import agent, config, db, demo, events, passes, task  # noqa: E402
+from fleetctl.cli import agent, config, db, demo, events, passes, serve, task  # noqa: E402
 from fleetctl.cli._coerce import install as _install_fast_coercion  # noqa: E402
 
 _install_fast_coercion()  # keeps pydantic out of start-up: see fleetctl/cli/_coerce.py
@@ -52,6 +52,7 @@ app.add_typer(agent.app, name="agent")
 app.add_typer(db.app, name="db")
 app.command("init")(config.init)
 app.command("events")(events.events)
+app.command("serve")(serve.serve)
 app.command("dispatch")(passes.dispatch)
 app.command("sweep-timeouts")(passes.sweep_timeouts)
 app.command("demo")(demo.demo)
