@@ -64,6 +64,27 @@ def run_timed(cmd: Sequence[str], *, env: dict[str, str], cwd: Path, check: bool
     return dt, proc.stdout
 
 
+def run_measured(cmd: Sequence[str], *, env: dict[str, str], cwd: Path) -> tuple[float, float, str]:
+    """Wall and CPU (user+sys) seconds of one process run to completion; returns (wall, cpu, stdout).
+
+    CPU time is the steadier figure on a shared machine: waiting for a core counts in wall time only.
+    """
+    import resource
+
+    def children() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
+    c0 = children()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    ct = children() - c0
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    return dt, ct, proc.stdout
+
+
 def median_ms(samples: Sequence[float]) -> float:
     return statistics.median(samples) * 1000
 
