@@ -125,7 +125,7 @@ def sync_config_agents(store: Store, cfg: Config, now: float) -> None:
         if changed or current["status"] == AgentStatus.OFFLINE:
             services.register_agent(store, spec.agent_id, agent_type=spec.agent_type, capabilities=spec.capabilities,
                                     max_concurrency=spec.max_concurrency, mode=AgentMode.SSH_CLI,
-                                    host_id=host.host_id, issue_token=False, now=now)  # fmt: skip
+                                    host_id=host.host_id, issue_token=False, allow_mode_change=True, now=now)  # fmt: skip
     for agent in store.agents(mode=AgentMode.SSH_CLI.value):
         if agent["agent_id"] not in configured and agent["status"] != AgentStatus.OFFLINE:
             services.set_agent_status(store, cfg.orchestrator, agent["agent_id"], AgentStatus.OFFLINE,

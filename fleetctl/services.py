@@ -137,7 +137,7 @@ def create_task(
     body = _check_text(body, "body", MAX_BODY)
     labels = _check_labels(labels)
     if (repo is None) != (issue_number is None):
-        raise UsageError("--repo and --issue go together", code="invalid_field")
+        raise UsageError("a repository and an issue number go together (--repo and --issue)", code="invalid_field")
     if repo is not None:
         check_repo(repo)
         if isinstance(issue_number, bool) or not isinstance(issue_number, int) or issue_number < 1:
@@ -191,7 +191,7 @@ def _fenced(store: Store, task_id: str, agent_id: str | None, attempt: int | Non
         who = f"agent {agent_id} " if agent_id else ""
         raise LeaseLost(
             f"{who}no longer holds task {task_id} attempt {attempt or task['attempt']} "
-            f"(task is {task['state']}, attempt {task['attempt']}, agent {task['agent_id']})",
+            f"(task is {task['state']}, attempt {task['attempt']}, held by {task['agent_id'] or 'no agent'})",
             details={"state": task["state"], "attempt": task["attempt"]},
         )
     return task
@@ -422,9 +422,14 @@ def register_agent(
     mode: AgentMode | str = AgentMode.HTTP_PULL,
     host_id: str | None = None,
     issue_token: bool = True,
+    allow_mode_change: bool = False,
     now: float | None = None,
 ) -> Registration:
-    """Create or update an agent and put it online. Pull agents get a fresh token on every registration."""
+    """Create or update an agent and put it online. Pull agents get a fresh token on every registration.
+
+    An existing agent keeps its mode unless ``allow_mode_change`` (the operator's CLI and the config sync):
+    a pull agent's registration token must not be able to take over an agent of the configuration.
+    """
     check_id(agent_id, "agent id")
     agent_type = _check_text(agent_type, "agent type", MAX_LABEL, required=True)
     caps = _check_caps(capabilities)
@@ -444,6 +449,9 @@ def register_agent(
     ts = _now(now)
     with store.write():
         existing = store.agent(agent_id)
+        if existing is not None and existing["mode"] != mode.value and not allow_mode_change:
+            raise Conflict(f"agent {agent_id} exists as a {existing['mode']} agent; choose another agent id",
+                           code="agent_mode_conflict")  # fmt: skip
         if existing is None:
             store.emit("agent.registered", ts=ts, agent_id=agent_id, data={**fields, "status": "online"})
         else:

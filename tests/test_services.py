@@ -377,3 +377,17 @@ def test_settle_run_fails_an_open_attempt_by_exit_status(store, orch, agent):
     events = store.events()
     assert services.settle_run(store, orch, "t1", 1, 0, now=301.0) is None  # already settled
     assert store.events() == events
+
+
+def test_a_registration_cannot_take_over_an_agent_of_another_mode(store):
+    services.register_agent(
+        store, "local.coder", agent_type="example", mode="ssh_cli", host_id="local", issue_token=False
+    )
+    with pytest.raises(Conflict) as err:
+        services.register_agent(store, "local.coder", agent_type="example", mode="http_pull")
+    assert err.value.code == "agent_mode_conflict"
+    assert store.agent("local.coder")["mode"] == "ssh_cli"
+    converted = services.register_agent(store, "local.coder", agent_type="example", mode="http_pull",
+                                         allow_mode_change=True)  # fmt: skip
+    assert converted.agent["mode"] == "http_pull" and converted.token
+    assert store.check().ok

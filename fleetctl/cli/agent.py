@@ -65,7 +65,8 @@ def agent_register(
         cfg = load(config)
         with open_store(cfg) as store:
             reg = services.register_agent(store, agent_id, agent_type=agent_type, capabilities=capability or [],
-                                          max_concurrency=max_concurrency, mode=mode)  # fmt: skip
+                                          max_concurrency=max_concurrency, mode=mode,
+                                          allow_mode_change=True)  # the operator may convert an agent  # fmt: skip
             view, new_token, created = _views(store, [reg.agent])[0], reg.token, reg.created
     if json_:
         print_json({**view, "token": new_token})

@@ -148,8 +148,6 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         elif connection == "keep-alive":
             self.close_connection = False
-        if headers.get("Expect", "").lower() == "100-continue" and version == "HTTP/1.1":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return True
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -178,6 +176,8 @@ class Handler(BaseHTTPRequestHandler):
             if length > cap:
                 self._send(error_response(413, "body_too_large", f"request body over {cap} bytes"), close=True)
                 return
+            if length and (self.headers.get("Expect") or "").lower() == "100-continue":
+                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # only once the size is known to be fine
             body = self.rfile.read(length)
             if len(body) != length:
                 self.close_connection = True
