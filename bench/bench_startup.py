@@ -8,6 +8,9 @@ Measures, interleaved round by round after a warm-up, the median wall time of:
   (c2) the same, while another process holds the database open (as ``fleetctl serve`` does) — information:
        then closing is not the last connection and skips the WAL checkpoint + fsync that (c) pays
   (d) ``fleetctl task list --state queued --json``        — for information
+  (e), (f) ``python -c pass`` and ``python -S -c pass``   — context: the interpreter's own floor, with and
+       without ``site`` (whose .pth files — an editable install's finder, a certificate bundle — cost
+       every Python process on some machines tens of milliseconds, the reference included)
 
 on the embedded default configuration (FLEETCTL_HOME in a temporary directory, one configured local
 agent), over a migrated database. For (c) every run completes a different task, created and claimed in
@@ -131,6 +134,8 @@ def main() -> None:
                                                              "bench"],
             "d: fleetctl task list --state queued --json": lambda i: fc + ["task", "list", "--state", "queued",
                                                                           "--json"],
+            "e: python -c pass (interpreter + site)": lambda i: [PYTHON, "-c", "pass"],
+            "f: python -S -c pass (bare interpreter)": lambda i: [PYTHON, "-S", "-c", "pass"],
         }  # fmt: skip
         wall: dict[str, list[float]] = {k: [] for k in cases}
         cpu: dict[str, list[float]] = {k: [] for k in cases}
