@@ -6,7 +6,7 @@ Measures, interleaved round by round after a warm-up, the median wall time of:
   (b) ``fleetctl dispatch`` with nothing to do            — target ≤ 1.5 × (a)
   (c) ``fleetctl task complete ID`` of an assigned task   — target ≤ 1.5 × (a)
   (c2) the same, while another process holds the database open (as ``fleetctl serve`` does) — information:
-       then closing is not the last connection and skips the WAL checkpoint + fsync that (c) pays
+       then closing is not the last connection and skips the WAL checkpoint and removal that (c) pays
   (d) ``fleetctl task list --state queued --json``        — for information
   (e), (f) ``python -c pass`` and ``python -S -c pass``   — context: the interpreter's own floor, with and
        without ``site`` (whose .pth files — an editable install's finder, a certificate bundle — cost
@@ -161,7 +161,7 @@ def main() -> None:
             m, c = median_ms(wall[name]), median_ms(cpu[name])
             print(f"{name:<44} {describe(wall[name])}  {m / ref:5.2f}x   {c:6.1f} ms  {c / ref_cpu:5.2f}x")
         print("   c2: another process holds the database open (as 'fleetctl serve' does), so closing is not the")
-        print("       last connection and skips the WAL checkpoint + fsync that (c) pays on close")
+        print("       last connection and skips the WAL checkpoint and removal that (c) pays on close")
 
         importtime(home, ["dispatch"])
 
