@@ -36,6 +36,13 @@ from fleetctl.store import Store
 
 MAX_WAIT_SECS = 30.0
 READER_POOL = 64
+#: How long a resolved agent/task token is remembered. Changes this process makes to an agent (register,
+#: heartbeat, deregister) forget its entries at once; a change made by another process (the CLI) is seen
+#: within this time. Nothing relies on the cached row for correctness: every write re-checks it in SQL.
+AUTH_CACHE_SECS = 1.0
+AUTH_CACHE_MAX = 10_000
+#: The agent fields a claim depends on.
+CLAIM_FIELDS = ("status", "capabilities", "max_concurrency")
 OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.json"
 
 
@@ -48,6 +55,7 @@ class Principal:
     task_id: str | None = None
     attempt: int | None = None
     agent: dict | None = field(default=None, compare=False)  # the agent row, for agent tokens
+    cached: bool = field(default=False, compare=False)  # resolved from the token cache (row ≤ 1 s old)
 
 
 @dataclass
@@ -179,6 +187,8 @@ class Api:
         self.closing = False
         self.admin_tokens = [t for t in (cfg.server.admin_token,) if t]
         self.registration_tokens = [t for t in (cfg.orchestrator.http_pull_token,) if t]
+        self._principals: dict[str, tuple[float, Principal]] = {}  # token hash -> (expires, principal)
+        self._principals_gen = 0  # bumped by every forget: a lookup that raced with one is not cached
         self._openapi: bytes | None = None
         self.routes: list[tuple[str, re.Pattern, Callable, str]] = []
         for method, pattern, handler, auth in (
@@ -291,17 +301,36 @@ class Api:
         for t in self.registration_tokens:
             if hmac.compare_digest(t.encode(), token.encode()):
                 return Principal("registrar")
-        digest = services.hash_token(token)
+        digest = services.hash_token(token)  # the cache is keyed by the hash: lookups leak nothing of the token
+        now = time.monotonic()
+        hit = self._principals.get(digest)
+        if hit is not None and hit[0] > now:
+            p = hit[1]  # a copy: a handler may change its own
+            return Principal(p.kind, p.agent_id, p.task_id, p.attempt, p.agent, cached=True)
+        gen = self._principals_gen
+        principal = None
         with self.reader() as store:
             agent = store._one("SELECT * FROM agents WHERE token_hash=?", (digest,))
             if agent:
-                return Principal("agent", agent_id=agent["agent_id"], agent=agent)
-            row = store.execute(
-                "SELECT task_id, attempt, agent_id FROM attempts WHERE token_hash=?", (digest,)
-            ).fetchone()
-            if row:
-                return Principal("task", agent_id=row[2], task_id=row[0], attempt=row[1])
-        return None
+                principal = Principal("agent", agent_id=agent["agent_id"], agent=agent)
+            else:
+                row = store.execute(
+                    "SELECT task_id, attempt, agent_id FROM attempts WHERE token_hash=?", (digest,)
+                ).fetchone()
+                if row:
+                    principal = Principal("task", agent_id=row[2], task_id=row[0], attempt=row[1])
+        if principal is not None and gen == self._principals_gen:  # unknown tokens are never cached
+            if len(self._principals) >= AUTH_CACHE_MAX:
+                self._principals = {}
+            self._principals[digest] = (now + AUTH_CACHE_SECS, principal)
+            principal = Principal(principal.kind, principal.agent_id, principal.task_id, principal.attempt,
+                                  principal.agent)  # fmt: skip
+        return principal
+
+    def forget_agent(self, agent_id: str) -> None:
+        """Drop the cached tokens of ``agent_id`` (after this process changed the agent)."""
+        self._principals_gen += 1
+        self._principals = {k: v for k, v in list(self._principals.items()) if v[1].agent_id != agent_id}
 
     def _acting_agent(self, req: Request, task_id: str) -> tuple[str, int | None]:
         """The agent a task write is made for; 403 for a token that never held this task."""
@@ -353,22 +382,31 @@ class Api:
         }
         if kwargs["mode"] != AgentMode.HTTP_PULL.value:
             raise UsageError("only http_pull agents register over the API", code="invalid_field")
-        reg = self.write(lambda s: services.register_agent(s, agent_id, now=self.clock(), **kwargs))
+        try:
+            reg = self.write(lambda s: services.register_agent(s, agent_id, now=self.clock(), **kwargs))
+        finally:
+            self.forget_agent(agent_id)  # its old token stops working now
         view = self._agent_view(reg.agent)
         return json_response(201 if reg.created else 200, {**view, "token": reg.token})
 
     def agents_heartbeat(self, req: Request) -> Response:
         req.json()
         agent_id = req.principal.agent_id
-        result = self.write(lambda s: services.heartbeat(s, self.orch, agent_id, now=self.clock()))
+        try:
+            result = self.write(lambda s: services.heartbeat(s, self.orch, agent_id, now=self.clock()))
+        finally:
+            self.forget_agent(agent_id)
         return json_response(200, {"agent": self._agent_view(result["agent"]), "cancelled": result["cancelled"],
                                    "heartbeat_interval_secs": self.orch.heartbeat_interval_secs})  # fmt: skip
 
     def agents_deregister(self, req: Request) -> Response:
         req.json()
         agent_id = req.principal.agent_id
-        agent = self.write(lambda s: services.set_agent_status(s, self.orch, agent_id, AgentStatus.OFFLINE,
-                                                               "deregistered", now=self.clock()))  # fmt: skip
+        try:
+            agent = self.write(lambda s: services.set_agent_status(s, self.orch, agent_id, AgentStatus.OFFLINE,
+                                                                   "deregistered", now=self.clock()))  # fmt: skip
+        finally:
+            self.forget_agent(agent_id)
         return json_response(200, self._agent_view(agent))
 
     def agents_list(self, req: Request) -> Response:
@@ -446,13 +484,22 @@ class Api:
             raise UsageError("'wait' must be a number of seconds >= 0", code="invalid_field")
         wait = min(float(wait), MAX_WAIT_SECS)
         agent_id = req.principal.agent_id
+        agent, cached = req.principal.agent, req.principal.cached
         deadline = time.monotonic() + wait
         while True:
             seen = self.waker.generation
-            claimed = self._claim(agent_id, req.principal.agent)
-            req.principal.agent = None  # read it afresh if we have to wait and try again
+            claimed = self._claim(agent_id, agent)
             if claimed is not None:
                 return json_response(200, claimed)
+            if cached:  # nothing for a row up to AUTH_CACHE_SECS old: if another process changed it, retry now
+                cached = False
+                with self.reader() as store:
+                    fresh = store.agent(agent_id)
+                if fresh is not None and any(fresh[k] != agent[k] for k in CLAIM_FIELDS):
+                    self.forget_agent(agent_id)
+                    agent = fresh
+                    continue
+            agent = None  # read it afresh if we have to wait and try again
             left = deadline - time.monotonic()
             if left <= 0 or self.closing:
                 return Response(204)
@@ -467,7 +514,10 @@ class Api:
         if agent["status"] == AgentStatus.DRAINING:
             return None
         if agent["status"] == AgentStatus.OFFLINE:  # it is obviously alive: bring it back
-            self.write(lambda s: services.heartbeat(s, self.orch, agent_id, now=self.clock()))
+            try:
+                self.write(lambda s: services.heartbeat(s, self.orch, agent_id, now=self.clock()))
+            finally:
+                self.forget_agent(agent_id)
         token = secrets.token_urlsafe(24)
         task = self.writer.submit(lambda s: s.claim(
             agent_id=agent_id, capabilities=agent["capabilities"], max_concurrency=agent["max_concurrency"],
