@@ -147,6 +147,15 @@ class Config:
 
 
 EXAMPLE_AGENT_TYPE = "example"
+
+
+def ssh_available() -> bool:
+    """Whether this fleetctl has the SSH executor (``fleetctl.ssh``); without it only local hosts run work."""
+    from importlib.util import find_spec
+
+    return find_spec("fleetctl.ssh") is not None
+
+
 """The built-in agent type: usable from any config file without an ``[agent_types.example]`` section."""
 
 PYTHON_PLACEHOLDER = "{python}"
@@ -165,6 +174,7 @@ SECRET_ENV: dict[str, tuple[str, str]] = {
     "FLEET_FORGEJO_TOKEN": ("forgejo", "token"),
     "FLEET_WEBHOOK_SECRET": ("forgejo", "webhook_secret"),
     "FLEET_MATRIX_TOKEN": ("matrix", "access_token"),
+    "FLEET_REGISTRATION_TOKEN": ("orchestrator", "http_pull_token"),
 }
 """Environment variables that override a secret (they win over ``<key>_file`` and the inline value)."""
 
@@ -841,6 +851,9 @@ def check_config(cfg: Config, serving_webhooks: bool = False) -> list[str]:
     for host in cfg.hosts:
         if not host.agents:
             warnings.append(f"{where}: hosts.{host.host_id}: has no agents")
+        elif not host.is_local and not ssh_available():
+            warnings.append(f"{where}: hosts.{host.host_id}: SSH execution is not available in this version of "
+                            "fleetctl; dispatch gives this host's agents no work (use a local host or pull agents)")  # fmt: skip
     if errors:
         msg = errors[0] if len(errors) == 1 else f"{len(errors)} configuration errors:\n  " + "\n  ".join(errors)
         raise ConfigError(msg, details={"errors": errors})

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fleetctl import services
-from fleetctl.config import Config, HostConfig
+from fleetctl.config import Config, HostConfig, ssh_available
 from fleetctl.errors import ConfigError, FleetError, RemoteError
 from fleetctl.matching import AgentSlot, QueuedTask, plan
 from fleetctl.states import AgentMode, AgentStatus, FailureReason
@@ -151,7 +151,11 @@ def dispatch(
         t0 = now()
         if not dry_run:
             sync_config_agents(store, cfg, t0)
-        pairs, slots = plan_dispatch(store, t0, limit)
+        usable = {h.host_id for h in cfg.hosts if h.is_local or ssh_available()}
+        for host in cfg.hosts:
+            if host.host_id not in usable and host.agents:
+                log("host.unsupported", host=host.host_id, reason="SSH execution is not available in this version")
+        pairs, slots = plan_dispatch(store, t0, limit, hosts=usable)
         report.queued_ready = _count_ready(store, t0)
         by_agent = {s.agent_id: s for s in slots}
         specs = {spec.agent_id: (host, spec) for host, spec in cfg.agent_specs()}
@@ -179,10 +183,14 @@ def dispatch(
     return report
 
 
-def plan_dispatch(store: Store, ts: float, limit: int | None = None) -> tuple[list[tuple[str, str]], list[AgentSlot]]:
-    """Read the queue and the ssh_cli agents with free capacity, and plan (pure, no writes)."""
+def plan_dispatch(
+    store: Store, ts: float, limit: int | None = None, hosts: set[str] | None = None
+) -> tuple[list[tuple[str, str]], list[AgentSlot]]:
+    """Read the queue and the ssh_cli agents with free capacity (on ``hosts``, if given), and plan (no writes)."""
     with store.read():
         agents = store.agents(status=AgentStatus.ONLINE.value, mode=AgentMode.SSH_CLI.value)
+        if hosts is not None:
+            agents = [a for a in agents if a["host_id"] in hosts]
         running = store.running_counts()
         slots = [
             AgentSlot(

@@ -99,7 +99,11 @@ def test_named_config_must_exist(how):
 def test_example_file_loads_cleanly_and_has_every_key(tmp_path):
     cfg = C.load_config(write(tmp_path / "c.toml", EXAMPLE.read_text()))
     assert cfg.warnings == ()
-    assert C.check_config(cfg, serving_webhooks=False) == []
+    warnings = C.check_config(cfg, serving_webhooks=False)
+    if C.ssh_available():
+        assert warnings == []
+    else:  # the example documents an SSH host; until the SSH executor ships, check says it gets no work
+        assert len(warnings) == 1 and "hosts.build1: SSH execution is not available" in warnings[0]
     raw = tomllib.loads(EXAMPLE.read_text())
     for section, keys in C._SCHEMA.items():
         assert set(keys) <= set(raw[section]), section

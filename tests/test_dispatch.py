@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 #: Records its FLEET_* environment, waits for a gate file the test creates, then hands in its receipt.
 GATED = """\
 import json, os, subprocess, sys, time
@@ -271,3 +273,24 @@ def test_a_command_that_does_not_exist_fails_its_attempt_as_launch_failed(fleet)
     task = fleet.wait_state(task_id, "failed")
     assert task["failure_reason"] == "launch_failed"
     assert task["failure_detail"].startswith("the agent command could not be started (exit 127)")
+
+
+def test_agents_on_ssh_hosts_get_no_work_while_ssh_execution_is_not_available(fleet):
+    from fleetctl.config import ssh_available
+
+    if ssh_available():
+        pytest.skip("this fleetctl has the SSH executor; tests/test_ssh.py covers SSH hosts")
+    config = fleet.configure()
+    config.write_text(config.read_text() + '\n[[hosts]]\nhost_id = "remote1"\nhostname = "remote1.invalid"\n'
+                      'agents = [{ agent_type = "ok", agent_id = "remote-ok", capabilities = ["gpu"] }]\n')  # fmt: skip
+    gpu = fleet.create("--title", "needs the remote host", "--label", "agent:gpu")
+    plain = fleet.create("--title", "anyone can do this")
+    done = fleet.run("dispatch", "--json")
+    assert done.returncode == 0, done.stderr
+    assert "action=host.unsupported host=remote1" in done.stderr and "Traceback" not in done.stderr
+    assert [p["task_id"] for p in json.loads(done.stdout)["planned"]] == [plain]
+    assert fleet.task(gpu)["state"] == "queued" and fleet.task(gpu)["attempt"] == 0
+    fleet.wait_state(plain, "completed")
+    check = fleet.run("config", "check")
+    assert "hosts.remote1: SSH execution is not available" in check.stderr
+    fleet.check_db()
