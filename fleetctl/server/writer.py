@@ -6,6 +6,15 @@ own savepoint, so that one request's error rolls back only that request — comm
 answers them all. Under load this turns N commits (each writing a dozen WAL pages) into one, which is
 what lets 32 agents claim thousands of tasks a second; with a single waiting request it is exactly one
 short transaction, as before. Every write still appends its events together with its projections.
+
+WAL checkpoints are moved off the writer's COMMIT. SQLite's automatic checkpoint runs inside whichever
+commit takes the WAL past 1,000 pages: it copies them into the database file there and then, stalling every
+request of that batch for milliseconds and taking time from the one thread every write waits for. Here a
+``Checkpointer`` thread copies the WAL back with PASSIVE checkpoints (which never block the writer) every
+``CHECKPOINT_SECS``. Under a steady stream of writes a PASSIVE checkpoint never catches up with the last
+frame, and the WAL only starts over when a writer finds it entirely copied, so once it is past
+``WAL_RESET_PAGES`` the writer itself runs one more PASSIVE checkpoint between two batches — by then only
+the last few pages are left to copy — and its next transaction starts the WAL from the beginning again.
 """
 
 from __future__ import annotations
@@ -19,6 +28,12 @@ from fleetctl.errors import FleetError, StoreError
 from fleetctl.store import Store, _translate
 
 MAX_BATCH = 64
+#: How often the checkpointer thread copies the WAL back into the database file.
+CHECKPOINT_SECS = 0.2
+#: A WAL longer than this (in pages, 32 MB) is brought to a restart by the writer between two batches: a
+#: checkpoint there costs a few ms whatever is left to copy (it syncs the WAL and the database file), so
+#: it is done rarely; the PASSIVE ones have copied nearly everything by then.
+WAL_RESET_PAGES = 8000
 
 
 class _Job:
@@ -40,6 +55,9 @@ class Writer:
         self._cond = threading.Condition()
         self._pending: list[_Job] = []
         self._closed = False
+        self.checkpoint_due = False
+        store.conn.execute("PRAGMA wal_autocheckpoint=0")  # this connection's commits never checkpoint (above)
+        self.checkpointer = Checkpointer(store.path, self)
         self._thread = threading.Thread(target=self._run, name="fleetctl-writer", daemon=True)
         self._thread.start()
 
@@ -61,6 +79,7 @@ class Writer:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout)
+        self.checkpointer.close()
 
     def _run(self) -> None:
         while True:
@@ -71,6 +90,9 @@ class Writer:
                     return
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             self._execute(batch)
+            if self.checkpoint_due:
+                self.checkpoint_due = False
+                checkpoint(self.store.conn)
 
     def _execute(self, batch: list[_Job]) -> None:
         conn = self.store.conn
@@ -103,3 +125,38 @@ class Writer:
             for job in batch:
                 job.done.set()
         self.on_commit()
+
+
+def checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int] | None:
+    """``PRAGMA wal_checkpoint(PASSIVE)``: (busy, WAL pages, pages copied), or None if it failed."""
+    try:
+        return tuple(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
+    except sqlite3.Error:
+        return None  # busy or failing: the next round (or another process's autocheckpoint) catches up
+
+
+class Checkpointer:
+    """PASSIVE checkpoints every ``CHECKPOINT_SECS`` on a connection and thread of their own."""
+
+    def __init__(self, path, writer: Writer, interval: float = CHECKPOINT_SECS):
+        self.path = path
+        self.writer = writer
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fleetctl-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+        try:
+            while not self._stop.wait(self.interval):
+                result = checkpoint(conn)
+                if result is not None and result[1] > WAL_RESET_PAGES:
+                    self.writer.checkpoint_due = True
+            checkpoint(conn)
+        finally:
+            conn.close()
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
