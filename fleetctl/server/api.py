@@ -32,7 +32,7 @@ from fleetctl.server.http import Response, error_response, json_response
 from fleetctl.server.metrics import Metrics
 from fleetctl.server.writer import Writer
 from fleetctl.states import AgentMode, AgentStatus, TaskState
-from fleetctl.store import Store
+from fleetctl.store import ClaimRequest, Store
 
 MAX_WAIT_SECS = 30.0
 READER_POOL = 64
@@ -519,10 +519,9 @@ class Api:
             finally:
                 self.forget_agent(agent_id)
         token = secrets.token_urlsafe(24)
-        task = self.writer.submit(lambda s: s.claim(
-            agent_id=agent_id, capabilities=agent["capabilities"], max_concurrency=agent["max_concurrency"],
-            lease_secs=self.orch.lease_secs, ts=self.clock(), extra={"token_hash": services.hash_token(token)},
-        ))  # fmt: skip
+        extra = {"token_hash": services.hash_token(token)}
+        task = self.writer.claim(lambda: ClaimRequest(agent_id, agent["capabilities"], agent["max_concurrency"],
+                                                      self.orch.lease_secs, self.clock(), extra=extra))  # fmt: skip
         if task is None:
             return None
         self.metrics.claims += 1

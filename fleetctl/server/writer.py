@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fleetctl.errors import FleetError, StoreError
-from fleetctl.store import Store, _translate
+from fleetctl.store import ClaimRequest, Store, _translate
 
 MAX_BATCH = 64
 #: How often the checkpointer thread copies the WAL back into the database file.
@@ -37,11 +37,15 @@ WAL_RESET_PAGES = 8000
 
 
 class _Job:
-    __slots__ = ("fn", "done", "result", "error")
+    """A write waiting for its batch: a function of the store, or a claim (``Store.claim_many``)."""
 
-    def __init__(self, fn: Callable[[Store], Any]):
+    __slots__ = ("fn", "claim", "done", "result", "error")
+
+    def __init__(self, fn: Callable[[Store], Any] | None = None, claim: Callable[[], ClaimRequest] | None = None):
         self.fn = fn
-        self.done = threading.Event()
+        self.claim = claim
+        self.done = threading.Lock()  # held until the batch is over: the cheapest wake-up there is
+        self.done.acquire()
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -63,13 +67,20 @@ class Writer:
 
     def submit(self, fn: Callable[[Store], Any]) -> Any:
         """Run ``fn(store)`` inside the next batch transaction; its result, or its exception re-raised."""
-        job = _Job(fn)
+        return self._wait(_Job(fn))
+
+    def claim(self, request: Callable[[], ClaimRequest]) -> dict | None:
+        """Claim in the next batch, together with the batch's other claims (``Store.claim_many``); the task
+        or None. ``request()`` is called in the writer thread, so that its ``ts`` is the time of the claim."""
+        return self._wait(_Job(claim=request))
+
+    def _wait(self, job: _Job) -> Any:
         with self._cond:
             if self._closed:
                 raise StoreError("the server is shutting down", code="shutting_down")
             self._pending.append(job)
             self._cond.notify()
-        job.done.wait()
+        job.done.acquire()
         if job.error is not None:
             raise job.error
         return job.result
@@ -98,19 +109,14 @@ class Writer:
         conn = self.store.conn
         try:
             with self.store.write():  # BEGIN IMMEDIATE … COMMIT (sends the cross-process wake if needed)
+                claims = []
                 for i, job in enumerate(batch):
-                    savepoint = f"job{i}"
-                    conn.execute(f"SAVEPOINT {savepoint}")
-                    try:
-                        job.result = job.fn(self.store)
-                    except Exception as exc:
-                        job.error = exc
-                        if conn.in_transaction:
-                            conn.execute(f"ROLLBACK TO {savepoint}")
-                    if conn.in_transaction:
-                        conn.execute(f"RELEASE {savepoint}")
-                    if not conn.in_transaction:
-                        raise StoreError("the batch transaction was lost")
+                    if job.claim is not None:
+                        claims.append(job)
+                    else:
+                        self._run_one(conn, job, f"job{i}", job.fn)
+                if claims:  # after the other writes: a task created in this batch can be claimed in it
+                    self._run_claims(conn, claims)
         except FleetError as exc:  # BEGIN or COMMIT failed (busy, disk full…): nothing of the batch stands
             for job in batch:
                 job.error = exc
@@ -123,8 +129,40 @@ class Writer:
                 job.error = exc
         finally:
             for job in batch:
-                job.done.set()
+                job.done.release()
         self.on_commit()
+
+    def _run_one(self, conn: sqlite3.Connection, job: _Job, savepoint: str, fn: Callable[[Store], Any]) -> None:
+        """``fn`` in a savepoint of its own: its error rolls back only its own writes."""
+        conn.execute(f"SAVEPOINT {savepoint}")
+        try:
+            job.result = fn(self.store)
+        except Exception as exc:
+            job.error = exc
+            if conn.in_transaction:
+                conn.execute(f"ROLLBACK TO {savepoint}")
+        if conn.in_transaction:
+            conn.execute(f"RELEASE {savepoint}")
+        if not conn.in_transaction:
+            raise StoreError("the batch transaction was lost")
+
+    def _run_claims(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        """The batch's claims with one ``claim_many`` in one savepoint; should that fail, each on its own,
+        so that one bad request cannot fail the others."""
+        conn.execute("SAVEPOINT claims")
+        try:
+            rows = self.store.claim_many([job.claim() for job in jobs])
+        except Exception:
+            if not conn.in_transaction:
+                raise StoreError("the batch transaction was lost") from None
+            conn.execute("ROLLBACK TO claims")
+            conn.execute("RELEASE claims")
+            for i, job in enumerate(jobs):
+                self._run_one(conn, job, f"claim{i}", lambda s, job=job: s.claim_many([job.claim()])[0])
+            return
+        conn.execute("RELEASE claims")
+        for job, row in zip(jobs, rows, strict=True):
+            job.result = row
 
 
 def checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int] | None:
