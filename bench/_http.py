@@ -40,7 +40,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS_DIR, clean_env, fleetctl_exe  # noqa: E402
+from _common import PYTHON, RESULTS_DIR, clean_env  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+#: ``python -m fleetctl`` with this checkout first on the path: the benchmark measures the code beside it,
+#: whatever an (editable) install elsewhere on the machine points at. Start-up time does not matter here.
+FLEETCTL = [PYTHON, "-m", "fleetctl"]
+
+
+def bench_env(workdir: Path, **extra: str) -> dict[str, str]:
+    env = clean_env(workdir, **extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return env
 
 ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
 REGISTRATION_TOKEN = "bench-registration-token-0123456789"
@@ -117,14 +128,14 @@ class ServeProcess:
         )
         os.chmod(self.config_path, 0o600)
         self.log_path = workdir / "serve.log"
-        self.env = clean_env(workdir, **(extra_env or {}))
+        self.env = bench_env(workdir, **(extra_env or {}))
         self.proc: subprocess.Popen | None = None
         self.port = 0
 
     def start(self) -> ServeProcess:
         log = open(self.log_path, "a")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
-            [*fleetctl_exe(), "serve", "--config", str(self.config_path), "--port", "0"],
+            [*FLEETCTL, "serve", "--config", str(self.config_path), "--port", "0"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=self.env, cwd=self.dir,
         )  # fmt: skip
         log.close()
@@ -199,7 +210,7 @@ def register_agents(port: int, n: int, *, capabilities: list[str], max_concurren
 
 def db_check(workdir: Path, config_path: Path) -> tuple[bool, str]:
     """``fleetctl db check`` on the serve config's database: (ok, its output)."""
-    proc = subprocess.run([*fleetctl_exe(), "db", "check", "--config", str(config_path)], env=clean_env(workdir),
+    proc = subprocess.run([*FLEETCTL, "db", "check", "--config", str(config_path)], env=bench_env(workdir),
                           cwd=workdir, capture_output=True, text=True)  # fmt: skip
     out = (proc.stdout + proc.stderr).strip()
     return proc.returncode == 0 and out.startswith("ok"), out
@@ -208,7 +219,7 @@ def db_check(workdir: Path, config_path: Path) -> tuple[bool, str]:
 # --------------------------------------------------------------------------------------------- the queue
 
 #: Bump when build_queue_db changes what it writes: the cached database is rebuilt.
-QUEUE_GENERATOR_VERSION = "q1"
+QUEUE_GENERATOR_VERSION = "q2"
 QUEUE_T0 = 1_760_000_000.0
 REQUIREMENT_SETS = [(), ("code:python",), ("docs",), ("code:python", "docs"), ("code:rust",)]
 CAPABILITIES = ["code:python", "code:rust", "docs"]  # every benchmark agent can serve every task
@@ -223,7 +234,11 @@ def queue_cache_path(n_tasks: int) -> Path:
 
 
 def build_queue_db(n_tasks: int) -> Path:
-    """A migrated database holding ``n_tasks`` queued tasks and their ``task.created`` events (cached)."""
+    """A migrated database holding ``n_tasks`` queued tasks and their ``task.created`` events (cached).
+
+    Task ids are random like ``fleetctl.ids.new_task_id``'s (so index inserts land on random pages, as in
+    production); priorities 0/1/5 and requirements vary, and every benchmark agent can serve every task.
+    """
     path = queue_cache_path(n_tasks)
     if path.exists():
         return path
@@ -250,8 +265,8 @@ def build_queue_db(n_tasks: int) -> Path:
                 "body": "Steps to reproduce:\n" + "x" * rng.randint(50, 400), "labels": labels,
                 "requirements": reqs, "priority": prio, "repo": None, "issue_number": None, "max_attempts": 3,
                 "timeout_secs": None}  # fmt: skip
-        ev = {"id": first_id + i, "ts": QUEUE_T0 + i * 0.01, "type": "task.created", "task_id": f"t-q{i:07d}",
-              "agent_id": None, "attempt": None, "data": data}  # fmt: skip
+        ev = {"id": first_id + i, "ts": QUEUE_T0 + i * 0.01, "type": "task.created",
+              "task_id": f"t-{rng.getrandbits(40):010x}", "agent_id": None, "attempt": None, "data": data}  # fmt: skip
         apply(p, ev)
         events.append((ev["id"], ev["ts"], ev["type"], ev["task_id"], None, None,
                        json.dumps(data, sort_keys=True, separators=(",", ":"))))  # fmt: skip

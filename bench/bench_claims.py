@@ -43,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import PYTHON, header, result, verdict  # noqa: E402
 from _http import (  # noqa: E402
-    ADMIN_TOKEN,
     CAPABILITIES,
     HOST,
     RssSampler,
