@@ -53,6 +53,7 @@ def bench_env(workdir: Path, **extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
+
 ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
 REGISTRATION_TOKEN = "bench-registration-token-0123456789"
 HOST = "127.0.0.1"
