@@ -107,9 +107,9 @@ class Writer:
 
     def _execute(self, batch: list[_Job]) -> None:
         conn = self.store.conn
+        claims: list[_Job] = []
         try:
             with self.store.write():  # BEGIN IMMEDIATE … COMMIT (sends the cross-process wake if needed)
-                claims = []
                 for i, job in enumerate(batch):
                     if job.claim is not None:
                         claims.append(job)
@@ -130,7 +130,12 @@ class Writer:
         finally:
             for job in batch:
                 job.done.release()
-        self.on_commit()
+        if len(claims) < len(batch):
+            # Wake the waiting dequeuers after any other write: it may have made a task claimable (or
+            # freed an agent's capacity). Not after claims alone: a claim never makes anything claimable,
+            # and a waiter woken by its own empty claim would claim again at once, and again — a long-poll
+            # with nothing to claim spun at full speed, holding the write lock nearly all the time.
+            self.on_commit()
 
     def _run_one(self, conn: sqlite3.Connection, job: _Job, savepoint: str, fn: Callable[[Store], Any]) -> None:
         """``fn`` in a savepoint of its own: its error rolls back only its own writes."""

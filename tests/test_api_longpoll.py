@@ -1,0 +1,60 @@
+"""Long-poll dequeue waits without work: it claims again only when a write may have made a task claimable."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+from conftest import ADMIN_TOKEN, REGISTRATION_TOKEN, LiveServer
+
+from fleetctl.config import load_config
+from fleetctl.server.api import Api
+from fleetctl.server.http import Headers
+
+
+def _headers(token: str) -> Headers:
+    h = Headers()
+    h.add("Authorization", f"Bearer {token}")
+    return h
+
+
+def _post(api: Api, path: str, token: str, doc: dict):
+    return api.handle("POST", path, _headers(token), json.dumps(doc).encode())
+
+
+def test_waiting_dequeuers_do_not_spin_on_their_own_empty_claims(tmp_path):
+    api = Api(load_config(LiveServer(tmp_path).config_path))
+    try:
+        tokens = []
+        for i in range(3):
+            r = _post(api, "/api/v1/agents/register", REGISTRATION_TOKEN,
+                      {"agent_id": f"idle-{i}", "agent_type": "t", "capabilities": ["x"]})  # fmt: skip
+            tokens.append(json.loads(r.body)["token"])
+        claims = []
+        real_claim = api.writer.claim
+        api.writer.claim = lambda request: (claims.append(1), real_claim(request))[1]
+        answers: list[int] = []
+        waiters = [threading.Thread(target=lambda t=t: answers.append(
+            _post(api, "/api/v1/tasks/dequeue", t, {"wait": 1}).status)) for t in tokens]  # fmt: skip
+        for w in waiters:
+            w.start()
+        for w in waiters:
+            w.join(30)
+        assert answers == [204, 204, 204]
+        assert len(claims) <= 2 * len(tokens), len(claims)  # once each (maybe twice), not thousands of times
+
+        # …and a write that can make a task claimable still wakes them at once
+        claims.clear()
+        got: list[int] = []
+        waiter = threading.Thread(target=lambda: got.append(
+            _post(api, "/api/v1/tasks/dequeue", tokens[0], {"wait": 20}).status))  # fmt: skip
+        waiter.start()
+        while not claims:
+            threading.Event().wait(0.01)
+        r = _post(api, "/api/v1/tasks", ADMIN_TOKEN, {"title": "wake up", "labels": ["agent:x"]})
+        assert r.status == 201
+        waiter.join(15)
+        assert got == [200]
+    finally:
+        api.close()
+        api.shutdown()
