@@ -44,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PYTHON, header, result, verdict  # noqa: E402
 from _http import (  # noqa: E402
     CAPABILITIES,
+    FLEETCTL,
     HOST,
+    REPO,
     RssSampler,
     ServeProcess,
     build_queue_db,
@@ -289,6 +291,7 @@ def main() -> None:
     args.load_kw = {"procs": args.procs} if args.loadgen == "python" else {}
 
     header(f"pull API claims: {args.agents} agents, {args.seconds:g} s, {args.tasks:,} queued tasks")
+    print(f"   serve: {' '.join(FLEETCTL)} with {REPO} first on PYTHONPATH", flush=True)
     t0 = time.perf_counter()
     queue_db = build_queue_db(args.tasks)
     print(f"   queue db: {queue_db.name} ({os.path.getsize(queue_db) / 2**20:.0f} MiB, "
