@@ -6,6 +6,9 @@ own savepoint, so that one request's error rolls back only that request — comm
 answers them all. Under load this turns N commits (each writing a dozen WAL pages) into one, which is
 what lets 32 agents claim thousands of tasks a second; with a single waiting request it is exactly one
 short transaction, as before. Every write still appends its events together with its projections.
+Claims (``Writer.claim``) are grouped: after the batch's other writes, all its claims run as one
+``Store.claim_many`` in one savepoint (one statement per claim, then one per table for their events,
+attempts and agents), and only if that fails each on its own.
 
 WAL checkpoints are moved off the writer's COMMIT. SQLite's automatic checkpoint runs inside whichever
 commit takes the WAL past 1,000 pages: it copies them into the database file there and then, stalling every
