@@ -267,7 +267,7 @@ def run_reference(queue_db: Path, args) -> dict:
         conn.close()
     ok = assigned == claims and len(set(load.task_ids)) == len(load.task_ids) <= claims
     return {"load": load, "cpu": cpu, "rss_peak_kb": rss.peak_kb, "hwm_kb": status.get("VmHWM", 0), "ok": ok,
-            "assigned": assigned, "served_200": claims}  # fmt: skip
+            "rss_after_kb": status.get("VmRSS", 0), "assigned": assigned, "served_200": claims}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -306,7 +306,7 @@ def main() -> None:
             (refs if name == "reference" else runs).append(r)
             n = r["load"].ok
             extra = (f"cpu {r['cpu'] / max(1, n) * 1e6:.0f} us/claim, RSS peak {r['rss_peak_kb'] / 1024:.1f} MB, "
-                     f"VmHWM {r['hwm_kb'] / 1024:.1f} MB")  # fmt: skip
+                     f"VmHWM {r['hwm_kb'] / 1024:.1f} MB, VmRSS after {r['rss_after_kb'] / 1024:.1f} MB")  # fmt: skip
             print(f"   round {i + 1} {name:<9} {r['load'].line()}\n{'':<20}{extra}", flush=True)
             if name == "fleetctl":
                 p = r["proof"]
