@@ -479,40 +479,22 @@ class Store:
         limit: int | None = None,
     ) -> list[dict]:
         """Tasks in creation order, filtered; ``after_seq`` pages."""
-        where, params = [], []
-        if states:
-            where.append(f"state IN ({', '.join('?' for _ in states)})")
-            params += list(states)
-        if agent_id is not None:
-            where.append("agent_id = ?")
-            params.append(agent_id)
-        if repo is not None:
-            where.append("repo = ?")
-            params.append(repo)
-        if issue_number is not None:
-            where.append("issue_number = ?")
-            params.append(issue_number)
-        if after_seq is not None:
-            where.append("seq > ?")
-            params.append(after_seq)
-        sql = "SELECT * FROM tasks" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
+        where, params = _where(
+            (f"state IN ({', '.join('?' for _ in states)})", list(states)) if states else None,
+            ("agent_id = ?", [agent_id]) if agent_id is not None else None,
+            ("repo = ?", [repo]) if repo is not None else None,
+            ("issue_number = ?", [issue_number]) if issue_number is not None else None,
+            ("seq > ?", [after_seq]) if after_seq is not None else None,
+        )
+        sql = f"SELECT * FROM tasks{where} ORDER BY seq" + (f" LIMIT {int(limit)}" if limit is not None else "")
         return self._all(sql, params)
 
     def agent(self, agent_id: str) -> dict | None:
         return self._row("agents", "agent_id", agent_id)
 
     def agents(self, *, status: str | None = None, mode: str | None = None) -> list[dict]:
-        where, params = [], []
-        if status:
-            where.append("status = ?")
-            params.append(status)
-        if mode:
-            where.append("mode = ?")
-            params.append(mode)
-        sql = "SELECT * FROM agents" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY agent_id"
-        return self._all(sql, params)
+        where, params = _where(("status = ?", [status]) if status else None, ("mode = ?", [mode]) if mode else None)
+        return self._all(f"SELECT * FROM agents{where} ORDER BY agent_id", params)
 
     def running_counts(self) -> dict[str, int]:
         """Tasks holding each agent's capacity (assigned or running)."""
@@ -548,31 +530,15 @@ class Store:
         newest: bool = False,
     ) -> list[dict]:
         """Events in order (``newest`` takes the last ``limit`` ones, still returned oldest first)."""
-        where, params = [], []
-        if task_id is not None:
-            where.append("task_id = ?")
-            params.append(task_id)
-        if agent_id is not None:
-            where.append("agent_id = ?")
-            params.append(agent_id)
-        if types:
-            clauses = []
-            for t in types:
-                if t.endswith(".*") or t.endswith("."):
-                    clauses.append("type LIKE ?")
-                    params.append(t.rstrip("*") + "%")
-                else:
-                    clauses.append("type = ?")
-                    params.append(t)
-            where.append("(" + " OR ".join(clauses) + ")")
-        if since is not None:
-            where.append("ts >= ?")
-            params.append(since)
-        if after_id is not None:
-            where.append("id > ?")
-            params.append(after_id)
-        sql = "SELECT * FROM events" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY id DESC" if newest else " ORDER BY id"
+        kinds = [("type LIKE ?", t.rstrip("*") + "%") if t.endswith((".*", ".")) else ("type = ?", t) for t in types]
+        where, params = _where(
+            ("task_id = ?", [task_id]) if task_id is not None else None,
+            ("agent_id = ?", [agent_id]) if agent_id is not None else None,
+            ("(" + " OR ".join(c for c, _ in kinds) + ")", [v for _, v in kinds]) if kinds else None,
+            ("ts >= ?", [since]) if since is not None else None,
+            ("id > ?", [after_id]) if after_id is not None else None,
+        )
+        sql = f"SELECT * FROM events{where} ORDER BY id" + (" DESC" if newest else "")
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         rows = self.execute(sql, params).fetchall()
@@ -654,6 +620,13 @@ class Store:
         except OSError as exc:
             raise StoreError(f"cannot write the backup {dest}: {exc.strerror}", code="store_io") from None
         return dest
+
+
+def _where(*conditions: tuple[str, list] | None) -> tuple[str, list]:
+    """`` WHERE a AND b`` (or nothing) and its parameters, from the ``(sql, params)`` conditions that apply."""
+    used = [c for c in conditions if c is not None]
+    sql = (" WHERE " + " AND ".join(c for c, _ in used)) if used else ""
+    return sql, [p for _, ps in used for p in ps]
 
 
 def _diff(table: str, replayed: dict, stored: dict, volatile: frozenset[str], most: int = 50) -> list[str]:
