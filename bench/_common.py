@@ -24,6 +24,16 @@ RESULTS_DIR = BENCH_DIR / "results"
 PYTHON = sys.executable
 
 
+#: Twenty realistic requirement sets shared by the store and planner benchmarks; nobody serves gpu:a100.
+REQUIREMENT_SETS = [
+    (), ("code:python",), ("code:rust",), ("code:go",), ("docs",), ("code:python", "docs"),
+    ("code:typescript",), ("code:python", "gpu"), ("code:rust", "code:python"), ("infra",),
+    ("code:java",), ("code:c",), ("code:python", "review"), ("review",), ("code:go", "infra"),
+    ("code:typescript", "docs"), ("security",), ("code:python", "security"), ("data",), ("gpu:a100",),
+]  # fmt: skip
+CAPABILITIES = sorted({c for s in REQUIREMENT_SETS for c in s} - {"gpu:a100"})
+
+
 def fleetctl_exe() -> list[str]:
     """The installed ``fleetctl`` console script, run by this interpreter's own launcher.
 

@@ -34,20 +34,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import header, result, verdict  # noqa: E402
+from _common import CAPABILITIES, REQUIREMENT_SETS, header, result, verdict  # noqa: E402
 
 from fleetctl.matching import AgentSlot, QueuedTask, plan  # noqa: E402
 
 TARGET_S = 0.5
 N_AGENTS = 1000
 SIZES = (2_500, 5_000, 10_000)
-REQUIREMENT_SETS = [
-    (), ("code:python",), ("code:rust",), ("code:go",), ("docs",), ("code:python", "docs"),
-    ("code:typescript",), ("code:python", "gpu"), ("code:rust", "code:python"), ("infra",),
-    ("code:java",), ("code:c",), ("code:python", "review"), ("review",), ("code:go", "infra"),
-    ("code:typescript", "docs"), ("security",), ("code:python", "security"), ("data",), ("gpu:a100",),
-]  # fmt: skip
-CAPABILITIES = sorted({c for s in REQUIREMENT_SETS for c in s} - {"gpu:a100"})
 
 
 def workload(n_tasks: int, seed: int = 11, slots_per_agent: tuple[int, int] = (1, 4)) -> tuple[list, list, list]:

@@ -36,7 +36,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
+    CAPABILITIES,
     PYTHON,
+    REQUIREMENT_SETS,
     RESULTS_DIR,
     clean_env,
     describe,
@@ -53,14 +55,6 @@ GENERATOR_VERSION = "g1"
 T0 = 1_750_000_000.0  # a fixed epoch: the same build every time
 SPAN = 60 * 86400.0  # tasks are created over 60 days
 N_AGENTS = 200
-
-REQUIREMENT_SETS = [
-    (), ("code:python",), ("code:rust",), ("code:go",), ("docs",), ("code:python", "docs"),
-    ("code:typescript",), ("code:python", "gpu"), ("code:rust", "code:python"), ("infra",),
-    ("code:java",), ("code:c",), ("code:python", "review"), ("review",), ("code:go", "infra"),
-    ("code:typescript", "docs"), ("security",), ("code:python", "security"), ("data",), ("gpu:a100",),
-]  # fmt: skip
-CAPABILITIES = sorted({c for s in REQUIREMENT_SETS for c in s} - {"gpu:a100"})  # nobody serves gpu:a100
 
 
 def cache_path(n_tasks: int) -> Path:
