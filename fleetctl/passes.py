@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from fleetctl import services
 from fleetctl.config import Config, HostConfig, ssh_available
 from fleetctl.errors import ConfigError, FleetError, RemoteError
+from fleetctl.log import log, quiet  # noqa: F401  (quiet: the demo silences the passes)
 from fleetctl.matching import AgentSlot, QueuedTask, plan
 from fleetctl.states import AgentMode, AgentStatus, FailureReason
 from fleetctl.store import Store
@@ -28,35 +29,9 @@ from fleetctl.store import Store
 if TYPE_CHECKING:
     from fleetctl.executor import Executor
 
+
 # The executor, the prompt and secrets are imported where a launch or a sweep needs them: a dispatch
 # pass with nothing to do is what a timer runs every few seconds (SPEC §11 start-up target).
-_QUIET = False
-
-
-def log(action: str, **fields: object) -> None:
-    """One structured line per action on stderr (journald keeps it)."""
-    if _QUIET:
-        return
-    parts = [f"action={action}"] + [f"{k}={_logval(v)}" for k, v in fields.items() if v is not None]
-    print(" ".join(parts), file=sys.stderr, flush=True)
-
-
-@contextmanager
-def quiet() -> Iterator[None]:
-    """Silence the action log (the demo renders its own view)."""
-    global _QUIET
-    before, _QUIET = _QUIET, True
-    try:
-        yield
-    finally:
-        _QUIET = before
-
-
-def _logval(v: object) -> str:
-    s = str(v)
-    return repr(s) if (not s or any(c in s for c in " \"'=\n")) else s
-
-
 @contextmanager
 def pass_lock(db_path: Path, name: str) -> Iterator[bool]:
     """A non-blocking exclusive lock beside the database; yields False if another pass holds it."""

@@ -38,7 +38,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -80,19 +79,7 @@ PROMPT_MODES = ("file", "stdin", "arg")
 TAIL_BYTES = 4000
 CREDENTIALS_VERSION = 1
 
-_log_lock = threading.Lock()
-
-
-def log(action: str, **fields: object) -> None:
-    """One structured line per action on stderr (journald keeps it)."""
-    parts = [f"action={action}"] + [f"{k}={_logval(v)}" for k, v in fields.items() if v is not None]
-    with _log_lock:
-        print(" ".join(parts), file=sys.stderr, flush=True)
-
-
-def _logval(v: object) -> str:
-    s = str(v)
-    return repr(s) if (not s or any(c in s for c in " \"'=\n")) else s
+from fleetctl.log import log  # noqa: E402
 
 
 @dataclass(frozen=True)

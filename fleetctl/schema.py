@@ -97,6 +97,7 @@ _M001 = (
     "CREATE INDEX attempts_open ON attempts(host_id) WHERE ended_at IS NULL",
 )
 
+
 def m002_token_indexes(db) -> None:
     """Look agents and attempts up by the hash of the bearer token they present (HTTP pull mode)."""
     db.execute("CREATE INDEX agents_token ON agents(token_hash) WHERE token_hash IS NOT NULL")

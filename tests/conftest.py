@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 _FLEET_ENV = (
     "FLEET_CONFIG",
@@ -23,13 +28,15 @@ def _isolated(tmp_path, monkeypatch):
     for name in _FLEET_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
+    # processes a test starts (python -m fleetctl, the fleetctl script in a run) import this checkout's
+    # package, whatever an editable install on the machine points at
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
 
 
 # ------------------------------------------------------------------------------------------------------
 # CLI and local-dispatch harness (tests/test_cli.py, test_exit_codes.py, test_ids.py, test_dispatch.py)
 
 import json  # noqa: E402
-import os  # noqa: E402
 import signal  # noqa: E402
 import sqlite3  # noqa: E402
 import subprocess  # noqa: E402

@@ -62,6 +62,7 @@ def test_one_bad_claim_in_a_writer_batch_fails_alone(orch):
     def hold(s: Store) -> None:
         entered.set()
         gate.wait(10)
+
     results: dict[int, object] = {}
 
     def claim(i: int) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from collections.abc import Callable
 
 from fleetctl.config import Config
+from fleetctl.log import log
 
 GRACE_SECS = 5.0
 
@@ -32,15 +32,14 @@ def serve(cfg: Config, *, host: str | None = None, port: int | None = None,
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
     thread.start()
     bound_host, bound_port = server.server_address[:2]
-    print(f"action=serve.listening bind={bound_host} port={bound_port} db={cfg.orchestrator.db_path}",
-          file=sys.stderr, flush=True)  # fmt: skip
+    log("serve.listening", bind=bound_host, port=bound_port, db=cfg.orchestrator.db_path)
     if ready is not None:
         ready(bound_host, bound_port)
     try:
         while not stop.wait(0.5):
             pass
     finally:
-        print("action=serve.stopping", file=sys.stderr, flush=True)
+        log("serve.stopping")
         server.shutdown()  # stop accepting
         api.close()  # long-polls answer 204 now; keep-alive connections are closed after their request
         drained = server.drain(GRACE_SECS)
@@ -49,5 +48,5 @@ def serve(cfg: Config, *, host: str | None = None, port: int | None = None,
         listener.close()
         for s, h in previous.items():
             signal.signal(s, h)
-        print(f"action=serve.stopped drained={drained}", file=sys.stderr, flush=True)
+        log("serve.stopped", drained=drained)
     return 0

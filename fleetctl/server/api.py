@@ -14,7 +14,6 @@ import json
 import queue
 import re
 import secrets
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from fleetctl import __version__, services
 from fleetctl.config import Config
 from fleetctl.errors import FleetError, Forbidden, LeaseLost, NotFound, StoreBusy, Unauthorized, UsageError
 from fleetctl.ids import check_id
+from fleetctl.log import log
 from fleetctl.prompt import render_prompt
 from fleetctl.server.http import Response, error_response, json_response
 from fleetctl.server.metrics import Metrics
@@ -265,8 +265,7 @@ class Api:
             doc = exc.to_json()
             return json_response(status, doc, {"Retry-After": "1"} if status == 503 else None)
         except Exception as exc:  # a bug: log it, answer without a traceback
-            print(f"action=http.internal_error path={raw_path[:200]!r} error={type(exc).__name__}: {exc}",
-                  file=sys.stderr)  # fmt: skip
+            log("http.internal_error", path=raw_path[:200], error=f"{type(exc).__name__}: {exc}")
             return error_response(500, "internal_error", "internal error; see the server log")
 
     # ------------------------------------------------------------------ auth

@@ -20,6 +20,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
+from fleetctl.log import log
+
 if TYPE_CHECKING:
     from fleetctl.server.api import Api
 
@@ -266,4 +268,4 @@ class FleetHTTPServer(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address) -> None:
         exc = sys.exc_info()[1]
-        print(f"action=http.error client={client_address[0]} error={type(exc).__name__}", file=sys.stderr)
+        log("http.error", client=client_address[0], error=type(exc).__name__)
