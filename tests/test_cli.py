@@ -284,3 +284,64 @@ def test_events_filters_and_json_lines(cli):
     table = cli("events", "--task", a).stdout
     assert table.split()[:5] == ["ID", "TIME", "TYPE", "TASK", "DETAIL"]
     assert "task.cancelled" in table and "not needed" in table and b not in table
+
+
+# ---------------------------------------------------------------------------------------------- --config, help
+
+
+def test_config_before_the_command_and_a_later_one_wins(runner, tmp_path):
+    """Regression: ``fleetctl --config X task list`` was 'No such option: --config' (exit 2)."""
+    from conftest import make_config
+
+    a = make_config(tmp_path, orchestrator={"db_path": "a.db"}, name="a.toml")
+    b = make_config(tmp_path, orchestrator={"db_path": "b.db"}, name="b.toml")
+    made = runner.invoke(app, ["--config", str(a), "task", "create", "--title", "in a"])
+    assert made.exit_code == 0, made.output
+    task_id = made.stdout.strip()
+
+    def listed(*args: str) -> list[str]:
+        result = runner.invoke(app, [*args, "--json"])
+        assert result.exit_code == 0, result.output
+        return [t["task_id"] for t in json.loads(result.stdout)["items"]]
+
+    assert listed("--config", str(a), "task", "list") == [task_id]
+    assert listed(f"--config={a}", "task", "list") == [task_id]
+    assert listed("-c", str(b), "task", "list") == []
+    assert listed("--config", str(b), "task", "list", "--config", str(a)) == [task_id]  # the later one wins
+    assert listed("task", "list", "--config", str(b)) == []
+    assert not (tmp_path / "fleet.db").exists()  # the search order was never used
+    shown = runner.invoke(app, ["--config", str(a), "config", "show", "--json"])
+    assert json.loads(shown.stdout)["orchestrator"]["db_path"].endswith("a.db")
+
+
+def test_config_before_the_command_keeps_the_slim_app():
+    from fleetctl.cli import app_for
+
+    slim = app_for(["--config", "x.toml", "task", "list"])
+    assert [g.name for g in slim.registered_groups] == ["task"] and slim.registered_commands == []
+    assert [c.name for c in app_for(["-c", "x.toml", "dispatch"]).registered_commands] == ["dispatch"]
+
+
+def _all_paths():
+    import typer
+
+    def walk(cmd, path):
+        yield path
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, [*path, name])
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_help_shows_argument_names_not_types(runner):
+    """Regression: help read ``task show [OPTIONS] {task_id}`` and ``task_id <str>``."""
+    for path in _all_paths():
+        result = runner.invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, path
+        assert not re.search(r"\{\w+\}|<(str|int|path|list\[\w+\])>", result.stdout), (path, result.stdout)
+    show = runner.invoke(app, ["task", "show", "--help"]).stdout
+    assert "task show [OPTIONS] TASK_ID" in show and re.search(r"^\s+TASK_ID\s+The task id", show, re.M)
+    assert "AGENT_ID" in runner.invoke(app, ["agent", "drain", "--help"]).stdout
+    listing = runner.invoke(app, ["task", "list", "--help"]).stdout
+    assert "--limit N" in listing and "--after CURSOR" in listing and "--config PATH" in listing
+    assert "on any command" in listing

@@ -122,3 +122,10 @@ def test_slim_app_leaves_the_app_whole():
         "complete"
     )
     assert ([c.name for c in app.registered_commands], [g.name for g in app.registered_groups]) == before
+
+
+def test_every_integer_option_is_bounded():
+    """An unbounded int option lets a 30-digit value through to SQLite (OverflowError, exit 1)."""
+    unbounded = [f"{where} {p.name}" for where, _, p in _params()
+                 if p.type_descriptor.annotation in (int, list[int]) and (p.min is None or p.max is None)]  # fmt: skip
+    assert unbounded == []

@@ -3,7 +3,7 @@
 0 ok, 1 operational, 2 usage or config, 3 not found, 4 conflict (invalid transition, lease lost),
 6 receipt rejected, 130 interrupted. An error is one ``error: …`` message on stderr (a multi-problem
 config error continues on indented lines), nothing on stdout, and never a traceback. Parser errors
-(unknown option, bad option value) are click's own ``Usage:/Error:`` block, also exit 2.
+(unknown option, bad option value) are one ``error: …`` line too, with a ``(try '… --help')`` hint, exit 2.
 5 (remote failure) needs SSH/Forgejo/Matrix and is asserted with those adapters, not here.
 """
 
@@ -79,20 +79,48 @@ def test_2_bad_values_checked_by_fleetctl(fleet, args, needle):
 
 
 @pytest.mark.parametrize(
-    "args,needle",
+    "args,needle,hint",
     [
-        (["task", "list", "--limit", "-1"], "Invalid value for '--limit'"),
-        (["task", "create"], "Missing option '--title'"),
-        (["task", "list", "--frobnicate"], "No such option: --frobnicate"),
-        (["no-such-command"], "No such command"),
+        (["task", "list", "--limit", "-1"], "invalid value for '--limit'", "fleetctl task list --help"),
+        (["task", "create"], "missing option '--title'", "fleetctl task create --help"),
+        (["task", "list", "--frobnicate"], "no such option: --frobnicate", "fleetctl task list --help"),
+        (["no-such-command"], "no such command 'no-such-command'", "fleetctl --help"),
+        (["task", "show"], "missing argument 'TASK_ID'", "fleetctl task show --help"),
     ],
 )
-def test_2_parser_errors(fleet, args, needle):
+def test_2_parser_errors_are_one_line_with_a_hint(fleet, args, needle, hint):
+    """Click's own usage errors read like fleetctl's: one ``error: …`` line (not a Usage block), exit 2."""
     fleet.configure()
-    done = fleet.run(*args)
-    assert done.returncode == 2 and done.stdout == ""
-    assert needle in done.stderr and "Traceback" not in done.stderr
-    assert "--help' for help" in done.stderr
+    stderr = assert_error(fleet.run(*args), 2, needle, f"(try '{hint}')")
+    assert len(stderr.splitlines()) == 1 and "Usage:" not in stderr
+
+
+@pytest.mark.parametrize(
+    "args,option,allowed",
+    [
+        (["task", "list", "--after", "9" * 30], "--after", "0 to 9223372036854775807"),
+        (["task", "list", "--limit", "9" * 30], "--limit", "0 to 1000000"),
+        (["events", "--limit", "9" * 30], "--limit", "0 to 1000000"),
+        (["dispatch", "--limit", "9" * 30], "--limit", "0 to 1000000"),
+        (["task", "create", "--title", "x", "--repo", "a/b", "--issue", "9" * 30], "--issue",
+         "1 to 9223372036854775807"),
+        (["task", "complete", "t-1", "--attempt", "9" * 30], "--attempt", "1 to 9223372036854775807"),
+        (["task", "complete", "t-1", "--pr", "9" * 30], "--pr", "1 to 9223372036854775807"),
+        (["task", "status", "t-1", "--attempt", "-" + "9" * 30], "--attempt", "1 to 9223372036854775807"),
+        (["task", "run-ended", "t-1", "--attempt", "1", "--exit-code", "9" * 30], "--exit-code", "-2147483648 to 2147483647"),
+        (["agent", "register", "a", "--type", "x", "--max-concurrency", "9" * 30], "--max-concurrency", "1 to 1000"),
+    ],
+)  # fmt: skip
+def test_2_huge_integers_are_usage_errors_naming_the_range(fleet, args, option, allowed):
+    """Regression: a 30-digit --after/--limit/--issue/--attempt ended in 'unexpected OverflowError', exit 1."""
+    fleet.configure()
+    stderr = assert_error(fleet.run(*args), 2, f"'{option}'", f"allowed: {allowed}")
+    assert "OverflowError" not in stderr
+
+
+def test_2_huge_fleet_attempt_in_the_environment_is_a_usage_error(fleet):
+    fleet.configure()
+    assert_error(fleet.run("task", "status", "t-1", env={"FLEET_ATTEMPT": "9" * 30}), 2, "$FLEET_ATTEMPT")
 
 
 def test_2_bad_config_names_file_key_and_position(fleet):

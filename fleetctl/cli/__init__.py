@@ -14,8 +14,11 @@ import typer  # noqa: E402
 
 from fleetctl.cli import agent, config, db, demo, events, passes, serve, task  # noqa: E402
 from fleetctl.cli._coerce import install as _install_fast_coercion  # noqa: E402
+from fleetctl.cli._common import ConfigOpt, set_root_config  # noqa: E402
+from fleetctl.cli._help import install as _install_help  # noqa: E402
 
 _install_fast_coercion()  # keeps pydantic out of start-up: see fleetctl/cli/_coerce.py
+_install_help()  # one-line usage errors, TASK_ID-style metavars: see fleetctl/cli/_help.py
 
 app = typer.Typer(
     name="fleetctl",
@@ -38,12 +41,16 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
     ] = False,
+    config: ConfigOpt = None,
 ) -> None:
     """Run a fleet of AI coding agents from Forgejo issues.
 
     Exit codes: 0 ok, 1 operational error, 2 usage or config error, 3 not found, 4 conflict (invalid
     state change, lease lost), 5 remote failure, 6 validation failed (receipt), 130 interrupted.
+
+    --config goes before the command (fleetctl --config X task list) or after it; a later one wins.
     """
+    set_root_config(config)
 
 
 app.add_typer(config.app, name="config")
@@ -74,8 +81,11 @@ def app_for(argv: list[str], base: typer.Typer = app) -> typer.Typer:
     Typer builds the parser of every command in an app before it runs one: ~35 ms for all of fleetctl's,
     paid by each ``dispatch`` a timer fires, though a run needs only its own command. Where ``argv`` does
     not name exactly one command or group (no command, an option first, an unknown name), the level is
-    kept whole, so help and usage errors read as before.
+    kept whole, so help and usage errors read as before. The root's ``--config X`` before the command
+    is skipped over.
     """
+    if base is app:
+        argv = _skip_root_options(argv)
     if not argv or argv[0].startswith("-"):
         return base
     groups = [g for g in base.registered_groups if g.name == argv[0]]
@@ -89,3 +99,15 @@ def app_for(argv: list[str], base: typer.Typer = app) -> typer.Typer:
     slim = copy.copy(base)
     slim.registered_groups, slim.registered_commands = groups, commands
     return slim
+
+
+def _skip_root_options(argv: list[str]) -> list[str]:
+    """``argv`` without the leading root ``--config X`` / ``-c X`` / ``--config=X`` (any number of them)."""
+    while argv:
+        if argv[0] in ("--config", "-c") and len(argv) > 1:
+            argv = argv[2:]
+        elif argv[0].startswith("--config=") or (argv[0].startswith("-c") and len(argv[0]) > 2):
+            argv = argv[1:]
+        else:
+            break
+    return argv

@@ -18,12 +18,18 @@ import typer
 
 from fleetctl.errors import ExitCode, FleetError
 
+INT64_MAX = 2**63 - 1
+"""The largest integer the store (SQLite) and the API take: the bound of ids, cursors and numbers."""
+MAX_LIMIT = 1_000_000
+"""The largest ``--limit``."""
+
 ConfigOpt = Annotated[
     Path | None,
     typer.Option(
         "--config",
         "-c",
-        help="Config file (else $FLEET_CONFIG, ./config.toml, $XDG_CONFIG_HOME/fleetctl/config.toml, "
+        metavar="PATH",
+        help="Config file, on any command (else $FLEET_CONFIG, ./config.toml, $XDG_CONFIG_HOME/fleetctl/config.toml, "
         "/etc/fleetctl/config.toml, then the embedded default).",
         show_default=False,
     ),
@@ -46,11 +52,25 @@ TokenOpt = Annotated[
 ]
 
 
-def load(config_path: Path | None):
+_root_config: Path | None = None  # ``fleetctl --config X <command>``: set by the root callback
+
+
+def set_root_config(path: Path | None) -> None:
+    """Remember the ``--config`` given before the command (the root callback runs before every command)."""
+    global _root_config
+    _root_config = path
+
+
+def config_path(explicit: Path | None) -> Path | None:
+    """The config file to use: ``--config`` after the command, else the one before it, else None (search)."""
+    return explicit if explicit is not None else _root_config
+
+
+def load(config_path_: Path | None):
     """Load the configuration named by ``--config`` (or found by the search order)."""
     from fleetctl.config import load_config
 
-    cfg = load_config(config_path)
+    cfg = load_config(config_path(config_path_))
     for warning in cfg.warnings:
         err(f"warning: {warning}")
     return cfg

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fleetctl.cli._common import ConfigOpt, JsonOpt, cli_errors, err, print_json
+from fleetctl.cli._common import ConfigOpt, JsonOpt, cli_errors, config_path, err, print_json
 
 app = typer.Typer(help="Validate, show and edit the configuration.", no_args_is_help=True)
 
@@ -36,7 +36,7 @@ def config_check(
     """
     from fleetctl.config import check_config, load_config
 
-    cfg = load_config(config)
+    cfg = load_config(config_path(config))
     serving = bool(cfg.forgejo.url) if webhooks is None else webhooks
     for warning in check_config(cfg, serving_webhooks=serving):
         err(f"warning: {warning}")
@@ -56,7 +56,7 @@ def config_show(config: ConfigOpt = None, json_: JsonOpt = False) -> None:
     """
     from fleetctl.config import load_config, mask, render_toml
 
-    cfg = load_config(config)
+    cfg = load_config(config_path(config))
     if json_:
         print_json(mask(cfg))
     else:
@@ -85,7 +85,7 @@ def config_set(
     from fleetctl.config import find_config, set_value
     from fleetctl.errors import ConfigError
 
-    path = find_config(config)
+    path = find_config(config_path(config))
     if path is None:
         raise ConfigError("no config file to edit (using the embedded default); run `fleetctl init` first")
     cfg = set_value(path, key, value)
@@ -96,9 +96,17 @@ def config_set(
 
 @cli_errors
 def init(
-    path: Annotated[Path, typer.Option("--path", "--config", "-c", help="Where to write the config file.")] = Path(
-        "config.toml"
-    ),
+    path: Annotated[
+        Path | None,
+        typer.Option(
+            "--path",
+            "--config",
+            "-c",
+            metavar="PATH",
+            help="Where to write the config file.",
+            show_default="config.toml",
+        ),
+    ] = None,  # fmt: skip
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a commented config file and create the database.
@@ -114,7 +122,7 @@ def init(
     from fleetctl.config import init_config
     from fleetctl.store import Store
 
-    cfg = init_config(path, force=force)
+    cfg = init_config(config_path(path) or Path("config.toml"), force=force)
     Store.open(cfg.orchestrator.db_path).close()
     err(f"wrote {cfg.path}\ncreated database {cfg.orchestrator.db_path}")
     err("next: edit the hosts and agent types, then run `fleetctl config check`")

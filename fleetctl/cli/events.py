@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from fleetctl.cli._common import ConfigOpt, cli_errors, load, open_store
+from fleetctl.cli._common import MAX_LIMIT, ConfigOpt, cli_errors, load, open_store
 
 
 @cli_errors
@@ -20,7 +20,9 @@ def events(
         str | None,
         typer.Option("--since", help="Only newer than this: seconds/minutes/hours ago (30s, 5m, 2h) or ISO time."),
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", help="The last N events (0: all).", min=0)] = 50,
+    limit: Annotated[
+        int, typer.Option("--limit", "-n", help="The last N events (0: all).", min=0, max=MAX_LIMIT, metavar="N")
+    ] = 50,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events until interrupted.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="JSON lines, one event per line.")] = False,
     config: ConfigOpt = None,

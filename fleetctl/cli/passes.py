@@ -6,13 +6,15 @@ from typing import Annotated
 
 import typer
 
-from fleetctl.cli._common import ConfigOpt, JsonOpt, cli_errors, load, open_store, print_json
+from fleetctl.cli._common import MAX_LIMIT, ConfigOpt, JsonOpt, cli_errors, load, open_store, print_json
 
 
 @cli_errors
 def dispatch(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and print; claim and launch nothing.")] = False,
-    limit: Annotated[int | None, typer.Option("--limit", help="Launch at most this many tasks.", min=0)] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="Launch at most this many tasks.", min=0, max=MAX_LIMIT, metavar="N")
+    ] = None,
     json_: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
