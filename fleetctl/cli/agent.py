@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +21,7 @@ from fleetctl.cli._common import (
 
 app = typer.Typer(help="Register, inspect, drain and remove agents.", no_args_is_help=True)
 
-AgentIdArg = Annotated[str, typer.Argument(help="The agent id.", show_default=False)]
+AgentIdArg = Annotated[str, typer.Argument(help="The agent id.", show_default=False, metavar="AGENT_ID")]
 
 
 def _views(store, agents: list[dict]) -> list[dict]:
@@ -38,7 +37,9 @@ def agent_register(
     agent_id: AgentIdArg,
     agent_type: Annotated[str, typer.Option("--type", "-t", help="Agent type, e.g. codex-cli.")],
     capability: Annotated[list[str] | None, typer.Option("--capability", "-C", help="Repeatable.")] = None,
-    max_concurrency: Annotated[int, typer.Option("--max-concurrency", help="Tasks at once.", min=1)] = 1,
+    max_concurrency: Annotated[
+        int, typer.Option("--max-concurrency", help="Tasks at once.", min=1, max=1000, metavar="N")
+    ] = 1,
     mode: Annotated[str, typer.Option("--mode", help="http_pull or ssh_cli.")] = "http_pull",
     json_: JsonOpt = False,
     config: ConfigOpt = None,
@@ -52,22 +53,12 @@ def agent_register(
 
     Example: fleetctl agent register builder-1 --type codex-cli -C code:rust -C code:python --max-concurrency 2
     """
-    if url := api_url or os.environ.get("FLEET_API_URL"):
-        from fleetctl import remote
+    from fleetctl.gateway import open_gateway
 
-        with remote.connect(url, token, remote.REGISTRATION_TOKEN_ENV) as client:
-            doc, created = client.register(agent_id, agent_type=agent_type, capabilities=capability or [],
-                                           max_concurrency=max_concurrency, mode=mode)  # fmt: skip
-        view, new_token = {k: v for k, v in doc.items() if k != "token"}, doc.get("token")
-    else:
-        from fleetctl import services
-
-        cfg = load(config)
-        with open_store(cfg) as store:
-            reg = services.register_agent(store, agent_id, agent_type=agent_type, capabilities=capability or [],
-                                          max_concurrency=max_concurrency, mode=mode,
-                                          allow_mode_change=True)  # the operator may convert an agent  # fmt: skip
-            view, new_token, created = _views(store, [reg.agent])[0], reg.token, reg.created
+    with open_gateway(api_url, token, "registration", lambda: load(config)) as gateway:
+        reg = gateway.register(agent_id, agent_type=agent_type, capabilities=capability or [],
+                               max_concurrency=max_concurrency, mode=mode)  # fmt: skip
+    view, new_token, created = reg["agent"], reg["token"], reg["created"]
     if json_:
         print_json({**view, "token": new_token})
     else:
@@ -92,19 +83,11 @@ def agent_heartbeat(
 
     Example: fleetctl agent heartbeat builder-1 --json
     """
-    if url := api_url or os.environ.get("FLEET_API_URL"):
-        from fleetctl import remote
+    from fleetctl.gateway import open_gateway
 
-        with remote.connect(url, token, remote.AGENT_TOKEN_ENV) as client:
-            result = remote.heartbeat_as(client, agent_id)
-        view = result["agent"]
-    else:
-        from fleetctl import services
-
-        cfg = load(config)
-        with open_store(cfg) as store:
-            result = services.heartbeat(store, cfg.orchestrator, agent_id)
-            view = _views(store, [result["agent"]])[0]
+    with open_gateway(api_url, token, "agent", lambda: load(config)) as gateway:
+        result = gateway.heartbeat(agent_id)
+    view = result["agent"]
     if json_:
         print_json({"agent": view, "cancelled": result["cancelled"]})
     else:
@@ -212,7 +195,9 @@ def agent_run(
     ] = None,
     agent_type: Annotated[str, typer.Option("--type", "-t", help="Agent type, e.g. codex-cli.")] = "command",
     capability: Annotated[list[str] | None, typer.Option("--capability", "-C", help="Repeatable.")] = None,
-    max_concurrency: Annotated[int, typer.Option("--max-concurrency", help="Tasks at once.", min=1)] = 1,
+    max_concurrency: Annotated[
+        int, typer.Option("--max-concurrency", help="Tasks at once.", min=1, max=1000, metavar="N")
+    ] = 1,
     workspace_root: Annotated[
         Path | None, typer.Option("--workspace-root", help="Task workspaces go in ROOT/TASK/ATTEMPT.")
     ] = None,

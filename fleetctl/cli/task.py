@@ -2,24 +2,38 @@
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fleetctl.cli._common import ApiUrlOpt, ConfigOpt, JsonOpt, TokenOpt, cli_errors, load, open_store, print_json
+from fleetctl.cli._common import (
+    INT64_MAX,
+    MAX_LIMIT,
+    ApiUrlOpt,
+    ConfigOpt,
+    JsonOpt,
+    TokenOpt,
+    cli_errors,
+    load,
+    open_store,
+    print_json,
+)
 from fleetctl.cli.render import render_task, render_task_list
 from fleetctl.errors import UsageError
 
 app = typer.Typer(help="Create, list, inspect, cancel, retry and complete tasks.", no_args_is_help=True)
 
-TaskIdArg = Annotated[str, typer.Argument(help="The task id.", show_default=False)]
+TaskIdArg = Annotated[str, typer.Argument(help="The task id.", show_default=False, metavar="TASK_ID")]
 AttemptOpt = Annotated[
     int | None,
-    typer.Option("--attempt", help="Attempt number (the fencing token); default $FLEET_ATTEMPT.", min=1),
+    typer.Option(
+        "--attempt",
+        help="Attempt number (the fencing token); default $FLEET_ATTEMPT.",
+        min=1,
+        max=INT64_MAX,
+        metavar="N",
+    ),  # fmt: skip
 ]
 AgentOpt = Annotated[str | None, typer.Option("--agent", help="Acting agent id; default $FLEET_AGENT_ID.")]
 
@@ -29,9 +43,12 @@ def _env_int(name: str) -> int | None:
     if not value:
         return None
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise UsageError(f"${name} must be an integer, not {value!r}") from None
+    if not 1 <= number <= INT64_MAX:
+        raise UsageError(f"${name} must be an integer from 1 to {INT64_MAX}, not {value}")
+    return number
 
 
 @app.command("create")
@@ -40,7 +57,9 @@ def task_create(
     title: Annotated[str, typer.Option("--title", help="Task title.")],
     body: Annotated[str, typer.Option("--body", help="Task body (the issue text).")] = "",
     repo: Annotated[str | None, typer.Option("--repo", help="Forgejo repository owner/name.")] = None,
-    issue: Annotated[int | None, typer.Option("--issue", help="Issue number in --repo.", min=1)] = None,
+    issue: Annotated[
+        int | None, typer.Option("--issue", help="Issue number in --repo.", min=1, max=INT64_MAX, metavar="N")
+    ] = None,
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="A label; repeatable.")] = None,
     task_id: Annotated[str | None, typer.Option("--id", help="Use this task id instead of a generated one.")] = None,
     json_: JsonOpt = False,
@@ -67,8 +86,15 @@ def task_list(
     state: Annotated[list[str] | None, typer.Option("--state", "-s", help="Only this state; repeatable.")] = None,
     agent: Annotated[str | None, typer.Option("--agent", help="Only tasks held by this agent.")] = None,
     repo: Annotated[str | None, typer.Option("--repo", help="Only tasks of this repository.")] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", help="At most this many (0: no limit).", min=0)] = 100,
-    after: Annotated[int | None, typer.Option("--after", help="Page: the 'next' cursor of the previous page.")] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", "-n", help="At most this many (0: no limit).", min=0, max=MAX_LIMIT, metavar="N")
+    ] = 100,
+    after: Annotated[
+        int | None,
+        typer.Option(
+            "--after", help="Page: the 'next' cursor of the previous page.", min=0, max=INT64_MAX, metavar="CURSOR"
+        ),
+    ] = None,  # fmt: skip
     json_: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -177,7 +203,12 @@ def task_complete(
     attempt: AttemptOpt = None,
     outcome: Annotated[str, typer.Option("--outcome", help="success or failure.")] = "success",
     summary: Annotated[str, typer.Option("--summary", help="What was done (or why it failed).")] = "",
-    pr: Annotated[list[int] | None, typer.Option("--pr", help="Pull request number in the task's repo.", min=1)] = None,
+    pr: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--pr", help="Pull request number in the task's repo; repeatable.", min=1, max=INT64_MAX, metavar="N"
+        ),
+    ] = None,  # fmt: skip
     pr_url: Annotated[list[str] | None, typer.Option("--pr-url", help="Pull request URL; repeatable.")] = None,
     branch: Annotated[str | None, typer.Option("--branch", help="Branch the work is on.")] = None,
     receipt: Annotated[
@@ -196,24 +227,13 @@ def task_complete(
 
     Example: fleetctl task complete "$FLEET_TASK_ID" --summary "Fixed the parser" --pr 12
     """
-    from fleetctl import services
+    from fleetctl.gateway import open_gateway
 
-    doc = _receipt_doc(receipt, outcome, summary, pr or [], pr_url or [], branch)
     attempt = attempt if attempt is not None else _env_int("FLEET_ATTEMPT")
     agent = agent or os.environ.get("FLEET_AGENT_ID") or None
-    if url := _api_url(api_url):
-        from fleetctl import remote
-
-        with remote.connect(url, token, remote.TASK_TOKEN_ENV) as client:
-            out = client.complete(task_id, doc, attempt=attempt)
-    else:
-        cfg = load(config)
-        with open_store(cfg) as store:
-            task = services.get_task(store, task_id)
-            require = cfg.forgejo.require_pull_request and bool(task["repo"]) and bool(cfg.forgejo.url)
-            result = services.complete_task(store, cfg.orchestrator, task_id, doc, agent_id=agent, attempt=attempt,
-                                            require_pull_request=require)  # fmt: skip
-        out = {**services.task_view(result.task), "repeated": result.repeated}
+    with open_gateway(api_url, token, "task", lambda: load(config)) as gateway:
+        doc = _receipt_doc(receipt, outcome, summary, pr or [], pr_url or [], branch, _receipt_cap(gateway))
+        out = gateway.complete(task_id, doc, attempt=attempt, agent_id=agent)
     if json_:
         print_json(out)
     else:
@@ -221,25 +241,22 @@ def task_complete(
         print(f"{task_id} {out['state']}{note}")
 
 
-def _api_url(option: str | None) -> str | None:
-    """Remote mode: ``--api-url``, else $FLEET_API_URL (cheap: fleetctl.remote is imported only when set)."""
-    return option or os.environ.get("FLEET_API_URL") or None
+def _receipt_cap(gateway) -> int:
+    """What a receipt may weigh: the API's body cap (the local config's, else the default)."""
+    from fleetctl.gateway import DEFAULT_MAX_RECEIPT_BYTES
+
+    cfg = getattr(gateway, "cfg", None)
+    return cfg.server.max_body_bytes if cfg is not None else DEFAULT_MAX_RECEIPT_BYTES
 
 
-def _receipt_doc(path: str | None, outcome: str, summary: str, prs: list[int], urls: list[str], branch: str | None):
+def _receipt_doc(path: str | None, outcome: str, summary: str, prs: list[int], urls: list[str], branch: str | None,
+                 cap: int) -> dict:  # fmt: skip
     if outcome not in ("success", "failure"):
         raise UsageError("--outcome must be success or failure")
     if path is not None:
-        try:
-            text = sys.stdin.read() if path == "-" else Path(path).read_text()
-            doc = json.loads(text)
-        except OSError as exc:
-            raise UsageError(f"cannot read receipt {path}: {exc.strerror}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"receipt {path} is not valid JSON: {exc}") from None
-        if not isinstance(doc, dict):
-            raise UsageError("the receipt must be a JSON object")
-        return doc
+        from fleetctl.gateway import read_receipt
+
+        return read_receipt(path, cap)
     artifacts = [{"kind": "pull_request", "number": n} for n in prs]
     artifacts += [{"kind": "pull_request", "url": u} for u in urls]
     if branch:
@@ -262,36 +279,32 @@ def task_status(
 ) -> None:
     """Report that the run started, or a line of progress, for the current attempt.
 
+    With --status running and a --message, both are recorded or neither (a refused message leaves the
+    task as it was). With --api-url or $FLEET_API_URL it goes through that fleetctl serve.
+
     Example: fleetctl task status "$FLEET_TASK_ID" --message "tests pass, opening the PR"
     """
-    from fleetctl import services
+    from fleetctl.gateway import open_gateway
 
     if status not in ("running", "progress"):
         raise UsageError("--status must be running or progress")
     attempt = attempt if attempt is not None else _env_int("FLEET_ATTEMPT")
     agent = agent or os.environ.get("FLEET_AGENT_ID") or None
-    if url := _api_url(api_url):
-        from fleetctl import remote
-
-        with remote.connect(url, token, remote.TASK_TOKEN_ENV) as client:
-            view = client.status(task_id, attempt=attempt, status=status, message=message)
-        print_json(view) if json_ else print(f"{view['task_id']} {view['state']}")
-        return
-    cfg = load(config)
-    with open_store(cfg) as store:
-        if status == "running":
-            task = services.start_task(store, task_id, agent_id=agent, attempt=attempt)
-        if message or status == "progress":
-            task = services.report_progress(store, task_id, message, agent_id=agent, attempt=attempt)
-    _done(task, json_)
+    with open_gateway(api_url, token, "task", lambda: load(config)) as gateway:
+        view = gateway.status(task_id, status, message, attempt=attempt, agent_id=agent)
+    print_json(view) if json_ else print(f"{view['task_id']} {view['state']}")
 
 
 @app.command("run-ended")
 @cli_errors
 def task_run_ended(
     task_id: TaskIdArg,
-    attempt: Annotated[int, typer.Option("--attempt", help="The attempt that ended.", min=1)],
-    exit_code: Annotated[int, typer.Option("--exit-code", help="The run's exit status.")],
+    attempt: Annotated[
+        int, typer.Option("--attempt", help="The attempt that ended.", min=1, max=INT64_MAX, metavar="N")
+    ],
+    exit_code: Annotated[
+        int, typer.Option("--exit-code", help="The run's exit status.", min=-(2**31), max=2**31 - 1, metavar="CODE")
+    ],
     config: ConfigOpt = None,
 ) -> None:
     """Settle an attempt whose run ended (the run wrapper calls this; the sweep does it otherwise).
