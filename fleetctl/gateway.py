@@ -216,13 +216,18 @@ def parse_json_object(raw: bytes, what: str = "the body") -> dict:
     Strict UTF-8 (no lone surrogates, escaped or not), integers within 64 bits, no NaN or Infinity.
     """
     try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_int=_int64, parse_float=_finite)
-        json.dumps(doc, ensure_ascii=False).encode()  # "\ud800" parses, but is not text: refuse it
-    except UnicodeError as exc:
-        raise UsageError(f"{what} is not valid UTF-8: {exc.reason} at byte {getattr(exc, 'start', '?')}",
-                         code="invalid_json") from None  # fmt: skip
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} is not valid UTF-8 ({exc.reason} at byte {exc.start})", code="invalid_json") from None
+    try:
+        doc = json.loads(text, parse_constant=_no_constant, parse_int=_int64, parse_float=_finite)
     except (ValueError, RecursionError) as exc:
         raise UsageError(f"{what} is not valid JSON: {exc}", code="invalid_json") from None
+    try:
+        json.dumps(doc, ensure_ascii=False).encode()  # "\ud800" parses, but is not text: refuse it
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid JSON text: it escapes a lone surrogate (\\ud800-\\udfff)",
+                         code="invalid_json") from None  # fmt: skip
     if not isinstance(doc, dict):
         raise UsageError(f"{what} must be a JSON object", code="invalid_body")
     return doc
@@ -244,12 +249,11 @@ def read_capped(source: str, cap: int, stdin: IO[bytes] | None = None, what: str
         fd = os.open(source, os.O_RDONLY)
     except OSError as exc:
         raise UsageError(f"cannot read {what} {source}: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if stat.S_ISDIR(info.st_mode) or (stat.S_ISREG(info.st_mode) and info.st_size > cap):
+        os.close(fd)
+        raise UsageError(f"cannot read {what} {source}: it is a directory" if stat.S_ISDIR(info.st_mode) else too_big)
     with os.fdopen(fd, "rb") as fh:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise UsageError(f"cannot read {what} {source}: it is a directory")
-        if stat.S_ISREG(info.st_mode) and info.st_size > cap:
-            raise UsageError(too_big)
         try:
             data = fh.read(cap + 1)
         except OSError as exc:
