@@ -176,6 +176,17 @@ def test_4_lease_lost_changes_nothing_and_a_repeat_is_not_a_conflict(puller):
     assert [e["type"] for e in puller.events(task_id)].count("task.completed") == 1
 
 
+def test_2_status_running_with_a_too_long_message_leaves_the_task_as_it_was(puller):
+    """Regression: the CLI started the task in one transaction, then refused the message (exit 2, task running)."""
+    task_id = puller.create("--title", "status")
+    puller.claim(task_id, "puller")
+    before = event_count(puller)
+    done = puller.run("task", "status", task_id, "--status", "running", "--message", "x" * 5000,
+                      "--attempt", "1", "--agent", "puller")  # fmt: skip
+    assert_error(done, 2, "message")
+    assert puller.task(task_id)["state"] == "assigned" and event_count(puller) == before
+
+
 def test_6_receipt_without_a_required_pull_request(fleet):
     fleet.configure(forgejo={"url": "http://127.0.0.1:9", "require_pull_request": True})
     assert fleet.run("agent", "register", "puller", "--type", "codex-cli").returncode == 0
