@@ -10,7 +10,8 @@ the same case (tests/test_gateway_contract.py runs one suite against both):
   longer the caller's; ``ValidationFailed`` (exit 6) for a refused receipt (the attempt then failed).
 - ``status`` → the task view; ``running`` and a message are one change or none.
 - ``register`` → ``{"agent": view, "token": str | None, "created": bool}``.
-- ``heartbeat`` → ``{"agent": view, "cancelled": [task ids], "heartbeat_interval_secs": n}``.
+- ``heartbeat`` → ``{"agent": view, "stop": [{"task_id", "attempt", "reason"}], "cancelled": [task ids],
+  "heartbeat_interval_secs": n}``.
 
 Receipts come from a file or stdin through ``read_receipt``, which reads at most the API's body cap and
 parses with the API's rules (``parse_json_object``: strict UTF-8, no lone surrogates, 64-bit integers,
@@ -92,10 +93,7 @@ class LocalGateway:
                  agent_id: str | None = None) -> dict:  # fmt: skip
         from fleetctl import services
 
-        task = services.get_task(self.store, task_id)
-        require = self.cfg.forgejo.require_pull_request and bool(task["repo"]) and bool(self.cfg.forgejo.url)
-        result = services.complete_task(self.store, self.cfg.orchestrator, task_id, receipt, agent_id=agent_id,
-                                        attempt=attempt, require_pull_request=require)  # fmt: skip
+        result = services.complete_task(self.store, self.cfg, task_id, receipt, agent_id=agent_id, attempt=attempt)
         return {**services.task_view(result.task), "repeated": result.repeated}
 
     def status(self, task_id: str, status: str, message: str = "", *, attempt: int | None = None,
@@ -103,12 +101,8 @@ class LocalGateway:
         from fleetctl import services
 
         check_status(status)
-        store = self.store
-        with store.write():  # one transaction: a refused message must not leave the task started
-            if status == "running":
-                task = services.start_task(store, task_id, agent_id=agent_id, attempt=attempt)
-            if message or status == "progress":
-                task = services.report_progress(store, task_id, message, agent_id=agent_id, attempt=attempt)
+        task = services.report_status(self.store, self.cfg.orchestrator, task_id, status, message,
+                                      agent_id=agent_id, attempt=attempt)  # one transaction  # fmt: skip
         return services.task_view(task)
 
     def register(self, agent_id: str, *, agent_type: str, capabilities: Iterable[str] = (),

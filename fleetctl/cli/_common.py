@@ -139,27 +139,134 @@ def stderr_console():
     return Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")) or None, highlight=False, **_plain())
 
 
-def print_table(
-    title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]], wrap: Sequence[str] = ("TITLE", "DETAIL")
-) -> None:
-    """A rich table for people on stdout; only the ``wrap`` columns fold, the others stay on one line."""
-    from rich.table import Table
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 agent``, ``2 agents``, ``0 agents`` (``many``: an irregular plural)."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
 
-    table = Table(title=title, show_lines=False, header_style="bold", box=None, pad_edge=False)
-    for col in columns:
-        table.add_column(col, overflow="fold", no_wrap=col not in wrap)
-    for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
-    stdout_console().print(table)
+
+def human(value: Any) -> str:
+    """A value for people: lists joined with ', ', None as '', dicts as key=value — never a Python repr."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return ", ".join(human(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={human(v)}" for k, v in value.items())
+    return str(value)
+
+
+def output_width() -> int | None:
+    """How wide tables may be: $COLUMNS, else the terminal's width; None when piped (never hard-wrapped)."""
+    raw = os.environ.get("COLUMNS", "")
+    if raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    try:
+        if sys.stdout.isatty():
+            import shutil
+
+            return shutil.get_terminal_size().columns
+    except (AttributeError, ValueError, OSError):
+        pass
+    return None
+
+
+_STYLES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "blue": "34", "magenta": "35",
+           "cyan": "36"}  # fmt: skip
+
+
+def _colour() -> bool:
+    try:
+        return not os.environ.get("NO_COLOR") and sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def styled(text: str, style: str | None) -> str:
+    """``text`` in ``style`` (bold, dim, red, …) on a colour terminal; plain otherwise (NO_COLOR, pipes)."""
+    code = _STYLES.get(style or "")
+    return f"\x1b[{code}m{text}\x1b[0m" if code and _colour() else text
+
+
+class Col:
+    """A table column. ``kind``: ``id`` (never cut or wrapped), ``text`` (takes what is left, ellipsized),
+    ``short`` (one line). ``drop``: when the table is too wide, higher numbers go first (0: never)."""
+
+    __slots__ = ("name", "kind", "drop", "min")
+
+    def __init__(self, name: str, kind: str = "short", drop: int = 0, min: int = 12) -> None:
+        self.name, self.kind, self.drop, self.min = name, kind, drop, min
+
+
+def _ellipsize(text: str, width: int) -> str:
+    return text if len(text) <= width else (text[: max(width - 1, 0)] + "…" if width > 0 else "")
+
+
+def table_lines(columns: Sequence[Col | str], rows: Iterable[Sequence[Any]], width: int | None,
+                styles: Callable[[str, str], str | None] | None = None) -> list[str]:  # fmt: skip
+    """Aligned lines (header first), no trailing spaces. At ``width``, low-value columns are dropped first,
+    then the ``text`` column is ellipsized; ids are never cut. ``width`` None: nothing is cut."""
+    cols = [c if isinstance(c, Col) else Col(c) for c in columns]
+    cells = [[human(v).replace("\n", " ") for v in row] for row in rows]
+    keep = list(range(len(cols)))
+
+    def natural(i: int) -> int:
+        return max([len(cols[i].name), *(len(r[i]) for r in cells)])
+
+    def needed(idx: list[int]) -> int:
+        total = 2 * (len(idx) - 1)
+        for i in idx:
+            total += min(natural(i), cols[i].min) if cols[i].kind == "text" else natural(i)
+        return total
+
+    if width is not None:
+        for i in sorted((i for i in keep if cols[i].drop), key=lambda i: -cols[i].drop):
+            if needed(keep) <= width:
+                break
+            keep.remove(i)
+    widths = {i: natural(i) for i in keep}
+    if width is not None:
+        spare = width - (2 * (len(keep) - 1) + sum(widths.values()))
+        for i in keep:
+            if spare < 0 and cols[i].kind == "text":
+                widths[i] = max(min(natural(i), cols[i].min), widths[i] + spare)
+                spare = width - (2 * (len(keep) - 1) + sum(widths.values()))
+    out = []
+    for r, row in enumerate([[c.name for c in cols], *cells]):
+        parts = []
+        for n, i in enumerate(keep):
+            text = _ellipsize(row[i], widths[i]) if cols[i].kind == "text" else row[i]
+            pad = "" if n == len(keep) - 1 else " " * (widths[i] - len(text))
+            style = "bold" if r == 0 else (styles(cols[i].name, row[i]) if styles else None)
+            parts.append(styled(text, style) + pad)
+        out.append("  ".join(parts).rstrip())
+    return out
+
+
+def print_table(title: str | None, columns: Sequence[Col | str], rows: Iterable[Sequence[Any]],
+                styles: Callable[[str, str], str | None] | None = None) -> None:  # fmt: skip
+    """A table for people on stdout (see ``table_lines``); ``styles(column, cell)`` may colour a cell."""
+    lines = table_lines(columns, list(rows), output_width(), styles)
+    if title:
+        print(styled(title, "bold"))
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 def print_fields(title: str | None, pairs: Iterable[tuple[str, Any]]) -> None:
-    """A two-column key/value table for ``show`` commands."""
-    from rich.table import Table
+    """Key/value lines for ``show`` commands; long values wrap under themselves at the output width."""
+    pairs = [(k, human(v)) for k, v in pairs]
+    kw = max((len(k) for k, _ in pairs), default=0)
+    width = output_width()
+    if title:
+        print(styled(title, "bold"))
+    for key, value in pairs:
+        lines = value.splitlines() or [""]
+        if width is not None and width - kw - 2 >= 20:
+            import textwrap
 
-    table = Table(title=title, show_header=False, box=None, padding=(0, 2))
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
-    for k, v in pairs:
-        table.add_row(k, "" if v is None else str(v))
-    stdout_console().print(table)
+            lines = [w for line in lines for w in (textwrap.wrap(line, width - kw - 2) or [""])]
+        head = styled(key, "bold") + " " * (kw - len(key) + 2)
+        print((head + lines[0]).rstrip())
+        for line in lines[1:]:
+            print((" " * (kw + 2) + line).rstrip())

@@ -97,13 +97,17 @@ def agent_heartbeat(
         )
 
 
-def _set_status(agent_id: str, status: str, reason: str, json_: bool, config) -> None:
+def _set_status(agent_id: str, action: str, json_: bool, config) -> None:
     from fleetctl import services
-    from fleetctl.states import AgentStatus
 
     cfg = load(config)
     with open_store(cfg) as store:
-        agent = services.set_agent_status(store, cfg.orchestrator, agent_id, AgentStatus(status), reason)
+        if action == "deregister":
+            agent = services.deregister_agent(store, cfg, agent_id, by="operator")
+        elif action == "resume":
+            agent = services.resume_agent(store, cfg.orchestrator, agent_id)
+        else:
+            agent = services.drain_agent(store, cfg.orchestrator, agent_id)
         view = _views(store, [agent])[0]
     if json_:
         print_json(view)
@@ -114,21 +118,37 @@ def _set_status(agent_id: str, status: str, reason: str, json_: bool, config) ->
 @app.command("deregister")
 @cli_errors
 def agent_deregister(agent_id: AgentIdArg, json_: JsonOpt = False, config: ConfigOpt = None) -> None:
-    """Take an agent offline; its assigned and running attempts fail (agent_lost) and are retried.
+    """Take an agent out of the fleet: offline, its token revoked; its assigned and running attempts fail
+    (agent_lost) and are retried. A pull agent comes back only by registering again.
+
+    An agent defined in the configuration ([[hosts]], ssh_cli) cannot be deregistered (exit 4): every
+    dispatch brings it back. Remove it from the config file, or `fleetctl agent drain` it to give it no
+    new work.
 
     Example: fleetctl agent deregister builder-1
     """
-    _set_status(agent_id, "offline", "deregistered", json_, config)
+    _set_status(agent_id, "deregister", json_, config)
 
 
 @app.command("drain")
 @cli_errors
 def agent_drain(agent_id: AgentIdArg, json_: JsonOpt = False, config: ConfigOpt = None) -> None:
-    """Let an agent finish what it has but take nothing new.
+    """Let an agent finish what it has but take nothing new (until `fleetctl agent resume`).
 
     Example: fleetctl agent drain builder-1
     """
-    _set_status(agent_id, "draining", "drained by operator", json_, config)
+    _set_status(agent_id, "drain", json_, config)
+
+
+@app.command("resume")
+@cli_errors
+def agent_resume(agent_id: AgentIdArg, json_: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """A drained agent takes work again (online). An online agent stays as it is; an offline one is
+    refused (exit 4): a pull agent comes back by registering or heartbeating, a config agent with dispatch.
+
+    Example: fleetctl agent resume builder-1
+    """
+    _set_status(agent_id, "resume", json_, config)
 
 
 @app.command("list")
@@ -144,18 +164,16 @@ def agent_list(
 
     Example: fleetctl agent list --status online --json
     """
+    from fleetctl import services
     from fleetctl.cli.render import render_agents
 
     cfg = load(config)
     with open_store(cfg) as store:
-        agents = [
-            a for a in store.agents(status=status, mode=mode) if not capability or capability in a["capabilities"]
-        ]
-        views = _views(store, agents)
+        views = services.list_agents(store, status=status, mode=mode, capability=capability)
     if json_:
         print_json({"items": views, "next": None})
     else:
-        render_agents([{**v, "_hb": a["last_heartbeat_at"]} for v, a in zip(views, agents, strict=True)])
+        render_agents(views)
 
 
 @app.command("show")
@@ -170,14 +188,14 @@ def agent_show(agent_id: AgentIdArg, json_: JsonOpt = False, config: ConfigOpt =
 
     cfg = load(config)
     with open_store(cfg) as store:
-        view = _views(store, [services.get_agent(store, agent_id)])[0]
-        tasks = [t["task_id"] for t in store.tasks(states=("assigned", "running"), agent_id=agent_id)]
-        events = store.events(agent_id=agent_id, limit=20, newest=True)
+        doc = services.agent_detail(store, agent_id)
     if json_:
-        print_json({**view, "tasks": tasks, "events": [services.event_view(e) for e in events]})
+        print_json(doc)
         return
-    print_fields(f"agent {agent_id}", [*view.items(), ("tasks", " ".join(tasks))])
-    render_events(events, title="recent events")
+    fields = {k: v for k, v in doc.items() if k not in ("events", "tasks")}
+    print_fields(f"agent {agent_id}", [*fields.items(), ("tasks", " ".join(doc["tasks"]))])
+    print()
+    render_events(doc["events"], title="recent events")
 
 
 @app.command("run")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fleetctl.cli._common import ConfigOpt, JsonOpt, cli_errors, err, load, print_json
+from fleetctl.cli._common import ConfigOpt, JsonOpt, cli_errors, err, load, plural, print_json
 
 app = typer.Typer(help="Migrate, check and back up the database.", no_args_is_help=True)
 
@@ -59,8 +59,8 @@ def db_check(json_: JsonOpt = False, config: ConfigOpt = None) -> None:
         for line in report.problems + [i for i in report.integrity if i != "ok"]:
             err(f"problem: {line}")
         verdict = "ok" if report.ok else "FAILED"
-        print(f"{verdict}: {report.events} events replayed; {report.tasks} tasks, {report.agents} agents, "
-              f"{report.attempts} attempts compared")  # fmt: skip
+        print(f"{verdict}: {plural(report.events, 'event')} replayed; {plural(report.tasks, 'task')}, "
+              f"{plural(report.agents, 'agent')}, {plural(report.attempts, 'attempt')} compared")  # fmt: skip
     if not report.ok:
         raise typer.Exit(1)
 

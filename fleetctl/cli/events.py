@@ -10,12 +10,42 @@ import typer
 
 from fleetctl.cli._common import MAX_LIMIT, ConfigOpt, cli_errors, load, open_store
 
+#: Events that change no state: what agents report while they work (informational).
+INFORMATIONAL_EVENT_TYPES = frozenset({"task.progress"})
+
+
+def known_event_types() -> list[str]:
+    """Every event type there is: the projections' stateful types plus the informational ones, sorted.
+
+    The one list ``events --type`` checks against (tests/test_cli_output.py proves every type the
+    services emit is in it).
+    """
+    from fleetctl.projections import STATEFUL_EVENT_TYPES
+
+    return sorted(STATEFUL_EVENT_TYPES | INFORMATIONAL_EVENT_TYPES)
+
+
+def check_types(types: list[str]) -> list[str]:
+    """``--type`` values: a known type, or a prefix of known ones (``task.*`` or ``task.``); else UsageError."""
+    from fleetctl.errors import UsageError
+
+    known = known_event_types()
+    for t in types:
+        prefix = t.rstrip("*") if t.endswith((".*", ".")) else None
+        if (prefix is None and t not in known) or (prefix is not None and not any(k.startswith(prefix) for k in known)):
+            raise UsageError(
+                f"unknown event type {t!r}; known types: {', '.join(known)} (or a prefix: task.*, agent.*)"
+            )
+    return types
+
 
 @cli_errors
 def events(
     task: Annotated[str | None, typer.Option("--task", help="Only this task's events.")] = None,
     agent: Annotated[str | None, typer.Option("--agent", help="Only this agent's events.")] = None,
-    type_: Annotated[list[str] | None, typer.Option("--type", help="Event type, or prefix like 'task.*'.")] = None,
+    type_: Annotated[
+        list[str] | None, typer.Option("--type", help="Event type, or prefix like 'task.*'; repeatable.")
+    ] = None,
     since: Annotated[
         str | None,
         typer.Option("--since", help="Only newer than this: seconds/minutes/hours ago (30s, 5m, 2h) or ISO time."),
@@ -27,37 +57,36 @@ def events(
     json_: Annotated[bool, typer.Option("--json", help="JSON lines, one event per line.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Print the event log, filtered; --follow tails it.
+    """Print the event log, filtered; --follow tails it (in the same format).
 
     Example: fleetctl events --task t-3f9a1c2b7e --type 'task.*' --follow
     """
     import json
 
     from fleetctl import services
-    from fleetctl.cli.render import render_events
+    from fleetctl.cli.render import print_event, print_event_header
 
+    types = check_types(type_ or [])
     cfg = load(config)
-    filters = {"task_id": task, "agent_id": agent, "types": type_ or (), "since": _since(since)}
+    filters = {"task_id": task, "agent_id": agent, "types": types, "since": _since(since)}
+
+    def show(ev: dict) -> None:
+        view = services.event_view(ev)
+        sys.stdout.write(json.dumps(view) + "\n") if json_ else print_event(view)
+
     with open_store(cfg) as store:
         rows = store.events(**filters, limit=limit or None, newest=True)
-        if json_:
-            for ev in rows:
-                sys.stdout.write(json.dumps(services.event_view(ev)) + "\n")
-        else:
-            render_events(rows)
-        last = rows[-1]["id"] if rows else store.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+        if not json_:
+            print_event_header()
+        for ev in rows:
+            show(ev)
+        last = rows[-1]["id"] if rows else store.max_event_id()
         while follow:
             sys.stdout.flush()
             time.sleep(0.5)
             for ev in store.events(**filters, after_id=last):
                 last = ev["id"]
-                if json_:
-                    sys.stdout.write(json.dumps(services.event_view(ev)) + "\n")
-                else:
-                    from fleetctl.cli.render import describe_event
-
-                    print(f"{services.iso(ev['ts'])} {ev['type']:<22} {ev['task_id'] or ev['agent_id'] or ''} "
-                          f"{describe_event(ev)}")  # fmt: skip
+                show(ev)
 
 
 def _since(value: str | None) -> float | None:

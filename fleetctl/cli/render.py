@@ -1,12 +1,17 @@
-"""Rich renderings for people (tables, timelines). Scripts use ``--json`` instead."""
+"""Renderings for people (tables, timelines) of the services' views. Scripts use ``--json`` instead.
+
+Tables keep ids whole, ellipsize titles and drop low-value columns first when the terminal is narrow
+(``fleetctl.cli._common.table_lines``); piped output is never cut. Values never show as Python reprs.
+"""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Sequence
+from datetime import datetime
 
-from fleetctl.cli._common import print_fields, print_table
+from fleetctl.cli._common import Col, human, output_width, print_fields, print_table, styled
 
 STATE_STYLE = {
     "queued": "cyan", "assigned": "blue", "running": "yellow", "awaiting_review": "magenta",
@@ -14,11 +19,19 @@ STATE_STYLE = {
 }  # fmt: skip
 
 
-def ago(ts: float | None, now: float | None = None) -> str:
+def ts(value: str | float | None) -> float | None:
+    """Seconds since the epoch from a view's ISO time (or a store row's float), None for None."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def ago(when: str | float | None, now: float | None = None) -> str:
     """'12s ago', '3m ago', 'in 20s' — or '' for None."""
-    if ts is None:
+    when = ts(when)
+    if when is None:
         return ""
-    delta = (now or time.time()) - ts
+    delta = (now or time.time()) - when
     future = delta < 0
     delta = abs(delta)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -30,54 +43,90 @@ def ago(ts: float | None, now: float | None = None) -> str:
     return f"in {text}" if future else f"{text} ago"
 
 
+def clock(when: str | float | None, now: float | None = None) -> str:
+    """Local wall-clock time: 'HH:MM:SS' today, 'MM-DD HH:MM' on another day."""
+    when = ts(when)
+    if when is None:
+        return ""
+    same_day = time.localtime(when)[:3] == time.localtime(now or time.time())[:3]
+    return time.strftime("%H:%M:%S" if same_day else "%m-%d %H:%M", time.localtime(when))
+
+
 def styled_state(state: str) -> str:
+    """The state in rich markup (the demo's live table)."""
     style = STATE_STYLE.get(state, "")
     return f"[{style}]{state}[/{style}]" if style else state
 
 
-def render_task_list(rows: Sequence[dict], cursor: int | None) -> None:
+def _cell_style(column: str, value: str) -> str | None:
+    return STATE_STYLE.get(value) if column in ("STATE", "STATUS", "OUTCOME") else None
+
+
+def waits(task: dict, now: float) -> str:
+    """'until 20:31:05 (in 25s)' for a queued task waiting out a retry backoff, else ''."""
+    not_before = ts(task.get("not_before"))
+    if task["state"] != "queued" or not_before is None or not_before <= now:
+        return ""
+    return f"until {clock(not_before, now)} ({ago(not_before, now)})"
+
+
+def render_task_list(items: Sequence[dict], cursor: int | None) -> None:
+    """``task list``: task views as a table; a queued task in backoff shows until when it waits."""
     now = time.time()
-    print_table(
-        None,
-        ("ID", "STATE", "PRI", "ATTEMPT", "AGENT", "NEEDS", "TITLE", "UPDATED"),
-        (
-            (t["task_id"], styled_state(t["state"]), t["priority"], f"{t['attempt']}/{t['max_attempts']}",
-             t["agent_id"] or "", ", ".join(t["requirements"]), t["title"][:60], ago(t["updated_at"], now))
-            for t in rows
-        ),
-    )  # fmt: skip
+    backoff = [waits(t, now) for t in items]
+    cols = [Col("ID", "id"), Col("STATE"), Col("PRI", drop=4), Col("ATTEMPT", drop=3), Col("AGENT", "id", drop=2),
+            Col("NEEDS", drop=5), Col("TITLE", "text", min=16), Col("UPDATED", drop=6)]  # fmt: skip
+    rows = [[t["task_id"], t["state"], t["priority"], f"{t['attempt']}/{t['max_attempts']}", t["agent_id"],
+             t["requirements"], t["title"], ago(t["updated_at"], now)] for t in items]  # fmt: skip
+    if any(backoff):
+        cols.insert(2, Col("BACKOFF", drop=1))
+        for row, b in zip(rows, backoff, strict=True):
+            row.insert(2, b)
+    print_table(None, cols, rows, _cell_style)
     if cursor is not None:
         from fleetctl.cli._common import err
 
         err(f"more: --after {cursor}")
 
 
-def render_task(task: dict, attempts: Sequence[dict], events: Sequence[dict]) -> None:
-    from fleetctl.services import iso
+def pull_request_text(pr: dict | None) -> str:
+    """'acme/tool#12', '#12' when the repository is unknown, or the URL — never 'None#12'."""
+    if not pr:
+        return ""
+    number = f"#{pr['number']}" if pr.get("number") is not None else ""
+    text = f"{pr['repo']}{number}" if pr.get("repo") else number
+    return text or pr.get("url") or ""
 
-    pr = task["pull_request"]
+
+def render_task(doc: dict) -> None:
+    """``task show``: a task detail view (``services.task_detail``)."""
+    now = time.time()
+    failure = f"{doc['failure_reason']}: {doc['failure_detail']}" if doc["failure_reason"] else ""
     print_fields(
-        f"task {task['task_id']}",
+        f"task {doc['task_id']}",
         [
-            ("state", styled_state(task["state"])), ("title", task["title"]),
-            ("repo", f"{task['repo']}#{task['issue_number']}" if task["repo"] else ""),
-            ("labels", ", ".join(task["labels"])), ("requires", ", ".join(task["requirements"])),
-            ("priority", task["priority"]), ("attempt", f"{task['attempt']} of {task['max_attempts']}"),
-            ("agent", task["agent_id"]), ("lease expires", iso(task["lease_expires_at"])),
-            ("not before", iso(task["not_before"])),
-            ("failure", f"{task['failure_reason']}: {task['failure_detail']}" if task["failure_reason"] else ""),
-            ("pull request", f"{pr.get('repo')}#{pr.get('number')}" if pr else ""),
-            ("created", iso(task["created_at"])), ("updated", iso(task["updated_at"])),
+            ("state", styled(doc["state"], STATE_STYLE.get(doc["state"]))), ("title", doc["title"]),
+            ("repo", f"{doc['repo']}#{doc['issue_number']}" if doc["repo"] else ""),
+            ("labels", doc["labels"]), ("requires", doc["requirements"]),
+            ("priority", doc["priority"]), ("attempt", f"{doc['attempt']} of {doc['max_attempts']}"),
+            ("agent", doc["agent_id"]), ("lease expires", doc["lease_expires_at"]),
+            ("not before", f"{doc['not_before']} ({waits(doc, now)})" if waits(doc, now) else doc["not_before"]),
+            ("failure", failure), ("pull request", pull_request_text(doc["pull_request"])),
+            ("created", doc["created_at"]), ("updated", doc["updated_at"]),
         ],
     )  # fmt: skip
-    if attempts:
+    if doc["attempts"]:
+        print()
         print_table(
             "attempts",
-            ("#", "AGENT", "HOST", "OUTCOME", "REASON", "STARTED", "ENDED", "WORKSPACE"),
-            ((a["attempt"], a["agent_id"], a["host_id"] or "", a["outcome"] or "(open)", a["failure_reason"] or "",
-              iso(a["started_at"]) or "", iso(a["ended_at"]) or "", a["workspace"] or "") for a in attempts),
+            [Col("#"), Col("AGENT", "id"), Col("HOST", "id", drop=4), Col("OUTCOME"), Col("REASON", drop=1),
+             Col("STARTED", drop=3), Col("ENDED", drop=2), Col("WORKSPACE", "text", drop=5, min=20)],
+            ([a["attempt"], a["agent_id"], a["host_id"], a["outcome"] or "(open)", a["failure_reason"],
+              a["started_at"], a["ended_at"], a["workspace"]] for a in doc["attempts"]),
+            _cell_style,
         )  # fmt: skip
-    render_events(events, title="events")
+    print()
+    render_events(doc["events"], title="events")
 
 
 def describe_event(ev: dict, short: bool = False) -> str:
@@ -89,7 +138,7 @@ def describe_event(ev: dict, short: bool = False) -> str:
     if t == "task.started":
         return f"in {d['workspace']}" if d.get("workspace") else "running"
     if t == "task.created":
-        return f"{d.get('title', '')!r} needs {', '.join(d.get('requirements') or []) or 'nothing special'}"
+        return f"{d.get('title', '')!r} needs {human(d.get('requirements') or []) or 'nothing special'}"
     if t == "task.assigned":
         where = f"on {d['host_id']}" if d.get("host_id") else "claimed over the API"
         return where if short else f"to {ev['agent_id']} {where}"
@@ -103,30 +152,56 @@ def describe_event(ev: dict, short: bool = False) -> str:
     if t == "task.progress":
         return d.get("message", "")
     if t.startswith("agent."):
-        return d.get("reason") or ", ".join(f"{k}={v}" for k, v in d.items() if k != "token_hash")
+        return d.get("reason") or ", ".join(f"{k}={human(v)}" for k, v in d.items() if k != "token_hash")
     return json.dumps(d, sort_keys=True)[:120] if d else ""
 
 
+#: The one event line format, for ``events`` (backlog and --follow alike), ``task show`` and ``agent show``.
+EVENT_HEADER = ("ID", "TIME", "TYPE", "TASK", "DETAIL")  # TASK: the task, else the agent
+_TYPE_WIDTH = 20  # task.awaiting_review, the longest type
+_SUBJECT_WIDTH = 12  # a generated task id (t- and ten hex digits); longer ids are never cut, they push
+
+
+def event_line(cells: Sequence[str], width: int | None) -> str:
+    ident, when, kind, subject, detail = cells
+    head = f"{ident:>6}  {when:<14}  {kind:<{_TYPE_WIDTH}}  {subject:<{_SUBJECT_WIDTH}}  "
+    if width is not None and detail:
+        detail = detail if len(head) + len(detail) <= width else detail[: max(width - len(head) - 1, 0)] + "…"
+    return (head + detail).rstrip()
+
+
+def event_cells(ev: dict) -> tuple[str, str, str, str, str]:
+    when = time.strftime("%m-%d %H:%M:%S", time.localtime(ts(ev["ts"])))
+    who = f"{ev['agent_id']}#{ev['attempt']}: " if ev["task_id"] and ev["agent_id"] and ev["attempt"] else ""
+    detail = (who + describe_event(ev, short=True)).replace("\n", " ")
+    return str(ev["id"]), when, ev["type"], ev["task_id"] or ev["agent_id"] or "", detail
+
+
+def print_event_header() -> None:
+    print(styled(event_line(EVENT_HEADER, None), "bold"))
+
+
+def print_event(ev: dict) -> None:
+    print(event_line(event_cells(ev), output_width()))
+
+
 def render_events(events: Sequence[dict], title: str | None = None) -> None:
-    """Events as a table that stays readable at 80 columns: the agent and attempt go into the detail."""
-    print_table(
-        title,
-        ("ID", "TIME", "TYPE", "TASK", "DETAIL"),
-        ((e["id"], time.strftime("%m-%d %H:%M:%S", time.localtime(e["ts"])), e["type"],
-          e["task_id"] or e["agent_id"] or "", _detail(e)) for e in events),
-    )  # fmt: skip
+    """Events, one line each, in the one format (the agent and attempt go into the detail)."""
+    if title:
+        print(styled(title, "bold"))
+    print_event_header()
+    for ev in events:
+        print_event(ev)
 
 
-def _detail(e: dict) -> str:
-    who = f"{e['agent_id']}#{e['attempt']}: " if e["task_id"] and e["agent_id"] and e["attempt"] else ""
-    return who + describe_event(e, short=True)
-
-
-def render_agents(rows: Sequence[dict]) -> None:
+def render_agents(items: Sequence[dict]) -> None:
+    """``agent list``: agent views as a table."""
     now = time.time()
     print_table(
         None,
-        ("AGENT", "TYPE", "MODE", "STATUS", "RUNNING", "CAPABILITIES", "HOST", "HEARTBEAT"),
-        ((a["agent_id"], a["agent_type"], a["mode"], a["status"], f"{a['running']}/{a['max_concurrency']}",
-          ", ".join(a["capabilities"]), a.get("host_id") or "", ago(a.get("_hb"), now)) for a in rows),
+        [Col("AGENT", "id"), Col("TYPE", drop=3), Col("MODE", drop=4), Col("STATUS"), Col("RUNNING", drop=1),
+         Col("CAPABILITIES", "text", min=14), Col("HOST", "id", drop=5), Col("HEARTBEAT", drop=2)],
+        ([a["agent_id"], a["agent_type"], a["mode"], a["status"], f"{a['running']}/{a['max_concurrency']}",
+          a["capabilities"], a.get("host_id"), ago(a.get("last_heartbeat_at"), now)] for a in items),
+        _cell_style,
     )  # fmt: skip

@@ -104,29 +104,22 @@ def task_list(
     """
     from fleetctl import services
 
-    states = _states(state or [])
     cfg = load(config)
+    items: list[dict] = []
+    cursor = after
     with open_store(cfg) as store:
-        rows = store.tasks(
-            states=states, agent_id=agent, repo=repo, after_seq=after, limit=limit + 1 if limit else None
-        )
-    more = bool(limit) and len(rows) > limit
-    rows = rows[:limit] if limit else rows
-    cursor = rows[-1]["seq"] if more else None
+        while True:  # pages of the service's size until --limit (0: all) is reached
+            size = min(services.views.MAX_PAGE, limit - len(items)) if limit else services.views.MAX_PAGE
+            page = services.list_tasks(store, states=state or (), agent_id=agent, repo=repo, cursor=cursor,
+                                       limit=size)  # fmt: skip
+            items += page["items"]
+            cursor = page["next"]
+            if cursor is None or (limit and len(items) >= limit):
+                break
     if json_:
-        print_json({"items": [services.task_view(t) for t in rows], "next": cursor})
+        print_json({"items": items, "next": cursor})
     else:
-        render_task_list(rows, cursor)
-
-
-def _states(states: list[str]) -> list[str]:
-    from fleetctl.states import TaskState
-
-    valid = {s.value for s in TaskState}
-    for s in states:
-        if s not in valid:
-            raise UsageError(f"unknown state {s!r}; choose from {', '.join(sorted(valid))}")
-    return states
+        render_task_list(items, cursor)
 
 
 @app.command("show")
@@ -140,16 +133,8 @@ def task_show(task_id: TaskIdArg, json_: JsonOpt = False, config: ConfigOpt = No
 
     cfg = load(config)
     with open_store(cfg) as store:
-        with store.read():
-            task = services.get_task(store, task_id)
-            attempts, events = store.attempts(task_id), store.events(task_id=task_id)
-    if json_:
-        doc = services.task_view(task)
-        doc["attempts"] = [services.attempt_view(a) for a in attempts]
-        doc["events"] = [services.event_view(e) for e in events]
-        print_json(doc)
-    else:
-        render_task(task, attempts, events)
+        doc = services.task_detail(store, task_id)
+    print_json(doc) if json_ else render_task(doc)
 
 
 @app.command("cancel")
