@@ -75,7 +75,7 @@ def render_task_list(items: Sequence[dict], cursor: int | None) -> None:
     now = time.time()
     backoff = [waits(t, now) for t in items]
     cols = [Col("ID", "id"), Col("STATE"), Col("PRI", drop=4), Col("ATTEMPT", drop=3), Col("AGENT", "id", drop=2),
-            Col("NEEDS", drop=5), Col("TITLE", "text", min=16), Col("UPDATED", drop=6)]  # fmt: skip
+            Col("NEEDS", drop=5), Col("TITLE", "text", min=24), Col("UPDATED", drop=6)]  # fmt: skip
     rows = [[t["task_id"], t["state"], t["priority"], f"{t['attempt']}/{t['max_attempts']}", t["agent_id"],
              t["requirements"], t["title"], ago(t["updated_at"], now)] for t in items]  # fmt: skip
     if any(backoff):
@@ -110,7 +110,8 @@ def render_task(doc: dict) -> None:
             ("labels", doc["labels"]), ("requires", doc["requirements"]),
             ("priority", doc["priority"]), ("attempt", f"{doc['attempt']} of {doc['max_attempts']}"),
             ("agent", doc["agent_id"]), ("lease expires", doc["lease_expires_at"]),
-            ("not before", f"{doc['not_before']} ({waits(doc, now)})" if waits(doc, now) else doc["not_before"]),
+            ("not before", f"{doc['not_before']} (waits out a retry backoff: {ago(doc['not_before'], now)})"
+             if waits(doc, now) else doc["not_before"]),
             ("failure", failure), ("pull request", pull_request_text(doc["pull_request"])),
             ("created", doc["created_at"]), ("updated", doc["updated_at"]),
         ],
