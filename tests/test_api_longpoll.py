@@ -84,3 +84,29 @@ def test_a_cancel_in_another_process_that_frees_the_agents_slot_wakes_its_long_p
     waiter.join(30)
     assert got[0].status_code == 200, got[0].status_code
     assert got[0].json()["task"]["task_id"] == second
+
+
+def test_a_template_that_cannot_be_rendered_never_leaves_a_claimed_task_behind(tmp_path):
+    """`config check` refuses such a template; should one reach a running server anyway, the dequeue answers
+    503 (not 500) and the claimed attempt is released at once (launch_failed, retried) — not left assigned
+    until its lease expires."""
+    from dataclasses import replace
+
+    from fleetctl.store import Store
+
+    cfg = load_config(LiveServer(tmp_path).config_path)
+    cfg = replace(cfg, orchestrator=replace(cfg.orchestrator, prompt_template="{0}"))
+    api = Api(cfg)
+    try:
+        r = _post(api, "/api/v1/agents/register", REGISTRATION_TOKEN, {"agent_id": "a", "agent_type": "t"})
+        token = json.loads(r.body)["token"]
+        task_id = json.loads(_post(api, "/api/v1/tasks", ADMIN_TOKEN, {"title": "x"}).body)["task_id"]
+        r = _post(api, "/api/v1/tasks/dequeue", token, {})
+        assert r.status == 503 and json.loads(r.body)["error"]["code"] == "bad_template", r.body
+    finally:
+        api.close()
+        api.shutdown()
+    with Store.open(cfg.orchestrator.db_path) as store:
+        task = store.task(task_id)
+        assert (task["state"], task["failure_reason"], task["agent_id"]) == ("queued", "launch_failed", None)
+        assert store.check().ok
