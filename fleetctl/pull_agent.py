@@ -56,7 +56,7 @@ from fleetctl.errors import (
     UsageError,
     ValidationFailed,
 )
-from fleetctl.executor import META, python_bin_dir, run_env, workspace_path
+from fleetctl.executors import META, python_bin_dir, run_env, workspace_path
 from fleetctl.ids import check_id
 from fleetctl.remote import REGISTRATION_TOKEN_ENV, Client, Transient, resolve_token
 
