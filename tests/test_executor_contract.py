@@ -15,7 +15,8 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -277,3 +278,65 @@ class TestExecutorContract:
         ex = factory.make()
         ex.close()
         ex.close()
+
+
+# ------------------------------------------------------------------------------------------------------
+# The passes close every executor they made, one per host, even when the pass fails (fleetctl/passes.py).
+
+
+class CountingExecutor(LocalExecutor):
+    """A local executor that counts its closes; ``fail_launch`` makes launch blow up like a bug would."""
+
+    made: list[CountingExecutor] = []
+
+    def __init__(self, fail_launch: bool = False):
+        super().__init__()
+        self.closes = 0
+        self.fail_launch = fail_launch
+        CountingExecutor.made.append(self)
+
+    def launch(self, spec: LaunchSpec) -> int:
+        if self.fail_launch:
+            raise RuntimeError("a bug in the executor")
+        return super().launch(spec)
+
+    def close(self) -> None:
+        self.closes += 1
+        super().close()
+
+
+@contextmanager
+def reaped(directory: Path) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        reap_runs(directory)
+
+
+def test_dispatch_and_sweep_make_one_executor_per_host_and_close_it_even_when_the_pass_fails(tmp_path):
+    from conftest import make_config
+
+    from fleetctl import passes, services
+    from fleetctl.config import load_config
+    from fleetctl.store import Store
+
+    agents = [{"agent_type": "ok", "agent_id": "local-ok", "max_concurrency": 3}]
+    cfg = load_config(make_config(tmp_path, agents=agents, agent_types={"ok": {"command": list(GATED),
+                                                                                "prompt": "stdin"}}))  # fmt: skip
+    CountingExecutor.made = []
+    with Store.open(cfg.orchestrator.db_path) as store, reaped(tmp_path):
+        for n in range(2):
+            services.create_task(store, cfg.orchestrator, title=f"task {n}")
+        report = passes.dispatch(store, cfg, executor_for=lambda host: CountingExecutor())
+        assert len(report.launched) == 2
+        assert [e.closes for e in CountingExecutor.made] == [1]  # one executor for the host, closed once
+
+        CountingExecutor.made = []
+        passes.sweep(store, cfg, executor_for=lambda host: CountingExecutor())
+        assert [e.closes for e in CountingExecutor.made] == [1]
+
+        CountingExecutor.made = []
+        services.create_task(store, cfg.orchestrator, title="launched by a buggy executor")
+        with pytest.raises(RuntimeError):
+            passes.dispatch(store, cfg, executor_for=lambda host: CountingExecutor(fail_launch=True))
+        assert [e.closes for e in CountingExecutor.made] == [1]
