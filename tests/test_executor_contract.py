@@ -1,10 +1,9 @@
 """The contract every executor keeps (fleetctl/executors/base.py), run against each implementation.
 
-``ExecutorContract`` is one suite parametrised over executor factories: today the local executor; the SSH
-executor joins the same ``FACTORIES`` list (its factory says how to read a file of, and signal a process
-group on, its host). Runs are small ``sh``/python commands that wait for a gate file, never for a fixed
-time; every run a test starts is reaped by process group at teardown (``reap_runs``), and nothing is
-stopped but processes the test started, by pid.
+``TestExecutorContract`` is one suite parametrised over executor factories: today the local executor;
+the SSH executor joins the same ``FACTORIES`` list. Runs are small ``sh``/python commands that wait for
+a gate file, never for a fixed time; every run a test starts is reaped by process group at teardown
+(``reap_runs``), and nothing is stopped but processes the test started, by pid.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,14 +37,17 @@ GATED = ("sh", "-c", 'n=0; while [ ! -e go ] && [ "$n" -lt 600 ]; do sleep 0.05;
 
 @dataclass
 class Factory:
-    """How the contract suite gets an executor and reaches the host it runs on."""
+    """How the contract suite gets an executor.
+
+    What the interface cannot show (a file in the workspace, a pid) the suite checks on this machine:
+    an executor's host must share its filesystem and pid namespace (the SSH executor is tested against
+    an sshd on localhost).
+    """
 
     name: str
     make: Callable[[], Executor]
     #: Python source of an expression that makes an equivalent executor in another process.
     source: str
-    read_bytes: Callable[[str], bytes] = field(default=lambda path: Path(path).read_bytes())
-    signal_group: Callable[[int, int], None] = field(default=os.killpg)
 
 
 FACTORIES = [
@@ -98,7 +100,7 @@ class TestExecutorContract:
         status = executor.probe(s.workspace)
         assert (status.exists, status.pid, status.alive, status.ended, status.vanished) == (True, pid, True, False,
                                                                                             False)  # fmt: skip
-        Path(s.workspace, "go").touch()
+        Path(f"{s.workspace}/go").touch()
         status = ended(executor, s.workspace)
         assert (status.exit_code, status.alive, status.vanished, status.pid) == (7, False, False, pid)
 
@@ -120,12 +122,12 @@ class TestExecutorContract:
         try:
             status = executor.probe(s.workspace)
             assert status.alive and status.pid == pid, status
-            Path(s.workspace, "go").touch()
+            Path(f"{s.workspace}/go").touch()
             assert ended(executor, s.workspace).exit_code == 0
         finally:
             executor.close()
 
-    def test_output_is_capped_and_a_command_printing_far_more_still_exits_normally(self, executor, factory, tmp_path):
+    def test_output_is_capped_and_a_command_printing_far_more_still_exits_normally(self, executor, tmp_path):
         # 64 KiB per line, 40 lines on each stream: 2.5 MiB each, against a 10,000-byte cap
         loud = ("sh", "-c", 'line=$(head -c 65536 /dev/zero | tr "\\0" x); i=0; '
                 'while [ $i -lt 40 ]; do echo "$line"; echo "$line" >&2; i=$((i+1)); done; echo done >&2')  # fmt: skip
@@ -133,8 +135,8 @@ class TestExecutorContract:
         executor.launch(s)
         status = ended(executor, s.workspace)
         assert status.exit_code == 0  # not 141: the command never saw SIGPIPE
-        out = factory.read_bytes(f"{s.workspace}/.fleet/stdout.log")
-        err = factory.read_bytes(f"{s.workspace}/.fleet/stderr.log")
+        out = Path(f"{s.workspace}/.fleet/stdout.log").read_bytes()
+        err = Path(f"{s.workspace}/.fleet/stderr.log").read_bytes()
         assert out == b"x" * 10_000 and err == b"x" * 10_000
         assert status.stderr_tail and set(status.stderr_tail) == {"x"}
 
@@ -146,24 +148,24 @@ class TestExecutorContract:
             ("arg", ("sh", "-c", 'printf %s "$1" > got', "sh")),
         ],
     )
-    def test_every_prompt_mode_delivers_the_prompt_byte_exact(self, executor, factory, tmp_path, mode, command):
+    def test_every_prompt_mode_delivers_the_prompt_byte_exact(self, executor, tmp_path, mode, command):
         s = spec(tmp_path, command, mode=mode)
         executor.launch(s)
         assert ended(executor, s.workspace).exit_code == 0
-        assert factory.read_bytes(f"{s.workspace}/got") == PROMPT.encode()  # trailing newlines included
-        assert factory.read_bytes(f"{s.workspace}/.fleet/prompt.md") == PROMPT.encode()
+        assert Path(f"{s.workspace}/got").read_bytes() == PROMPT.encode()  # trailing newlines included
+        assert Path(f"{s.workspace}/.fleet/prompt.md").read_bytes() == PROMPT.encode()
         assert not list(tmp_path.rglob("PWNED"))
 
-    def test_only_the_whitelisted_environment_reaches_the_run(self, executor, factory, tmp_path, monkeypatch):
+    def test_only_the_whitelisted_environment_reaches_the_run(self, executor, tmp_path, monkeypatch):
         monkeypatch.setenv("FORGEJO_ADMIN_TOKEN", "s3cret-of-the-orchestrator")
         monkeypatch.setenv("HOME", str(tmp_path))
         s = spec(tmp_path, ("sh", "-c", "env > env.txt"), extra_env={"FLEET_TASK_TOKEN": "per-attempt"})
         assert "FORGEJO_ADMIN_TOKEN" not in s.env
         executor.launch(s)
         assert ended(executor, s.workspace).exit_code == 0
-        env = dict(line.split("=", 1) for line in factory.read_bytes(f"{s.workspace}/env.txt").decode().splitlines()
+        env = dict(line.split("=", 1) for line in Path(f"{s.workspace}/env.txt").read_bytes().decode().splitlines()
                    if "=" in line)  # fmt: skip
-        assert "s3cret-of-the-orchestrator" not in factory.read_bytes(f"{s.workspace}/env.txt").decode()
+        assert "s3cret-of-the-orchestrator" not in Path(f"{s.workspace}/env.txt").read_bytes().decode()
         assert env["FLEET_TASK_TOKEN"] == "per-attempt" and env["FLEET_TASK_ID"] == "t-1"
         assert env["HOME"] == str(tmp_path)
         # the wrapper's own variables are not exported to the command
@@ -206,11 +208,11 @@ class TestExecutorContract:
         assert status == RunStatus(exists=False)
         assert not status.ended and not status.vanished and not status.alive
 
-    def test_a_run_whose_group_was_killed_from_outside_has_vanished(self, executor, factory, tmp_path):
+    def test_a_run_whose_group_was_killed_from_outside_has_vanished(self, executor, tmp_path):
         s = spec(tmp_path)
         pid = executor.launch(s)
         assert executor.probe(s.workspace).alive
-        factory.signal_group(pid, signal.SIGKILL)  # what an OOM killer or a reboot does
+        os.killpg(pid, signal.SIGKILL)  # what an OOM killer or a reboot does
         status = wait_for(lambda: (st := executor.probe(s.workspace)).vanished and st, what="the run to vanish")
         assert (status.pid, status.alive, status.exit_code) == (pid, False, None)
         assert executor.kill(s.workspace) is False
@@ -232,17 +234,17 @@ class TestExecutorContract:
             stranger.kill()
             stranger.wait()
 
-    def test_hostile_ids_and_paths_never_reach_a_shell_unquoted(self, executor, factory, tmp_path):
+    def test_hostile_ids_and_paths_never_reach_a_shell_unquoted(self, executor, tmp_path):
         hostile = "t 'x\" $(touch PWNED) `touch PWNED`; touch PWNED & |*\nz"
         ws = str(tmp_path / "ws" / hostile / "1")
         s = spec(tmp_path, ("sh", "-c", 'cat > got; n=0; while [ ! -e go ] && [ "$n" -lt 600 ]; do sleep 0.05; '
                             'n=$((n+1)); done'), task_id=hostile, workspace=ws)  # fmt: skip
         pid = executor.launch(s)
         assert executor.probe(ws).alive
-        assert factory.read_bytes(f"{ws}/.fleet/pid").strip() == str(pid).encode()
+        assert Path(f"{ws}/.fleet/pid").read_bytes().strip() == str(pid).encode()
         assert executor.kill(ws, grace_secs=1) is True
         assert executor.probe(ws).vanished
-        assert factory.read_bytes(f"{ws}/got") == PROMPT.encode()
+        assert Path(f"{ws}/got").read_bytes() == PROMPT.encode()
         assert not list(tmp_path.rglob("PWNED"))
 
     def test_a_command_that_does_not_exist_is_recorded_as_exit_127(self, executor, tmp_path):
@@ -259,20 +261,28 @@ class TestExecutorContract:
             executor.launch(s)
         assert caught.value.code == "launch_failed" and str(blocker) in caught.value.message
 
-    def test_a_bad_spec_or_a_second_launch_into_a_workspace_is_launch_failed(self, executor, tmp_path):
+    def test_a_bad_spec_is_launch_failed_before_anything_is_written(self, executor, tmp_path):
         for bad in (spec(tmp_path, mode="carrier-pigeon"), spec(tmp_path, ()), spec(tmp_path, cap=0)):
             with pytest.raises(RemoteError) as caught:
                 executor.launch(bad)
             assert caught.value.code == "launch_failed"
-        assert not Path(bad.workspace).exists()  # refused before anything was written
-        first = spec(tmp_path)
+            assert not Path(bad.workspace).exists()
+
+    def test_a_workspace_is_reused_only_once_its_run_has_ended(self, executor, tmp_path):
+        first = spec(tmp_path, (*GATED, "3"))
         pid = executor.launch(first)
         with pytest.raises(RemoteError) as caught:
             executor.launch(first)
-        assert caught.value.code == "launch_failed" and "already has a run" in caught.value.message
+        assert caught.value.code == "launch_failed" and f"already has a live run (pid {pid})" in caught.value.message
         assert executor.probe(first.workspace).pid == pid
-        Path(first.workspace, "go").touch()
-        assert ended(executor, first.workspace).exit_code == 0
+        Path(f"{first.workspace}/go").touch()
+        assert ended(executor, first.workspace).exit_code == 3
+        # the same task id and attempt again (a database started afresh): the old pid and exit status go
+        again = spec(tmp_path, ("sh", "-c", "cat > again; exit 5"))
+        executor.launch(again)
+        assert executor.probe(again.workspace).exit_code in (None, 5)  # never the old run's 3
+        assert ended(executor, again.workspace).exit_code == 5
+        assert Path(f"{again.workspace}/again").read_bytes() == PROMPT.encode()
 
     def test_close_is_idempotent(self, factory):
         ex = factory.make()

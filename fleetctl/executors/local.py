@@ -22,6 +22,7 @@ from fleetctl.errors import RemoteError
 from fleetctl.executors.base import DEFAULT_KILL_GRACE_SECS, LaunchSpec, RunStatus
 from fleetctl.executors.workspace import (
     META,
+    STALE_FILES,
     kill_argv,
     launch_problem,
     meta_files,
@@ -52,10 +53,10 @@ class LocalExecutor:
         if problem:
             raise RemoteError(f"cannot start a run in {ws}: {problem}", code="launch_failed")
         meta = ws / META
+        if (meta / "pid").exists():
+            self._clear_previous_run(ws)
         try:
             meta.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if (meta / "pid").exists():
-                raise RemoteError(f"the workspace {ws} already has a run", code="launch_failed")
             for name, data in meta_files(spec).items():
                 with os.fdopen(os.open(meta / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
                     fh.write(data)
@@ -78,6 +79,20 @@ class LocalExecutor:
                                   code="launch_failed")  # fmt: skip
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
+
+    def _clear_previous_run(self, ws: Path) -> None:
+        """A workspace used before (a database started afresh reuses task ids): refuse if its run still
+        lives, else forget that run's bookkeeping so that its pid and exit status are not taken for ours."""
+        previous = self.probe(str(ws))
+        if previous.alive:
+            raise RemoteError(f"the workspace {ws} already has a live run (pid {previous.pid})", code="launch_failed")
+        for name in STALE_FILES:
+            try:
+                (ws / META / name).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise RemoteError(f"cannot reuse workspace {ws}: {exc.strerror or exc}", code="launch_failed") from None
 
     def probe(self, workspace: str) -> RunStatus:
         """Run ``PROBE_SCRIPT`` on the workspace and parse its answer."""

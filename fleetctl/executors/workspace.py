@@ -49,6 +49,9 @@ from fleetctl.executors.base import PROMPT_MODES, LaunchSpec, RunStatus
 META = ".fleet"
 """The bookkeeping directory inside a workspace."""
 
+STALE_FILES = ("pid", "exit_status", "started_at", "report.log")
+"""What a launch into a workspace whose earlier run has ended removes first (the logs are rewritten anyway)."""
+
 TAIL_BYTES = 2000
 """How much of stderr a probe returns."""
 
