@@ -350,3 +350,17 @@ def test_dispatch_and_sweep_make_one_executor_per_host_and_close_it_even_when_th
         with pytest.raises(RuntimeError):
             passes.dispatch(store, cfg, executor_for=lambda host: CountingExecutor(fail_launch=True))
         assert [e.closes for e in CountingExecutor.made] == [1]
+
+
+def test_the_wrapper_given_an_unknown_prompt_mode_ends_with_2_instead_of_hanging(tmp_path):
+    """Launchers refuse unknown modes first; the wrapper itself must still end (its stdout reader once waited forever)."""
+    from fleetctl.executors import META, RUN_WRAPPER
+
+    (tmp_path / META).mkdir()
+    (tmp_path / META / "run.sh").write_text(RUN_WRAPPER)
+    (tmp_path / META / "prompt.md").write_text("hi")
+    done = subprocess.run(["sh", f"{META}/run.sh", "100", "carrier-pigeon", "true"], cwd=tmp_path, timeout=30,
+                          stdin=subprocess.DEVNULL, capture_output=True)  # fmt: skip
+    assert done.returncode == 2
+    assert (tmp_path / META / "exit_status").read_text() == "2\n"
+    assert b"unknown prompt mode carrier-pigeon" in (tmp_path / META / "stderr.log").read_bytes()
