@@ -9,6 +9,7 @@ real guard. Every decision is an event with its reason, and one ``key=value`` lo
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from fleetctl import services
 from fleetctl.config import Config, HostConfig, ssh_available
@@ -27,7 +28,7 @@ from fleetctl.states import AgentMode, AgentStatus, FailureReason
 from fleetctl.store import Store
 
 if TYPE_CHECKING:
-    from fleetctl.executor import Executor
+    from fleetctl.executors import Executor
 
 
 # The executor, the prompt and secrets are imported where a launch or a sweep needs them: a dispatch
@@ -49,17 +50,52 @@ def pass_lock(db_path: Path, name: str) -> Iterator[bool]:
 
 
 ExecutorFactory = Callable[[HostConfig], "Executor"]
+T = TypeVar("T")
 
 
 def default_executor(host: HostConfig) -> Executor:
     """The executor for a host: local subprocess, or SSH."""
     if host.is_local:
-        from fleetctl.executor import LocalExecutor
+        from fleetctl.executors import LocalExecutor
 
         return LocalExecutor()
     from fleetctl.ssh import SshExecutor  # imported only when an SSH host is used (fabric is slow to import)
 
     return SshExecutor(host)
+
+
+class _PassExecutors:
+    """The executors of one pass: one per host, made on first use by ``factory``, all closed by ``close``."""
+
+    def __init__(self, factory: ExecutorFactory):
+        self.factory = factory
+        self.by_host: dict[str, Executor] = {}
+
+    def __call__(self, host: HostConfig) -> Executor:
+        if host.host_id not in self.by_host:
+            self.by_host[host.host_id] = self.factory(host)
+        return self.by_host[host.host_id]
+
+    def close(self) -> None:
+        for host_id, executor in self.by_host.items():
+            try:
+                executor.close()
+            except Exception as exc:  # closing must not turn a finished pass into a failure
+                log("executor.close_failed", host=host_id, error=f"{type(exc).__name__}: {exc}")
+
+
+def _closing_executors(pass_fn: Callable[..., T]) -> Callable[..., T]:
+    """Give a pass one executor per host through its ``executor_for`` and close them all when it ends (finally)."""
+
+    @functools.wraps(pass_fn)
+    def run(store: Store, cfg: Config, *, executor_for: ExecutorFactory = default_executor, **kwargs) -> T:
+        executors = _PassExecutors(executor_for)
+        try:
+            return pass_fn(store, cfg, executor_for=executors, **kwargs)
+        finally:
+            executors.close()
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
@@ -81,6 +117,7 @@ class DispatchReport:
                 "lost_races": self.lost_races, "queued_ready": self.queued_ready}  # fmt: skip
 
 
+@_closing_executors
 def dispatch(
     store: Store,
     cfg: Config,
@@ -161,7 +198,7 @@ def plan_dispatch(
 def launch(store: Store, cfg: Config, host: HostConfig, agent_type: str, claim: services.Claim,
            executor: Executor, now: Callable[[], float]) -> dict:  # fmt: skip
     """Start a claimed attempt; on confirmed start → running, on failure → attempt fails ``launch_failed``."""
-    from fleetctl.executor import LaunchSpec, run_env, workspace_path
+    from fleetctl.executors import LaunchSpec, run_env, workspace_path
 
     orch = cfg.orchestrator
     task, token, prompt = claim.task, claim.token, claim.prompt
@@ -214,7 +251,7 @@ def task_env(cfg: Config, task: dict, token: str, ws: str, host: HostConfig) -> 
         if cfg.path is not None:
             env["FLEET_CONFIG"] = str(cfg.path)
         env["FLEET_PYTHON"] = sys.executable
-        from fleetctl.executor import python_bin_dir
+        from fleetctl.executors import python_bin_dir
 
         env["PATH"] = python_bin_dir() + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")
     return env
@@ -239,6 +276,7 @@ class SweepReport:
         return {"skipped": self.skipped, "actions": self.actions, "backoff_released": self.backoff_released}
 
 
+@_closing_executors
 def sweep(
     store: Store,
     cfg: Config,
@@ -300,7 +338,7 @@ def _sweep_agents(store: Store, cfg: Config, report: SweepReport, t: float) -> N
 
 def _sweep_attempt(store: Store, cfg: Config, report: SweepReport, att: dict, host: HostConfig | None,
                    executor: Executor | None, t: float) -> None:  # fmt: skip
-    from fleetctl.executor import workspace_path
+    from fleetctl.executors import workspace_path
 
     orch = cfg.orchestrator
     task = {"task_id": att["task_id"], "attempt": att["attempt"], "agent_id": att["agent_id"]}

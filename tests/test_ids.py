@@ -164,11 +164,9 @@ def test_hostile_text_is_stored_verbatim_and_reaches_the_prompt_byte_for_byte(fl
         assert TITLE.encode() in expected and BODY.encode() in expected
         assert ", ".join([f"agent:prompt:{m}", "retries:0", *LABELS]).encode() in expected
         got = out.read_bytes()
-        if m == "arg":  # one argument, exactly; "$(cat prompt)" in the wrapper drops trailing newlines only
+        if m == "arg":  # one argument, exactly, trailing newlines included
             assert (tmp_path / f"prompt-{m}.out.argc").read_text() == "4"
-            assert got == expected.rstrip(b"\n")
-        else:
-            assert got == expected
+        assert got == expected
         ws = Path(fleet.attempts(tasks[m])[0]["workspace"])
         assert ws == tmp_path / "ws" / tasks[m] / "1"
         assert (ws / ".fleet" / "prompt.md").read_bytes() == expected
