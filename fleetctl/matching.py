@@ -136,7 +136,8 @@ def parse_labels(labels: Iterable[str], prefix: str = "agent:") -> LabelKnobs:
             continue
         for knob in _KNOBS:
             suggestion = _near(label, knob + ":")
-            if suggestion is not None:
+            # only when the suggestion would be a valid knob: `priority/high` (a scoped label) is metadata
+            if suggestion is not None and _knob_value(knob, suggestion[len(knob) + 1 :].strip())[1] is None:
                 warnings.append(f"label {label!r} looks like a knob; did you mean {suggestion!r}? It is ignored")
                 break
     value = {name: v for name, (v, _label) in knobs.items() if name not in bad}

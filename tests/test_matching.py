@@ -122,8 +122,10 @@ def test_a_label_one_edit_from_the_prefix_gets_a_did_you_mean(label, suggestion)
 
 
 @pytest.mark.parametrize(
-    "label", ["agents", "agentic", "agent", "age:x", "magenta", "urgent:fix", "bug", "kind/agent:x", "reagent:x"]
-)
+    "label",
+    ["agents", "agentic", "agent", "age:x", "magenta", "urgent:fix", "bug", "kind/agent:x", "reagent:x",
+     "priority/high", "Priority:High", "timeouts", "retry:later"],
+)  # fmt: skip
 def test_labels_further_away_get_no_warning(label):
     assert parse_labels([label]).warnings == ()
 
