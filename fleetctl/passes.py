@@ -209,7 +209,8 @@ def launch(store: Store, cfg: Config, host: HostConfig, agent_type: str, claim: 
         atype = cfg.agent_types.get(agent_type)
         if atype is None:
             raise ConfigError(f"agent type {agent_type!r} is not configured ([agent_types.{agent_type}])")
-        env = run_env(os.environ, {**dict(atype.env), **task_env(cfg, task, token, ws, host)})
+        env = run_env(os.environ, {**dict(atype.env), **task_env(cfg, task, token, ws, host)},
+                      fleetctl_on_path=host.is_local)  # fmt: skip
         spec = LaunchSpec(task_id=task_id, attempt=attempt, workspace=ws, command=tuple(atype.command),
                           prompt=prompt, prompt_mode=atype.prompt, env=env,
                           output_cap_bytes=orch.output_cap_bytes)  # fmt: skip
@@ -228,32 +229,17 @@ def launch(store: Store, cfg: Config, host: HostConfig, agent_type: str, claim: 
 
 
 def task_env(cfg: Config, task: dict, token: str, ws: str, host: HostConfig) -> dict[str, str]:
-    """SPEC §8 item 5: what a run needs to know and to report — never the Forgejo admin token."""
-    env = {
-        "FLEET_TASK_ID": task["task_id"],
-        "FLEET_ATTEMPT": str(task["attempt"]),
-        "FLEET_AGENT_ID": task["agent_id"],
-        "FLEET_TASK_TOKEN": token,
-        "FLEET_BRANCH": f"fleet/{task['task_id']}",
-        "FLEET_WORKSPACE": ws,
-        "FLEET_PROMPT_FILE": str(Path(ws) / ".fleet" / "prompt.md"),
-    }
-    if task.get("repo"):
-        env["FLEET_REPO"] = task["repo"]
-    if task.get("issue_number"):
-        env["FLEET_ISSUE"] = str(task["issue_number"])
-    api_url = os.environ.get("FLEET_API_URL")
-    if api_url:
-        env["FLEET_API_URL"] = api_url
+    """SPEC §8 item 5: what a run needs to know and to report (``executors.fleet_env``, the same variables a
+    pull agent's run gets) — never the Forgejo admin token; on a local host also how to reach this database."""
+    from fleetctl.executors import fleet_env
+
+    env = fleet_env(task, task["attempt"], task["agent_id"], token, ws, api_url=os.environ.get("FLEET_API_URL"))
     if host.is_local:
         # a local run reports straight into this database with this fleetctl
         env["FLEET_DB_PATH"] = str(cfg.orchestrator.db_path)
         if cfg.path is not None:
             env["FLEET_CONFIG"] = str(cfg.path)
         env["FLEET_PYTHON"] = sys.executable
-        from fleetctl.executors import python_bin_dir
-
-        env["PATH"] = python_bin_dir() + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")
     return env
 
 

@@ -241,3 +241,13 @@ def test_hostile_text_is_stored_verbatim_and_reaches_the_prompt_byte_for_byte(fl
     pwned = [p for p in tmp_path.rglob("PWNED*")] + [p for p in Path("/tmp").glob("PWNED*")]
     assert pwned == [], "text from a task reached a shell"
     fleet.check_db()
+
+
+@pytest.mark.parametrize("bad", ["fix..parser", "bump.lock", "release."])
+def test_create_refuses_ids_git_cannot_branch(refused, bad):
+    assert "git cannot use it in the branch" in refused("task", "create", "--title", "t", f"--id={bad}")
+
+
+@pytest.mark.parametrize("label", ["timeout:30x", "retries:-1", "priority:abc", "timeout:0"])
+def test_create_refuses_a_knob_label_that_does_not_parse(refused, label):
+    assert label in refused("task", "create", "--title", "t", "--label", label)
