@@ -235,11 +235,26 @@ CASES: list[Bad] = [
     Bad("post-chunked", *CREATE, body=b'e\r\n{"title": "x"}\r\n0\r\n\r\n', length=False,
         headers=("Transfer-Encoding: chunked",), status=411, code="length_required"),
     Bad("post-chunked-and-length", *CREATE, body=b'{"title": "x"}', headers=("Transfer-Encoding: chunked",),
-        status=411, code="length_required"),
+        code="bad_request"),
+    Bad("post-length-and-identity-encoding", *CREATE, body=b'{"title": "x"}', headers=("Transfer-Encoding: identity",),
+        code="bad_request"),
     Bad("content-length-not-a-number", raw=b"POST /api/v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
         code="bad_request"),
     Bad("content-length-negative", raw=b"POST /api/v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
         code="bad_request"),
+    # RFC 9112 §6.3: Content-Length is 1*DIGIT (ASCII), and copies that disagree are refused, not last-wins
+    *[Bad(f"content-length-{name}", *CREATE, body=b'{"title": "smuggled"}', length=False,
+          headers=tuple(f"Content-Length: {v}" for v in values), code="bad_request")
+      for name, values in (("plus-sign", ["+21"]), ("underscore", ["2_1"]), ("leading-underscore", ["_21"]),
+                           ("trailing-underscore", ["21_"]), ("minus-zero", ["-0"]), ("hex", ["0x15"]),
+                           ("superscript-digits", ["\u00b2\u00b9"]),
+                           ("decimal-point", ["21.0"]), ("inner-space", ["2 1"]), ("empty", [""]),
+                           ("two-fields-disagree", ["21", "5"]), ("two-fields-disagree-first-right", ["5", "21"]),
+                           ("list-disagrees", ["21, 5"]), ("list-empty-member", ["21,"]),
+                           ("vertical-tab", ["\x0b21"]))],
+    Bad("content-length-two-fields-smuggle", raw=request("POST", "/api/v1/tasks", token=ADMIN_TOKEN,
+        body=b'{"title": "a"}', length=False, headers=("Content-Length: 14", "Content-Length: 0")) +
+        request("POST", "/api/v1/tasks", token=ADMIN_TOKEN, body=b'{"title": "b"}'), code="bad_request"),
     Bad("request-line-too-long", raw=b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", status=414,
         code="uri_too_long"),
     Bad("header-block-too-large", raw=b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"p" * 40_000 + b"\r\n\r\n",
@@ -369,3 +384,15 @@ def test_a_slow_client_does_not_hold_up_the_others(world):
     time.sleep(0.2)
     assert world.fingerprint() == before, "a cut-off request was acted on"
     assert send(world.port, request("GET", "/healthz"))[0] == 200
+
+
+@pytest.mark.parametrize("lengths", [["21"], ["21, 21"], ["21", "21"], [" 021 "], ["\t21"]])
+def test_content_length_copies_that_agree_are_accepted(world, lengths):
+    """RFC 9112 §6.3 allows repeated (or listed) Content-Length values when they are all the same number."""
+    body = json.dumps({"title": "framed"}).encode()  # 19 bytes … padded to 21
+    body = body[:-1] + b"  }"
+    status, _headers, answer = send(world.port, request("POST", "/api/v1/tasks", token=ADMIN_TOKEN, body=body,
+                                                        length=False,
+                                                        headers=tuple(f"Content-Length: {v}" for v in lengths)))  # fmt: skip
+    assert status == 201, answer
+    assert json.loads(answer)["title"] == "framed"

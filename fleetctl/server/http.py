@@ -32,15 +32,21 @@ CONNECTION_TIMEOUT_SECS = 60.0  # idle keep-alive and slow-client read timeout (
 
 
 class Headers:
-    """Request headers: case-insensitive ``get``; repeated headers keep the last value."""
+    """Request headers: case-insensitive ``get``; repeated headers keep the last value — except the
+    framing ones: every ``Content-Length`` value is kept in ``lengths``, so that disagreeing copies can be
+    refused (RFC 9112 §6.3) instead of one of them silently winning."""
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "lengths")
 
     def __init__(self) -> None:
         self._items: dict[str, tuple[str, str]] = {}
+        self.lengths: list[str] = []
 
     def add(self, name: str, value: str) -> None:
-        self._items[name.lower()] = (name, value)
+        key = name.lower()
+        if key == "content-length":
+            self.lengths.append(value)
+        self._items[key] = (name, value)
 
     def get(self, name: str, default: str | None = None) -> str | None:
         item = self._items.get(name.lower())
@@ -140,7 +146,7 @@ class Handler(BaseHTTPRequestHandler):
             if not sep or not name or name != name.strip() or any(c in name for c in " \t\r\n"):
                 self._send(error_response(400, "bad_request", "malformed header line"), close=True)
                 return False
-            headers.add(name, value.strip())
+            headers.add(name, value.rstrip("\r\n").strip(" \t"))  # OWS is SP and HTAB only
         else:
             self._send(error_response(431, "headers_too_large", "too many request headers"), close=True)
             return False
@@ -161,17 +167,19 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         api = self.server.api
-        length_header = self.headers.get("Content-Length")
         body = b""
-        if self.headers.get("Transfer-Encoding"):
-            self._send(error_response(411, "length_required", "send a Content-Length, not chunked"), close=True)
+        lengths = self.headers.lengths
+        if "Transfer-Encoding" in self.headers:
+            if lengths:  # RFC 9112 §6.1: a message with both is a smuggling attempt or a broken proxy
+                self._send(error_response(400, "bad_request", "Transfer-Encoding together with Content-Length"),
+                           close=True)  # fmt: skip
+            else:
+                self._send(error_response(411, "length_required", "send a Content-Length, not chunked"),
+                           close=True)  # fmt: skip
             return
-        if length_header is not None:
-            try:
-                length = int(length_header)
-                if length < 0:
-                    raise ValueError
-            except ValueError:
+        if lengths:
+            length = content_length(lengths)
+            if length is None:
                 self._send(error_response(400, "bad_request", "invalid Content-Length"), close=True)
                 return
             cap = api.body_cap(self.path)
@@ -222,6 +230,25 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         pass  # one line per action is logged by the Api, never the Authorization header
+
+
+def content_length(values: list[str]) -> int | None:
+    """The body length the ``Content-Length`` field values agree on; None if any is not 1*DIGIT or two differ.
+
+    RFC 9112 §6.3: a list (``5, 5``) or repeated fields are only acceptable when every member is the same
+    number. ``int()`` alone would also take ``+5``, ``5_0``, ``-0`` and non-ASCII digits.
+    """
+    length = None
+    for value in values:
+        for member in value.split(","):
+            member = member.strip(" \t")
+            if not member or not member.isascii() or not member.isdigit():
+                return None
+            number = int(member) if len(member) <= 18 else 10**18  # past any body cap: a 413 either way
+            if length is not None and number != length:
+                return None
+            length = number
+    return length
 
 
 def _phrase(status: int) -> str:
