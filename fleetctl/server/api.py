@@ -69,6 +69,10 @@ class Request:
     principal: Principal | None = None
     _json: Any = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        # an empty query parameter (``?status=``, ``?limit=``) counts as absent, for every handler
+        self.query = {k: kept for k, vs in self.query.items() if (kept := [v for v in vs if v])}
+
     def json(self, *, required: bool = False) -> dict:
         """The body as a JSON object ({} when empty and not required)."""
         if self._json is None:
@@ -89,6 +93,7 @@ class Request:
         return self._json
 
     def q(self, name: str) -> str | None:
+        """The last non-empty value of query parameter ``name``; None when absent or empty."""
         values = self.query.get(name)
         return values[-1] if values else None
 
