@@ -11,8 +11,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import resource
+import select
 import socket
+import socketserver
 import sys
 import threading
 import time
@@ -29,6 +34,12 @@ MAX_REQUEST_LINE = 8192
 MAX_HEADER_BYTES = 32768
 MAX_HEADERS = 100
 CONNECTION_TIMEOUT_SECS = 60.0  # idle keep-alive and slow-client read timeout (long-poll waits are ≤ 30 s)
+#: File descriptors kept free of connections, beyond those open when serving starts: two per pooled
+#: reader connection (the database file and its WAL; ``api.READER_POOL`` is 64), and room for a backup,
+#: a migration check or a log reopen. Connections are capped at the open-files limit minus this.
+FD_RESERVE = 2 * 64 + 32
+#: How long the accept loop pauses when accept() fails for want of file descriptors (instead of spinning).
+ACCEPT_BACKOFF_SECS = 0.05
 
 
 class Headers:
@@ -100,8 +111,11 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def handle_one_request(self) -> None:
+        conns = self.server.connections
+        conns[self.connection] = time.monotonic()  # idle since now: may be closed to make room
         try:
             self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            conns[self.connection] = None  # busy until the next request
             if len(self.raw_requestline) > MAX_REQUEST_LINE:
                 self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
                 self._send(error_response(414, "uri_too_long", "request line too long"), close=True)
@@ -258,19 +272,112 @@ def _phrase(status: int) -> str:
         return "Unknown"
 
 
+def connection_cap() -> int:
+    """How many connections to keep open at most: the soft open-files limit minus the descriptors open
+    now and ``FD_RESERVE`` — or, under a very low limit, a third of what is free (a connection, plus the
+    two descriptors of the reader it may borrow)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 32
+    free = soft - in_use
+    return max(free - FD_RESERVE, free // 3, 1)
+
+
 class FleetHTTPServer(ThreadingHTTPServer):
-    """A threading server with a deep listen queue, fast restarts and a graceful stop."""
+    """A threading server with a deep listen queue, fast restarts, a graceful stop and a connection cap.
+
+    Open connections are capped at ``max_connections`` (``connection_cap()``, below the open-files
+    limit): at the cap a new connection makes room by closing the longest-idle keep-alive connections;
+    if every connection is busy it is answered 503 and closed. Should accept() still fail for want of
+    descriptors (EMFILE/ENFILE) idle connections are shed and the accept loop backs off briefly instead
+    of spinning. Either is logged once per episode (``serve.connection_limit``).
+    """
 
     request_queue_size = 256
     allow_reuse_address = True
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, address: tuple[str, int], api: Api):
+    def __init__(self, address: tuple, api: Api | None = None, *, family: int = socket.AF_INET,
+                 max_connections: int | None = None):  # fmt: skip
+        self.address_family = family
         self.api = api
         self._active = 0
         self._active_lock = threading.Condition()
+        #: every open connection: the monotonic time it went idle, or None while a request is in flight
+        #: (written by its own handler thread; plain dict operations, atomic under the GIL)
+        self.connections: dict[socket.socket, float | None] = {}
+        self.max_connections = max_connections or connection_cap()
+        self._limited = 0  # in an episode of the cap or of EMFILE: the connections open when it started
         super().__init__(address, Handler)
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)  # not HTTPServer's: no reverse DNS lookup of the address
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        try:
+            return self.socket.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                idle = self._idle()
+                shed = self._shed(idle[: max(1, len(idle) // 4)])
+                self._episode("out_of_files", shed)
+                time.sleep(ACCEPT_BACKOFF_SECS)
+            raise  # socketserver drops this round; the next one accepts again
+
+    def verify_request(self, request: socket.socket, client_address: object) -> bool:
+        """Admit a new connection under the cap, closing the longest-idle ones to make room."""
+        conns = self.connections
+        over = len(conns) + 1 - self.max_connections
+        if over > 0:
+            shed = self._shed(self._idle()[:over])
+            self._episode("max_connections", shed)
+            if shed < over:  # every other connection is busy: refuse this one, quickly and in JSON
+                _refuse(request)
+                return False
+        elif self._limited and len(conns) < self._limited * 3 // 4:
+            self._limited = 0  # the episode is over; the next one is logged again
+        conns[request] = time.monotonic()
+        return True
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        self.connections.pop(request, None)
+        super().shutdown_request(request)
+
+    def _idle(self) -> list[socket.socket]:
+        """Idle connections, longest idle first, leaving out those with bytes already waiting (a request)."""
+        idle = sorted((since, id(sock), sock) for sock, since in list(self.connections.items()) if since is not None)
+        if not idle:
+            return []
+        poller = select.poll()
+        for _since, _id, sock in idle:
+            try:
+                poller.register(sock, select.POLLIN)
+            except (OSError, ValueError):  # closed meanwhile
+                pass
+        ready = {fd for fd, _events in poller.poll(0)}
+        return [sock for _since, _id, sock in idle if _fileno(sock) not in ready]
+
+    def _shed(self, socks: list[socket.socket]) -> int:
+        """Close ``socks`` (their handler threads see end-of-file and finish); how many."""
+        for sock in socks:
+            self.connections.pop(sock, None)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return len(socks)
+
+    def _episode(self, reason: str, shed: int) -> None:
+        if not self._limited:
+            self._limited = max(1, min(len(self.connections), self.max_connections))
+            log("serve.connection_limit", reason=reason, max_connections=self.max_connections,
+                open=len(self.connections), closed_idle=shed)  # fmt: skip
 
     def begin(self) -> None:
         """A request is in flight."""
@@ -296,3 +403,24 @@ class FleetHTTPServer(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:
         exc = sys.exc_info()[1]
         log("http.error", client=client_address[0], error=type(exc).__name__)
+
+
+def _fileno(sock: socket.socket) -> int:
+    try:
+        return sock.fileno()
+    except OSError:
+        return -1
+
+
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+         b"Cache-Control: no-store\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s")  # fmt: skip
+_BUSY_BODY = b'{"error":{"code":"too_many_connections","message":"every connection is busy; try again"}}'
+
+
+def _refuse(sock: socket.socket) -> None:
+    """Answer a connection over the cap without reading its request (it is closed right after)."""
+    try:
+        sock.setblocking(False)
+        sock.send(_BUSY % (len(_BUSY_BODY), _BUSY_BODY))
+    except OSError:
+        pass
