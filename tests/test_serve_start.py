@@ -4,6 +4,7 @@ address (exit 1 / exit 2) and touches no database; past the open-files limit the
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import resource
 import signal
@@ -13,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import LiveServer
+from conftest import LiveServer, wait_for
 
 
 def serve(server: LiveServer, *args: str) -> subprocess.CompletedProcess:
@@ -192,3 +193,52 @@ def test_when_accept_runs_out_of_descriptors_serve_sheds_idle_connections_instea
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(20) == 0
     assert "Traceback" not in server.stderr_path.read_text()
+
+
+def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503_and_the_server_stays_up(tmp_path):
+    server = start_with_nofile(LiveServer(tmp_path), NOFILE)
+    polls: list[socket.socket] = []
+    try:
+        cap = int(re.findall(r"max_connections=(\d+)", server.stderr_path.read_text())[-1])
+        token = server.register("busy", ["nothing-matches"])
+        body = b'{"wait": 8}'
+        dequeue = (f"POST /api/v1/tasks/dequeue HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
+        for _ in range(cap):  # every connection the server allows, each in a long-poll
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(dequeue)
+            polls.append(sock)
+        # a long-poll is busy once its request was read: wait (bounded) until a new connection is refused
+        deadline = time.monotonic() + 20
+        while True:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            try:
+                conn.request("GET", "/healthz")
+                response = conn.getresponse()
+                status, doc = response.status, response.read()
+            except (ConnectionError, OSError):
+                status, doc = None, b""
+            finally:
+                conn.close()
+            if status == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert status == 503, (status, doc)
+        assert json.loads(doc)["error"]["code"] == "too_many_connections"
+        assert response.getheader("Retry-After") == "1"
+        # once the long-polls have answered (204 after their 8 s), their idle connections make room again
+        assert wait_for(lambda: _healthz_or_none(server.port) == 200, timeout=30, what="healthz 200 again")
+        assert server.proc.poll() is None
+    finally:
+        for sock in polls:
+            sock.close()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(20) == 0
+    assert "Traceback" not in server.stderr_path.read_text()
+
+
+def _healthz_or_none(port: int) -> int | None:
+    try:
+        return healthz(port, timeout=5)
+    except (ConnectionError, OSError):
+        return None
