@@ -131,7 +131,7 @@ def dispatch(
             if host.host_id not in usable and host.agents:
                 log("host.unsupported", host=host.host_id, reason="SSH execution is not available in this version")
         pairs, slots = plan_dispatch(store, t0, limit, hosts=usable)
-        report.queued_ready = _count_ready(store, t0)
+        report.queued_ready = store.count_ready(t0)
         by_agent = {s.agent_id: s for s in slots}
         specs = {spec.agent_id: (host, spec) for host, spec in cfg.agent_specs()}
         for task_id, agent_id in pairs:
@@ -139,21 +139,20 @@ def dispatch(
             if dry_run:
                 continue
             host, spec = specs[agent_id]
-            import secrets
-
-            token = secrets.token_urlsafe(24)
-            claimed = store.claim(
-                agent_id=agent_id, capabilities=by_agent[agent_id].capabilities,
-                max_concurrency=spec.max_concurrency, lease_secs=cfg.orchestrator.lease_secs, ts=now(),
-                task_id=task_id,
-                extra={"host_id": host.host_id, "token_hash": services.hash_token(token)},
-            )  # fmt: skip
-            if claimed is None:
+            slot = by_agent[agent_id]
+            agent = {"agent_id": agent_id, "capabilities": slot.capabilities, "max_concurrency": spec.max_concurrency}
+            try:
+                claim = services.claim_task(store, cfg, agent, task_id=task_id, host_id=host.host_id, now=now())
+            except ConfigError as exc:  # the prompt template (config check refuses it first); attempt released
+                report.failed.append({"task_id": task_id, "agent_id": agent_id, "ok": False, "error": exc.message})
+                log("task.launch_failed", task=task_id, agent=agent_id, error=exc.message)
+                continue
+            if claim is None:
                 report.lost_races += 1
                 log("dispatch.lost_race", task=task_id, agent=agent_id)
                 continue
-            log("task.assigned", task=task_id, agent=agent_id, attempt=claimed["attempt"], host=host.host_id)
-            outcome = launch(store, cfg, host, spec.agent_type, claimed, token, executor_for(host), now)
+            log("task.assigned", task=task_id, agent=agent_id, attempt=claim.attempt, host=host.host_id)
+            outcome = launch(store, cfg, host, spec.agent_type, claim, executor_for(host), now)
             (report.launched if outcome.get("ok") else report.failed).append(outcome)
     return report
 
@@ -179,33 +178,19 @@ def plan_dispatch(
         ]
         if not any(s.free > 0 for s in slots):
             return [], slots
-        sql = ("SELECT task_id, requirements FROM tasks INDEXED BY tasks_claim WHERE state='queued' "
-               "AND (not_before IS NULL OR not_before <= ?) ORDER BY priority DESC, seq")  # fmt: skip
-        tasks = [QueuedTask(r[0], tuple(_json_list(r[1]))) for r in store.execute(sql, (ts,))]
+        tasks = [QueuedTask(task_id, tuple(reqs)) for task_id, reqs in store.ready_tasks(ts)]
     pairs = plan(tasks, [AgentSlot(s.agent_id, s.capabilities, s.max_concurrency, s.running, s.idle_since)
                          for s in slots], now=ts)  # fmt: skip
     return (pairs[:limit] if limit is not None else pairs), slots
 
 
-def _json_list(text: str) -> list[str]:
-    import json
-
-    return json.loads(text)
-
-
-def _count_ready(store: Store, ts: float) -> int:
-    return store.execute(
-        "SELECT count(*) FROM tasks WHERE state='queued' AND (not_before IS NULL OR not_before <= ?)", (ts,)
-    ).fetchone()[0]
-
-
-def launch(store: Store, cfg: Config, host: HostConfig, agent_type: str, task: dict, token: str,
+def launch(store: Store, cfg: Config, host: HostConfig, agent_type: str, claim: services.Claim,
            executor: Executor, now: Callable[[], float]) -> dict:  # fmt: skip
     """Start a claimed attempt; on confirmed start → running, on failure → attempt fails ``launch_failed``."""
     from fleetctl.executor import LaunchSpec, run_env, workspace_path
-    from fleetctl.prompt import render_prompt
 
     orch = cfg.orchestrator
+    task, token, prompt = claim.task, claim.token, claim.prompt
     task_id, attempt, agent_id = task["task_id"], task["attempt"], task["agent_id"]
     ws = workspace_path(host.work_dir, task_id, attempt)
     result = {"task_id": task_id, "attempt": attempt, "agent_id": agent_id, "host_id": host.host_id, "workspace": ws}
@@ -213,10 +198,6 @@ def launch(store: Store, cfg: Config, host: HostConfig, agent_type: str, task: d
         atype = cfg.agent_types.get(agent_type)
         if atype is None:
             raise ConfigError(f"agent type {agent_type!r} is not configured ([agent_types.{agent_type}])")
-        try:
-            prompt = render_prompt(task, attempt, orch.prompt_template, cfg.forgejo.url)
-        except (ValueError, IndexError) as exc:
-            raise ConfigError(f"orchestrator.prompt_template is not a valid template: {exc}") from None
         env = run_env(os.environ, {**dict(atype.env), **task_env(cfg, task, token, ws, host)})
         spec = LaunchSpec(task_id=task_id, attempt=attempt, workspace=ws, command=tuple(atype.command),
                           prompt=prompt, prompt_mode=atype.prompt, env=env,
@@ -309,10 +290,7 @@ def sweep(
                 executors[host.host_id] = executor_for(host)
             _sweep_attempt(store, cfg, report, att, host, executors.get(att["host_id"]), t)
         _stop_cancelled_runs(store, cfg, report, hosts, executors, executor_for, now())
-        report.backoff_released = store.execute(
-            "SELECT count(*) FROM tasks WHERE state='queued' AND not_before IS NOT NULL AND not_before <= ?",
-            (now(),),
-        ).fetchone()[0]
+        report.backoff_released = store.count_backoff_released(now())
     return report
 
 
@@ -320,12 +298,9 @@ def _stop_cancelled_runs(store: Store, cfg: Config, report: SweepReport, hosts: 
                          executors: dict[str, Executor], executor_for: ExecutorFactory, t: float) -> None:  # fmt: skip
     """Kill the runs of attempts that were cancelled while running on a host (their process may live on)."""
     window = 2 * cfg.orchestrator.task_timeout_secs
-    rows = store.execute(
-        "SELECT task_id, attempt, agent_id, host_id, workspace FROM attempts "
-        "WHERE outcome='cancelled' AND host_id IS NOT NULL AND workspace IS NOT NULL AND ended_at >= ?",
-        (t - window,),
-    ).fetchall()
-    for task_id, attempt, agent_id, host_id, ws in rows:
+    for run in store.cancelled_runs_since(t - window):
+        task_id, attempt, agent_id, host_id, ws = (run[k] for k in ("task_id", "attempt", "agent_id", "host_id",
+                                                                    "workspace"))  # fmt: skip
         host = hosts.get(host_id)
         if host is None:
             continue

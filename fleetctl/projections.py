@@ -15,6 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleetctl.errors import InvalidTransition
+from fleetctl.states import Transition, next_state
+
 TASK_COLUMNS = (
     "task_id", "seq", "state", "title", "body", "labels", "requirements", "priority", "repo",
     "issue_number", "attempt", "max_attempts", "timeout_secs", "agent_id", "lease_expires_at",
@@ -59,11 +62,26 @@ def _blank(columns: tuple[str, ...]) -> dict[str, Any]:
 
 
 def apply(p: Projections, ev: dict[str, Any]) -> None:
-    """Apply one event (``id, ts, type, task_id, agent_id, attempt, data``) to ``p`` in place."""
+    """Apply one event (``id, ts, type, task_id, agent_id, attempt, data``) to ``p`` in place.
+
+    An event that changes a task's state must be a legal transition from the state the task is in
+    (``fleetctl.states.TRANSITIONS``): otherwise ``ReplayError`` — the store refuses it on write, and
+    ``db check`` reports it on replay.
+    """
     kind = ev["type"]
     handler = _HANDLERS.get(kind)
     if handler is None:
         return  # informational events (e.g. task.progress, receipt notes) change no projection
+    transition = _TRANSITION_EVENTS.get(kind)
+    if transition is not None:
+        state = _task(p, ev)["state"]
+        try:
+            next_state(state, transition)
+        except InvalidTransition as exc:
+            raise ReplayError(
+                f"event {ev.get('id')} ({kind}) on task {ev['task_id']!r} is not a legal transition from "
+                f"{state}: {exc.message}"
+            ) from None
     handler(p, ev, ev["data"] or {})
     if kind.startswith("task.") and ev["task_id"] in p.tasks:
         p.tasks[ev["task_id"]]["updated_at"] = ev["ts"]
@@ -209,11 +227,15 @@ def _agent_updated(p: Projections, ev: dict, d: dict) -> None:
     agent["updated_at"] = ev["ts"]
 
 
-def _agent_status(status: str):
+def _agent_status(status: str, *, fields: bool = False):
     def handler(p: Projections, ev: dict, d: dict) -> None:
         agent = p.agents.get(ev["agent_id"])
         if agent is None:
             raise ReplayError(f"event {ev.get('id')}: unknown agent {ev['agent_id']!r}")
+        if fields:  # e.g. a deregistration revokes the token: {"token_hash": null}
+            for key, value in d.items():
+                if key in AGENT_FIELDS:
+                    agent[key] = value
         agent["status"] = status
         agent["updated_at"] = ev["ts"]
 
@@ -236,8 +258,12 @@ _HANDLERS = {
     "agent.online": _agent_status("online"),
     "agent.offline": _agent_status("offline"),
     "agent.draining": _agent_status("draining"),
-    "agent.deregistered": _agent_status("offline"),
+    "agent.deregistered": _agent_status("offline", fields=True),
 }
+
+#: Event types that are task state transitions (``task.<transition>``), checked against the table.
+_TRANSITION_EVENTS = {f"task.{t.value}": t for t in Transition}
+assert set(_TRANSITION_EVENTS) <= set(_HANDLERS), "every transition has a reducer"
 
 #: Every event type the reducer knows (others are informational).
 STATEFUL_EVENT_TYPES = frozenset(_HANDLERS)

@@ -31,16 +31,16 @@ LEASED = frozenset({TaskState.ASSIGNED, TaskState.RUNNING, TaskState.AWAITING_RE
 
 
 class Transition(StrEnum):
-    """The kinds of change a task can go through; each is also an event type ``task.<kind>``."""
+    """The kinds of change a task can go through, named after their event: ``Transition.X`` is ``task.x``."""
 
-    ASSIGN = "assigned"
-    START = "started"
-    AWAIT_REVIEW = "awaiting_review"
-    COMPLETE = "completed"
-    RETRY_LATER = "requeued"  # attempt failed, attempts remain: back to queued with backoff
-    FAIL = "failed"  # attempt failed, none remain (or must not be retried)
-    CANCEL = "cancelled"
-    REQUEUE = "retried"  # operator retry / issue re-opened: a new attempt budget
+    ASSIGNED = "assigned"  # queued → assigned: an agent claimed it
+    STARTED = "started"  # assigned → running: the run started
+    AWAITING_REVIEW = "awaiting_review"  # a receipt naming an open pull request was accepted
+    COMPLETED = "completed"  # done (receipt without a required pull request, or the pull request merged)
+    REQUEUED = "requeued"  # the attempt failed and attempts remain: back to queued, with backoff
+    FAILED = "failed"  # the attempt failed and none remain (or it must not be retried)
+    CANCELLED = "cancelled"  # operator cancel, issue closed or unlabelled
+    RETRIED = "retried"  # operator retry / issue re-opened: queued again with a new attempt budget
 
 
 class FailureReason(StrEnum):
@@ -70,38 +70,40 @@ Q, A, R, W, C, F, X = (
 
 #: (from state, transition) -> to state. Anything not listed is refused.
 TRANSITIONS: dict[tuple[TaskState, Transition], TaskState] = {
-    (Q, Transition.ASSIGN): A,
-    (A, Transition.START): R,
-    (A, Transition.AWAIT_REVIEW): W,
-    (R, Transition.AWAIT_REVIEW): W,
-    (A, Transition.COMPLETE): C,
-    (R, Transition.COMPLETE): C,
-    (W, Transition.COMPLETE): C,
-    (A, Transition.RETRY_LATER): Q,
-    (R, Transition.RETRY_LATER): Q,
-    (W, Transition.RETRY_LATER): Q,
-    (A, Transition.FAIL): F,
-    (R, Transition.FAIL): F,
-    (W, Transition.FAIL): F,
-    (F, Transition.REQUEUE): Q,
-    (X, Transition.REQUEUE): Q,
-    (Q, Transition.CANCEL): X,
-    (A, Transition.CANCEL): X,
-    (R, Transition.CANCEL): X,
-    (W, Transition.CANCEL): X,
+    (Q, Transition.ASSIGNED): A,
+    (A, Transition.STARTED): R,
+    (A, Transition.AWAITING_REVIEW): W,
+    (R, Transition.AWAITING_REVIEW): W,
+    (A, Transition.COMPLETED): C,
+    (R, Transition.COMPLETED): C,
+    (W, Transition.COMPLETED): C,
+    (A, Transition.REQUEUED): Q,
+    (R, Transition.REQUEUED): Q,
+    (W, Transition.REQUEUED): Q,
+    (A, Transition.FAILED): F,
+    (R, Transition.FAILED): F,
+    (W, Transition.FAILED): F,
+    (F, Transition.RETRIED): Q,
+    (X, Transition.RETRIED): Q,
+    (Q, Transition.CANCELLED): X,
+    (A, Transition.CANCELLED): X,
+    (R, Transition.CANCELLED): X,
+    (W, Transition.CANCELLED): X,
 }
 
 
 def next_state(state: TaskState | str, kind: Transition | str) -> TaskState:
-    """The state after ``kind`` from ``state``, or ``InvalidTransition`` if the table forbids it."""
+    """The state after ``kind`` from ``state``, or ``InvalidTransition`` if the table forbids it.
+
+    The refusal is said the way an operator thinks ("only failed or cancelled tasks can be retried"),
+    never in the table's internal names.
+    """
     state, kind = TaskState(state), Transition(kind)
     try:
         return TRANSITIONS[(state, kind)]
     except KeyError:
-        allowed = sorted(k.value for (s, k) in TRANSITIONS if s == state)
-        hint = f"; allowed from {state.value}: {', '.join(allowed)}" if allowed else " (terminal state)"
         raise InvalidTransition(
-            f"cannot {_VERBS[kind]} a task that is {state.value}{hint}",
+            f"cannot {_VERBS[kind]} a task that is {_SAID[state]}: {_RULE[kind]}",
             details={"state": state.value, "transition": kind.value},
         ) from None
 
@@ -112,15 +114,29 @@ def from_states(kind: Transition | str) -> frozenset[TaskState]:
     return frozenset(s for (s, k) in TRANSITIONS if k == kind)
 
 
+_SAID = {s: s.value.replace("_", " ") for s in TaskState}
+
 _VERBS = {
-    Transition.ASSIGN: "assign",
-    Transition.START: "start",
-    Transition.AWAIT_REVIEW: "put up for review",
-    Transition.COMPLETE: "complete",
-    Transition.RETRY_LATER: "re-queue after a failed attempt",
-    Transition.FAIL: "fail",
-    Transition.CANCEL: "cancel",
-    Transition.REQUEUE: "retry",
+    Transition.ASSIGNED: "assign",
+    Transition.STARTED: "start",
+    Transition.AWAITING_REVIEW: "put up for review",
+    Transition.COMPLETED: "complete",
+    Transition.REQUEUED: "re-queue after a failed attempt",
+    Transition.FAILED: "fail",
+    Transition.CANCELLED: "cancel",
+    Transition.RETRIED: "retry",
+}
+
+#: Each transition's rule in an operator's words (tests/test_states.py checks they match the table).
+_RULE = {
+    Transition.ASSIGNED: "only queued tasks can be assigned",
+    Transition.STARTED: "only assigned tasks can start running",
+    Transition.AWAITING_REVIEW: "only assigned or running tasks can hand in a receipt",
+    Transition.COMPLETED: "only assigned, running or awaiting review tasks can complete",
+    Transition.REQUEUED: "only assigned, running or awaiting review tasks have an attempt that can fail",
+    Transition.FAILED: "only assigned, running or awaiting review tasks have an attempt that can fail",
+    Transition.CANCELLED: "completed, failed and cancelled tasks cannot be cancelled",
+    Transition.RETRIED: "only failed or cancelled tasks can be retried",
 }
 
 

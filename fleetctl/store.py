@@ -37,26 +37,39 @@ from fleetctl.projections import (
     apply,
 )
 from fleetctl.schema import MIGRATION_NAMES, MIGRATION_SET, MIGRATIONS_TABLE
+from fleetctl.states import ACTIVE, TERMINAL, AgentStatus, TaskState
 
 MIN_SQLITE = (3, 35, 0)
-#: Events after which a task may be claimable: waiting dequeuers are woken when one commits.
-WAKE_EVENTS = frozenset({"task.created", "task.requeued", "task.retried", "task.updated"})
+#: Events after which work may be claimable — a task queued or released, or an agent's slot or status
+#: freed: waiting dequeuers (in this process and, through ``fleetctl.wake``, in others) are woken when
+#: one commits. Only claims and starts, which take capacity, and informational events do not wake.
+WAKE_EVENTS = frozenset({
+    "task.created", "task.updated", "task.requeued", "task.retried", "task.cancelled", "task.failed",
+    "task.completed", "task.awaiting_review", "agent.registered", "agent.updated", "agent.online",
+})  # fmt: skip
 BUSY_TIMEOUT_MS = 5000
-ACTIVE_STATES = ("assigned", "running")
 
 
+def _in(states: Iterable[str]) -> str:
+    """``('a','b')`` for an SQL ``IN`` over state names (names from the enums, never from input)."""
+    return "(" + ", ".join(f"'{TaskState(s).value}'" for s in states) + ")"
+
+
+_ACTIVE = _in(ACTIVE)  # holding an agent's capacity
+_OPEN = _in(set(TaskState) - TERMINAL)  # not completed, failed or cancelled
+#: The one "queued and ready" condition (past its backoff), for claims, planning and counts.
+_READY = f"state = '{TaskState.QUEUED.value}' AND (not_before IS NULL OR not_before <= :now)"
 _CLAIM_ELIGIBLE = (
-    "state = 'queued' AND (not_before IS NULL OR not_before <= :now) AND NOT EXISTS ("
+    f"{_READY} AND NOT EXISTS ("
     "SELECT 1 FROM json_each(tasks.requirements) AS r "
     "WHERE r.value NOT IN (SELECT value FROM json_each(:caps)))"
 )
 _CLAIM_SQL = (
-    "UPDATE tasks SET state='assigned', agent_id=:agent, attempt=attempt+1, lease_expires_at=:lease, "
-    "not_before=NULL, attempt_started_at=:now, updated_at=:now "
+    f"UPDATE tasks SET state='{TaskState.ASSIGNED.value}', agent_id=:agent, attempt=attempt+1, "
+    "lease_expires_at=:lease, not_before=NULL, attempt_started_at=:now, updated_at=:now "
     f"WHERE {{target}} AND {_CLAIM_ELIGIBLE} "
-    "AND EXISTS (SELECT 1 FROM agents WHERE agent_id=:agent AND status='online') "
-    "AND (SELECT count(*) FROM tasks AS t2 WHERE t2.agent_id=:agent "
-    "     AND t2.state IN ('assigned','running')) < :max "
+    f"AND EXISTS (SELECT 1 FROM agents WHERE agent_id=:agent AND status='{AgentStatus.ONLINE.value}') "
+    f"AND (SELECT count(*) FROM tasks AS t2 WHERE t2.agent_id=:agent AND t2.state IN {_ACTIVE}) < :max "
     "RETURNING *"
 )
 #: The best eligible task: priority, then age, on the partial index of queued tasks.
@@ -111,7 +124,7 @@ def _decode_row(row: sqlite3.Row | None) -> dict[str, Any] | None:
     return out
 
 
-def _translate(exc: sqlite3.Error, path: Path) -> FleetError:
+def translate_error(exc: sqlite3.Error, path: Path) -> FleetError:
     """A sqlite3 error as the domain error an operator can act on."""
     msg = str(exc).lower()
     if "locked" in msg or "busy" in msg:
@@ -179,7 +192,7 @@ class Store:
             conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                    check_same_thread=False)  # fmt: skip
         except sqlite3.Error as exc:
-            raise _translate(exc, path) from None
+            raise translate_error(exc, path) from None
         conn.row_factory = sqlite3.Row
         store = cls(conn, path)
         try:
@@ -192,7 +205,7 @@ class Store:
             store._check_schema(migrate=migrate)
         except sqlite3.Error as exc:
             conn.close()
-            raise _translate(exc, path) from None
+            raise translate_error(exc, path) from None
         except FleetError:
             conn.close()
             raise
@@ -271,7 +284,7 @@ class Store:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise _translate(exc, self.path) from None
+            raise translate_error(exc, self.path) from None
         self._wake = False
         try:
             yield self
@@ -284,7 +297,7 @@ class Store:
         except sqlite3.Error as exc:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
-            raise _translate(exc, self.path) from None
+            raise translate_error(exc, self.path) from None
         if self._wake:
             from fleetctl.wake import notify
 
@@ -303,6 +316,35 @@ class Store:
             if self.conn.in_transaction:
                 self.conn.execute("COMMIT")
 
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
+    def savepoint(self, name: str) -> None:
+        """``SAVEPOINT name`` inside the current write (the server's writer gives each request its own)."""
+        self.execute(f"SAVEPOINT {_ident(name)}")
+
+    def rollback_to(self, name: str) -> None:
+        """Undo what was written since ``savepoint(name)`` (the savepoint stays open)."""
+        self.execute(f"ROLLBACK TO {_ident(name)}")
+
+    def release(self, name: str) -> None:
+        """Keep what was written since ``savepoint(name)`` as part of the enclosing transaction."""
+        self.execute(f"RELEASE {_ident(name)}")
+
+    def end_read(self) -> None:
+        """End a read transaction left open (before a pooled connection is reused)."""
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    def set_autocheckpoint(self, pages: int) -> None:
+        """``PRAGMA wal_autocheckpoint`` of this connection (0: its commits never checkpoint)."""
+        self.execute(f"PRAGMA wal_autocheckpoint={int(pages)}")
+
+    def checkpoint(self) -> tuple[int, int, int] | None:
+        """A PASSIVE WAL checkpoint on this connection (see ``wal_checkpoint``)."""
+        return wal_checkpoint(self.conn)
+
     def execute(self, sql: str, params: Sequence | dict = ()) -> sqlite3.Cursor:
         """Run one statement, with sqlite3 errors turned into domain errors."""
         try:
@@ -310,7 +352,7 @@ class Store:
         except sqlite3.IntegrityError:
             raise
         except sqlite3.Error as exc:
-            raise _translate(exc, self.path) from None
+            raise translate_error(exc, self.path) from None
 
     # ------------------------------------------------------------------ events
 
@@ -449,7 +491,9 @@ class Store:
             task_id, agent_id, attempt = row["task_id"], row["agent_id"], row["attempt"]
             ev = {"id": ids[task_id], "ts": r.ts, "type": "task.assigned", "task_id": task_id,
                   "agent_id": agent_id, "attempt": attempt, "data": data}  # fmt: skip
-            p = Projections(tasks={task_id: dict(row)}, agents={agent_id: {"last_assigned_at": None}})
+            # the reducer starts from the row as it was before its UPDATE (queued), like any other write
+            p = Projections(tasks={task_id: {**row, "state": TaskState.QUEUED.value}},
+                            agents={agent_id: {"last_assigned_at": None}})  # fmt: skip
             apply(p, ev)
             if p.tasks[task_id] != row:  # the SQL claim and the reducer must agree, always
                 raise StoreError(f"internal error: claim of {task_id} disagrees with the event reducer")
@@ -498,9 +542,7 @@ class Store:
 
     def running_counts(self) -> dict[str, int]:
         """Tasks holding each agent's capacity (assigned or running)."""
-        rows = self.execute(
-            "SELECT agent_id, count(*) FROM tasks WHERE state IN ('assigned','running') GROUP BY agent_id"
-        )
+        rows = self.execute(f"SELECT agent_id, count(*) FROM tasks WHERE state IN {_ACTIVE} GROUP BY agent_id")
         return {r[0]: r[1] for r in rows}
 
     def attempts(self, task_id: str) -> list[dict]:
@@ -515,7 +557,7 @@ class Store:
             "SELECT a.*, t.state AS task_state, t.timeout_secs, t.attempt_started_at, t.lease_expires_at, "
             "ag.mode AS agent_mode FROM attempts a JOIN tasks t ON t.task_id=a.task_id AND t.attempt=a.attempt "
             "LEFT JOIN agents ag ON ag.agent_id=a.agent_id "
-            "WHERE a.ended_at IS NULL AND t.state IN ('assigned','running')"
+            f"WHERE a.ended_at IS NULL AND t.state IN {_ACTIVE}"
         )
 
     def events(
@@ -544,6 +586,91 @@ class Store:
         rows = self.execute(sql, params).fetchall()
         out = [{**dict(r), "data": json.loads(r["data"])} for r in rows]
         return out[::-1] if newest else out
+
+    def active_task_for_issue(self, repo: str, issue_number: int, *, exclude: str | None = None) -> str | None:
+        """The id of the task for ``repo#issue_number`` that is not terminal (other than ``exclude``), if any."""
+        row = self.execute(
+            f"SELECT task_id FROM tasks WHERE repo=? AND issue_number=? AND state IN {_OPEN} AND task_id IS NOT ?",
+            (repo, issue_number, exclude),
+        ).fetchone()
+        return row[0] if row else None
+
+    def ready_tasks(self, ts: float) -> list[tuple[str, list[str]]]:
+        """``(task_id, requirements)`` of the queued tasks past their backoff, best first (for planning)."""
+        sql = (
+            f"SELECT task_id, requirements FROM tasks INDEXED BY tasks_claim WHERE {_READY} ORDER BY priority DESC, seq"
+        )
+        return [(r[0], _loads(r[1])) for r in self.execute(sql, {"now": ts})]
+
+    def count_ready(self, ts: float) -> int:
+        """Queued tasks past their backoff."""
+        return self.execute(f"SELECT count(*) FROM tasks WHERE {_READY}", {"now": ts}).fetchone()[0]
+
+    def count_backoff_released(self, ts: float) -> int:
+        """Queued tasks that waited out a backoff and are ready now."""
+        return self.execute(
+            f"SELECT count(*) FROM tasks WHERE {_READY} AND not_before IS NOT NULL", {"now": ts}
+        ).fetchone()[0]
+
+    def next_backoff_end(self, ts: float) -> float | None:
+        """When the earliest backoff of a queued task ends, if one is still waiting at ``ts``."""
+        return self.execute(
+            f"SELECT min(not_before) FROM tasks WHERE state='{TaskState.QUEUED.value}' AND not_before > ?", (ts,)
+        ).fetchone()[0]
+
+    def agent_by_token_hash(self, token_hash: str) -> dict | None:
+        """The agent whose current token has this hash."""
+        return self._one("SELECT * FROM agents WHERE token_hash=?", (token_hash,))
+
+    def attempt_by_token_hash(self, token_hash: str) -> dict | None:
+        """``{task_id, attempt, agent_id}`` of the attempt whose task token has this hash."""
+        return self._one("SELECT task_id, attempt, agent_id FROM attempts WHERE token_hash=?", (token_hash,))
+
+    def has_attempt_by(self, task_id: str, agent_id: str) -> bool:
+        """Whether ``agent_id`` ever held an attempt of ``task_id``."""
+        sql = "SELECT 1 FROM attempts WHERE task_id=? AND agent_id=? LIMIT 1"
+        return self.execute(sql, (task_id, agent_id)).fetchone() is not None
+
+    def touch_agent(self, agent_id: str, ts: float) -> None:
+        """Record a sign of life (volatile: not an event, SPEC §3)."""
+        self.execute("UPDATE agents SET last_heartbeat_at=? WHERE agent_id=?", (ts, agent_id))
+
+    def extend_leases(self, agent_id: str, until: float) -> None:
+        """Extend the leases of every task ``agent_id`` holds (volatile: not an event, SPEC §3)."""
+        self.execute(f"UPDATE tasks SET lease_expires_at=? WHERE agent_id=? AND state IN {_ACTIVE}", (until, agent_id))
+
+    def ended_attempts_of(self, agent_id: str, since: float) -> list[dict]:
+        """Attempts of ``agent_id`` that ended (failed or cancelled) since ``since`` and were not handed in by it:
+        ``task_id, attempt, outcome, failure_reason`` (a heartbeat tells the agent to stop their runs)."""
+        return self._all(
+            "SELECT task_id, attempt, outcome, failure_reason FROM attempts WHERE agent_id=? AND ended_at >= ? "
+            "AND outcome IN ('failed', 'cancelled') ORDER BY ended_at",
+            (agent_id, since),
+        )
+
+    def cancelled_runs_since(self, since: float) -> list[dict]:
+        """Attempts on a host that were cancelled since ``since`` (their process may live on: the sweep kills it)."""
+        return self._all(
+            "SELECT task_id, attempt, agent_id, host_id, workspace FROM attempts WHERE outcome='cancelled' "
+            "AND host_id IS NOT NULL AND workspace IS NOT NULL AND ended_at >= ?",
+            (since,),
+        )
+
+    def assignment(self, task_id: str, attempt: int) -> dict:
+        """The data of the ``task.assigned`` event of an attempt ({} if there is none)."""
+        row = self.execute(
+            "SELECT data FROM events WHERE task_id=? AND attempt=? AND type='task.assigned' ORDER BY id DESC LIMIT 1",
+            (task_id, attempt),
+        ).fetchone()
+        return _loads(row[0]) if row else {}
+
+    def max_event_id(self) -> int:
+        """The id of the newest event (0 when there is none)."""
+        return self.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+
+    def ping(self) -> None:
+        """A cheap read that fails (``StoreError``) when the database cannot be read."""
+        self.execute("SELECT 1 FROM tasks LIMIT 1").fetchall()
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Tasks by state and agents by status."""
@@ -616,10 +743,29 @@ class Store:
             finally:
                 target.close()
         except sqlite3.Error as exc:
-            raise _translate(exc, dest) from None
+            raise translate_error(exc, dest) from None
         except OSError as exc:
             raise StoreError(f"cannot write the backup {dest}: {exc.strerror}", code="store_io") from None
         return dest
+
+
+def _ident(name: str) -> str:
+    if not name.isidentifier():
+        raise ValueError(f"not an SQL identifier: {name!r}")
+    return name
+
+
+def wal_checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int] | None:
+    """``PRAGMA wal_checkpoint(PASSIVE)``: (busy, WAL pages, pages copied), or None if it failed."""
+    try:
+        return tuple(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
+    except sqlite3.Error:
+        return None  # busy or failing: the next round (or another process's autocheckpoint) catches up
+
+
+def connect_raw(path: Path) -> sqlite3.Connection:
+    """A bare autocommit connection that never waits for locks (the server's checkpointer thread)."""
+    return sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
 
 
 def _where(*conditions: tuple[str, list] | None) -> tuple[str, list]:

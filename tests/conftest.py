@@ -400,3 +400,11 @@ def stop_cleanly(server: LiveServer) -> str:
     assert code == 0, f"fleetctl serve exited {code}: {log[-2000:]}"
     assert "internal_error" not in log and "Traceback" not in log, log[-4000:]
     return log
+
+
+def config_of(orch, **forgejo) -> Any:
+    """A whole ``Config`` around orchestrator settings (services that decide policy take the whole config)."""
+    from fleetctl.config import Config, ForgejoConfig, MatrixConfig, ServerConfig
+
+    return Config(server=ServerConfig(), forgejo=ForgejoConfig(**forgejo), orchestrator=orch, hosts=(),
+                  agent_types={}, matrix=MatrixConfig())  # fmt: skip

@@ -54,7 +54,7 @@ with open(out, "w") as fh:
 CHURN = """
 import sys, time
 from fleetctl import services
-from fleetctl.config import OrchestratorConfig
+from fleetctl.config import Config, ForgejoConfig, MatrixConfig, OrchestratorConfig, ServerConfig
 from fleetctl.store import Store
 
 db, prefix = sys.argv[1:3]
@@ -77,7 +77,7 @@ for i in range(200_000):
     if i % 3 == 0:
         services.fail_attempt(store, orch, row["task_id"], "agent_error", "churn", **fence)
     else:
-        services.complete_task(store, orch, row["task_id"], {"outcome": "success", "summary": "ok"}, **fence)
+        services.complete_task(store, Config(ServerConfig(), ForgejoConfig(), orch, (), {}, MatrixConfig()), row["task_id"], {"outcome": "success", "summary": "ok"}, **fence)
 """
 
 

@@ -13,6 +13,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from conftest import config_of
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -120,8 +121,8 @@ class FleetMachine(RuleBasedStateMachine):
         elif op == "complete":
             receipt = {"outcome": outcome, "summary": "s",
                        "artifacts": [{"kind": "pull_request", "repo": "acme/app", "number": 5}] if with_pr else []}  # fmt: skip
-            self.tolerate(services.complete_task, self.store, self.orch, task_id, receipt,
-                         require_pull_request=require_pr, **fence)  # fmt: skip
+            cfg = config_of(self.orch, url="http://forge.invalid" if require_pr else None)  # policy from the config
+            self.tolerate(services.complete_task, self.store, cfg, task_id, receipt, **fence)
         elif op == "fail":
             self.tolerate(services.fail_attempt, self.store, self.orch, task_id, reason, "random failure", **fence)
         elif op == "progress":
@@ -161,7 +162,7 @@ class FleetMachine(RuleBasedStateMachine):
         else:
             receipt = {"outcome": "failure" if step == "failure" else "success", "summary": step, "artifacts":
                        [{"kind": "pull_request", "number": 3}] if step == "pull_request" else []}  # fmt: skip
-            services.complete_task(self.store, self.orch, task["task_id"], receipt, **fence, now=self.tick())
+            services.complete_task(self.store, config_of(self.orch), task["task_id"], receipt, **fence, now=self.tick())
 
     @precondition(lambda self: self.store.tasks(states=("assigned", "running")))
     @rule(data=st.data())

@@ -7,11 +7,12 @@ exactly the stored projections.
 from __future__ import annotations
 
 import pytest
+from conftest import config_of
 
 from fleetctl import services
 from fleetctl.config import OrchestratorConfig
 from fleetctl.errors import Conflict, InvalidTransition, LeaseLost, NotFound, UsageError, ValidationFailed
-from fleetctl.states import AgentStatus
+from fleetctl.states import AgentStatus, FailureReason
 
 PR = {"kind": "pull_request", "repo": "acme/app", "number": 7}
 OK = {"outcome": "success", "summary": "done"}
@@ -116,7 +117,7 @@ def test_create_refuses_bad_input(store, orch, kwargs):
 
 def test_complete_success_without_pr(store, orch, agent):
     running(store, orch)
-    result = services.complete_task(store, orch, "t1", OK, agent_id="a1", attempt=1, now=300.0)
+    result = services.complete_task(store, config_of(orch), "t1", OK, agent_id="a1", attempt=1, now=300.0)
     assert not result.repeated and result.task["state"] == "completed"
     att = store.attempt("t1", 1)
     assert (att["outcome"], att["ended_at"], att["receipt"]["summary"]) == ("completed", 300.0, "done")
@@ -125,7 +126,7 @@ def test_complete_success_without_pr(store, orch, agent):
 
 def test_complete_with_pr_awaits_review(store, orch, agent):
     running(store, orch, repo="acme/app", issue_number=9)
-    result = services.complete_task(store, orch, "t1", {**OK, "artifacts": [PR]}, agent_id="a1", attempt=1)
+    result = services.complete_task(store, config_of(orch), "t1", {**OK, "artifacts": [PR]}, agent_id="a1", attempt=1)
     assert result.task["state"] == "awaiting_review"
     assert result.task["pull_request"] == {"kind": "pull_request", "repo": "acme/app", "number": 7}
 
@@ -137,7 +138,7 @@ def test_complete_by_someone_without_the_lease_changes_nothing(store, orch, agen
     running(store, orch)
     before = store.events()
     with pytest.raises(LeaseLost) as err:
-        services.complete_task(store, orch, "t1", OK, agent_id=agent_id, attempt=attempt)
+        services.complete_task(store, config_of(orch), "t1", OK, agent_id=agent_id, attempt=attempt)
     assert err.value.code == "lease_lost" and err.value.http_status == 409
     assert store.events() == before and store.task("t1")["state"] == "running"
 
@@ -146,24 +147,24 @@ def test_complete_of_a_never_claimed_task_is_a_conflict_not_a_usage_error(store,
     """Found by test_property: no attempt given, task at attempt 0 → was UsageError 'attempt must be positive'."""
     services.create_task(store, orch, title="x", task_id="t1")
     with pytest.raises(LeaseLost, match="task is queued"):
-        services.complete_task(store, orch, "t1", OK)
+        services.complete_task(store, config_of(orch), "t1", OK)
     with pytest.raises(UsageError, match="attempt must be a positive integer"):  # an explicit bad attempt still is
-        services.complete_task(store, orch, "t1", OK, attempt=0)
+        services.complete_task(store, config_of(orch), "t1", OK, attempt=0)
     assert types(store) == ["task.created"]
 
 
 def test_repeated_identical_completion_records_nothing_twice(store, orch, agent):
     running(store, orch)
-    first = services.complete_task(store, orch, "t1", OK, agent_id="a1", attempt=1, now=300.0)
+    first = services.complete_task(store, config_of(orch), "t1", OK, agent_id="a1", attempt=1, now=300.0)
     events = store.events()
-    again = services.complete_task(store, orch, "t1", dict(OK), agent_id="a1", attempt=1, now=400.0)
+    again = services.complete_task(store, config_of(orch), "t1", dict(OK), agent_id="a1", attempt=1, now=400.0)
     assert again.repeated and again.task == first.task
     assert store.events() == events
     with pytest.raises(LeaseLost):  # a different receipt after completion is a late write
-        services.complete_task(store, orch, "t1", {"outcome": "success", "summary": "other"}, agent_id="a1",
+        services.complete_task(store, config_of(orch), "t1", {"outcome": "success", "summary": "other"}, agent_id="a1",
                                attempt=1)  # fmt: skip
     with pytest.raises(LeaseLost):  # … and so is the same receipt from another agent
-        services.complete_task(store, orch, "t1", OK, agent_id="a2", attempt=1)
+        services.complete_task(store, config_of(orch), "t1", OK, agent_id="a2", attempt=1)
     assert store.events() == events
 
 
@@ -173,35 +174,38 @@ def test_late_completion_after_requeue_and_reassignment(store, orch, agent):
     requeued = services.fail_attempt(store, orch, "t1", "timeout", agent_id="a1", attempt=1, now=220.0)
     assert claim(store, "a2", ts=requeued["not_before"])["attempt"] == 2
     with pytest.raises(LeaseLost):
-        services.complete_task(store, orch, "t1", OK, agent_id="a1", attempt=1)
+        services.complete_task(store, config_of(orch), "t1", OK, agent_id="a1", attempt=1)
     with pytest.raises(LeaseLost):
         services.start_task(store, "t1", agent_id="a1", attempt=1)
     with pytest.raises(LeaseLost):
         services.report_progress(store, "t1", "still here", agent_id="a1", attempt=1)
     task = store.task("t1")
     assert (task["state"], task["agent_id"], task["attempt"]) == ("assigned", "a2", 2)
-    assert services.complete_task(store, orch, "t1", OK, agent_id="a2", attempt=2).task["state"] == "completed"
+    assert (
+        services.complete_task(store, config_of(orch), "t1", OK, agent_id="a2", attempt=2).task["state"] == "completed"
+    )
 
 
 def test_failure_receipt_requeues_with_backoff_then_fails_when_budget_is_spent(store, orch, agent):
     running(store, orch, labels=("agent:python", "retries:1"))
     bad = {"outcome": "failure", "summary": "tests fail"}
-    t = services.complete_task(store, orch, "t1", bad, agent_id="a1", attempt=1, now=300.0).task
+    t = services.complete_task(store, config_of(orch), "t1", bad, agent_id="a1", attempt=1, now=300.0).task
     assert (t["state"], t["failure_reason"], t["agent_id"]) == ("queued", "agent_error", None)
     assert 300.0 + 15 <= t["not_before"] <= 300.0 + 30  # 30 s base with half of it jitter
     assert store.attempt("t1", 1)["outcome"] == "failed"
     assert claim(store, ts=t["not_before"] - 1) is None
     assert claim(store, ts=t["not_before"])["attempt"] == 2
-    t = services.complete_task(store, orch, "t1", bad, agent_id="a1", attempt=2, now=400.0).task
+    t = services.complete_task(store, config_of(orch), "t1", bad, agent_id="a1", attempt=2, now=400.0).task
     assert (t["state"], t["failure_reason"], t["not_before"]) == ("failed", "agent_error", None)
     assert types(store).count("task.requeued") == 1 and types(store)[-1] == "task.failed"
     assert "no attempts left (2 of 2 used)" in store.events(task_id="t1")[-1]["data"]["why"]
 
 
 def test_pull_request_required_rejection_commits_the_failed_attempt(store, orch, agent):
-    running(store, orch)
+    running(store, orch, repo="acme/app", issue_number=9)  # a Forgejo task: the config requires a pull request
     with pytest.raises(ValidationFailed) as err:
-        services.complete_task(store, orch, "t1", OK, agent_id="a1", attempt=1, require_pull_request=True, now=300.0)
+        services.complete_task(store, config_of(orch, url="http://forge.invalid"), "t1", OK, agent_id="a1",
+                               attempt=1, now=300.0)  # fmt: skip
     assert err.value.code == "receipt_invalid" and err.value.details["state"] == "queued"
     t = store.task("t1")
     assert (t["state"], t["failure_reason"]) == ("queued", "receipt_invalid")
@@ -214,7 +218,7 @@ def test_pull_request_in_another_repository_is_refused(store, orch, agent):
     running(store, orch, repo="acme/app", issue_number=1)
     foreign = {**OK, "artifacts": [{"kind": "pull_request", "repo": "evil/fork", "number": 1}]}
     with pytest.raises(ValidationFailed, match="not in the task's repository acme/app"):
-        services.complete_task(store, orch, "t1", foreign, agent_id="a1", attempt=1)
+        services.complete_task(store, config_of(orch), "t1", foreign, agent_id="a1", attempt=1)
     assert store.task("t1")["failure_reason"] == "receipt_invalid"
 
 
@@ -222,7 +226,7 @@ def test_malformed_receipt_changes_nothing(store, orch, agent):
     running(store, orch)
     before = store.events()
     with pytest.raises(UsageError):
-        services.complete_task(store, orch, "t1", {"outcome": "maybe"}, agent_id="a1", attempt=1)
+        services.complete_task(store, config_of(orch), "t1", {"outcome": "maybe"}, agent_id="a1", attempt=1)
     assert store.events() == before
 
 
@@ -239,8 +243,8 @@ def test_start_is_fenced_and_idempotent(store, orch, agent):
 
 
 def test_pr_closed_fails_without_retry(store, orch, agent):
-    running(store, orch)
-    services.complete_task(store, orch, "t1", {**OK, "artifacts": [PR]}, agent_id="a1", attempt=1)
+    running(store, orch, repo="acme/app", issue_number=9)
+    services.complete_task(store, config_of(orch), "t1", {**OK, "artifacts": [PR]}, agent_id="a1", attempt=1)
     t = services.fail_attempt(store, orch, "t1", "pr_closed", "closed without merge", now=500.0)
     assert (t["state"], t["failure_reason"], t["attempt"], t["max_attempts"]) == ("failed", "pr_closed", 1, 3)
 
@@ -259,7 +263,7 @@ def test_cancel_from_each_live_state_and_not_from_terminal(store, orch, agent):
     with pytest.raises(InvalidTransition, match="cannot cancel a task that is cancelled"):
         services.cancel_task(store, "r")
     with pytest.raises(LeaseLost):  # the cancelled run's agent can no longer report
-        services.complete_task(store, orch, "r", OK, agent_id="a1", attempt=1)
+        services.complete_task(store, config_of(orch), "r", OK, agent_id="a1", attempt=1)
     with pytest.raises(NotFound):
         services.cancel_task(store, "nope")
 
@@ -283,8 +287,8 @@ def test_retry_of_cancelled_and_refusals(store, orch, agent):
     services.cancel_task(store, "t1")
     assert services.retry_task(store, orch, "t1")["state"] == "queued"
     running(store, orch, "t2")
-    services.complete_task(store, orch, "t2", OK, agent_id="a1", attempt=1)
-    with pytest.raises(InvalidTransition, match=r"completed \(terminal state\)"):
+    services.complete_task(store, config_of(orch), "t2", OK, agent_id="a1", attempt=1)
+    with pytest.raises(InvalidTransition, match=r"completed: only failed or cancelled tasks can be retried"):
         services.retry_task(store, orch, "t2")
 
 
@@ -336,9 +340,10 @@ def test_heartbeat_reports_cancelled_attempts(store, orch, agent):
 
 
 def test_going_offline_fails_active_attempts_with_agent_lost(store, orch, agent):
-    services.create_task(store, orch, title="review", task_id="t4", labels=["agent:python"], now=150.0)
+    services.create_task(store, orch, title="review", task_id="t4", labels=["agent:python"], now=150.0,
+                         repo="acme/app", issue_number=4)  # fmt: skip
     claim(store, task_id="t4")
-    services.complete_task(store, orch, "t4", {**OK, "artifacts": [PR]}, agent_id="a1", attempt=1)
+    services.complete_task(store, config_of(orch), "t4", {**OK, "artifacts": [PR]}, agent_id="a1", attempt=1)
     running(store, orch, "t1")
     services.create_task(store, orch, title="assigned", task_id="t2", labels=["agent:python"], now=150.0)
     claim(store, task_id="t2")
@@ -361,11 +366,57 @@ def test_going_offline_fails_active_attempts_with_agent_lost(store, orch, agent)
 
 def test_deregister_and_draining(store, orch, agent):
     running(store, orch)
-    services.set_agent_status(store, orch, "a1", AgentStatus.DRAINING, "operator", now=300.0)
+    services.drain_agent(store, orch, "a1", now=300.0)
     assert store.task("t1")["state"] == "running"  # draining finishes what it has
-    services.set_agent_status(store, orch, "a1", AgentStatus.OFFLINE, "deregistered", now=310.0)
+    assert store.agent("a1")["token_hash"] is not None
+    services.deregister_agent(store, config_of(orch), "a1", now=310.0)
     assert store.events(agent_id="a1", types=["agent.*"])[-1]["type"] == "agent.deregistered"
     assert store.task("t1")["failure_reason"] == "agent_lost"
+    assert store.agent("a1")["token_hash"] is None  # the token is revoked: coming back takes a registration
+    assert store.check().ok
+
+
+def test_resume_brings_a_drained_agent_back(store, orch, agent):
+    services.drain_agent(store, orch, "a1", now=300.0)
+    assert services.resume_agent(store, orch, "a1", now=301.0)["status"] == "online"
+    assert services.resume_agent(store, orch, "a1", now=302.0)["status"] == "online"  # no-op when online
+    services.deregister_agent(store, config_of(orch), "a1", now=303.0)
+    with pytest.raises(Conflict, match="offline, not drained"):
+        services.resume_agent(store, orch, "a1")
+
+
+def test_an_agent_of_the_configuration_cannot_be_deregistered(store, orch):
+    from fleetctl.config import AgentSpec, HostConfig
+
+    cfg = config_of(orch)
+    host = HostConfig(host_id="local", hostname="localhost", local=True, work_dir="/tmp/w",
+                      agents=(AgentSpec(agent_id="local.a", agent_type="example", capabilities=("x",)),))  # fmt: skip
+    cfg = type(cfg)(**{**vars(cfg), "hosts": (host,)})
+    services.register_agent(store, "local.a", agent_type="example", capabilities=["x"], mode="ssh_cli",
+                            host_id="local", issue_token=False)  # fmt: skip
+    with pytest.raises(Conflict, match="defined in the configuration") as err:
+        services.deregister_agent(store, cfg, "local.a")
+    assert "agent drain local.a" in err.value.message and store.agent("local.a")["status"] == "online"
+
+
+def test_mode_change_to_ssh_cli_revokes_the_pull_token(store, orch, agent):
+    assert store.agent("a1")["token_hash"] is not None
+    services.register_agent(store, "a1", agent_type="codex-cli", mode="ssh_cli", host_id="h", allow_mode_change=True)
+    assert store.agent("a1")["token_hash"] is None and store.check().ok
+
+
+def test_heartbeat_lists_every_attempt_the_agent_must_stop(store, orch, agent):
+    """Timed out, cancelled or lost while the agent still runs it: the reply says stop (and why)."""
+    running(store, orch, "t1")
+    running(store, orch, "t2")
+    running(store, orch, "t3")
+    services.heartbeat(store, orch, "a1", now=300.0)
+    services.expire_or_time_out(store, orch, store.task("t1"), FailureReason.TIMEOUT, "over", now=310.0)
+    services.cancel_task(store, "t2", now=311.0)
+    reply = services.heartbeat(store, orch, "a1", now=320.0)
+    assert reply["stop"] == [{"task_id": "t1", "attempt": 1, "reason": "timeout"},
+                             {"task_id": "t2", "attempt": 1, "reason": "cancelled"}]  # fmt: skip
+    assert reply["cancelled"] == ["t1", "t2"]
 
 
 def test_settle_run_fails_an_open_attempt_by_exit_status(store, orch, agent):
@@ -391,3 +442,63 @@ def test_a_registration_cannot_take_over_an_agent_of_another_mode(store):
                                          allow_mode_change=True)  # fmt: skip
     assert converted.agent["mode"] == "http_pull" and converted.token
     assert store.check().ok
+
+
+def test_a_pull_request_receipt_on_a_task_without_a_repository_completes_it(store, orch, agent):
+    """No issue and no repository: nothing would ever follow the pull request to its merge, so the task does
+    not wait in awaiting_review forever; the pull request is kept as the record (docs/architecture.md)."""
+    running(store, orch)
+    pr = {"kind": "pull_request", "url": "https://forge.example.org/acme/app/pulls/12"}
+    t = services.complete_task(store, config_of(orch), "t1", {**OK, "artifacts": [pr]}, agent_id="a1", attempt=1).task
+    assert t["state"] == "completed"
+    assert t["pull_request"]["number"] == 12 and t["pull_request"]["repo"] == "acme/app"
+    assert store.check().ok
+
+
+def test_a_second_receipt_for_an_attempt_awaiting_review_says_so(store, orch, agent):
+    running(store, orch, repo="acme/app", issue_number=9)
+    services.complete_task(store, config_of(orch), "t1", {**OK, "artifacts": [PR]}, agent_id="a1", attempt=1)
+    with pytest.raises(LeaseLost) as err:
+        services.complete_task(store, config_of(orch), "t1", {**OK, "summary": "other"}, agent_id="a1", attempt=1)
+    assert "already handed in its receipt" in err.value.message and "awaiting review" in err.value.message
+    assert "no longer holds" not in err.value.message
+
+
+def test_status_running_with_a_too_long_message_changes_nothing(store, orch, agent):
+    """One transaction: the refused message must not leave the task started (the CLI did two)."""
+    services.create_task(store, orch, title="w", task_id="t1", labels=["agent:python"], now=150.0)
+    store.claim(agent_id="a1", capabilities=["python"], max_concurrency=1, lease_secs=300, ts=200.0)
+    before = len(store.events())
+    with pytest.raises(UsageError):
+        services.report_status(store, orch, "t1", "running", "x" * 5000, agent_id="a1", attempt=1, now=210.0)
+    assert store.task("t1")["state"] == "assigned" and len(store.events()) == before
+    t = services.report_status(store, orch, "t1", "running", "started", agent_id="a1", attempt=1, now=211.0)
+    assert t["state"] == "running" and [e["type"] for e in store.events()[-2:]] == ["task.started", "task.progress"]
+
+
+def test_an_attempt_is_settled_with_the_retry_policy_it_was_launched_with(store, orch, agent, tmp_path):
+    """The run wrapper's process may load another (default) configuration: the backoff is the launcher's."""
+    from fleetctl.config import OrchestratorConfig
+
+    fast = OrchestratorConfig(db_path=tmp_path / "fleet.db", retry_backoff_secs=0.5, retry_backoff_max_secs=1)
+    services.create_task(store, fast, title="w", task_id="t1", labels=["agent:python"], now=100.0)
+    claim = services.claim_task(store, config_of(fast), store.agent("a1"), now=200.0)
+    assert claim is not None and claim.prompt and claim.token
+    slow = OrchestratorConfig(db_path=tmp_path / "fleet.db")  # retry_backoff_secs = 30
+    t = services.settle_run(store, slow, "t1", 1, 1, now=300.0)
+    assert t["state"] == "queued" and t["not_before"] - 300.0 <= 1.0
+
+
+def test_illegal_transition_events_are_refused_on_write_and_reported_on_replay(store, orch):
+    """The reducer applies the transition table: task.started on a cancelled task is never stored, and a
+    log that has one (written behind the store's back) fails db check."""
+    services.create_task(store, orch, title="w", task_id="t1", now=1.0)
+    services.cancel_task(store, "t1", now=2.0)
+    with pytest.raises(InvalidTransition):
+        with store.write():
+            store.emit("task.started", ts=3.0, task_id="t1")
+    assert store.task("t1")["state"] == "cancelled" and store.check().ok
+    store.execute("INSERT INTO events (ts, type, task_id, data) VALUES (3.0, 'task.started', 't1', '{}')")
+    report = store.check()
+    assert not report.ok and any("not a legal transition" in p for p in report.problems)
+    store.execute("DELETE FROM events WHERE type = 'task.started'")  # untamper, for the fixture's own check

@@ -19,6 +19,7 @@ from fleetctl import store as store_mod
 from fleetctl.errors import StoreBusy, StoreError
 from fleetctl.projections import AGENT_COLUMNS, ATTEMPT_COLUMNS, TASK_COLUMNS
 from fleetctl.schema import MIGRATION_NAMES, MIGRATION_SET, MIGRATIONS_TABLE, migrations
+from fleetctl.states import AgentStatus
 from fleetctl.store import Store
 
 # Written out from the schema rather than read from it: a migration that changes a table shows up here.
@@ -456,7 +457,7 @@ def test_claim_respects_backoff_status_and_named_task(store, orch):
     assert requeued["state"] == "queued" and requeued["not_before"] > 4.0
     assert claim(requeued["not_before"] - 0.001) is None  # still backing off
     assert claim(requeued["not_before"], task_id="nope") is None
-    services.set_agent_status(store, orch, "a1", services.AgentStatus.DRAINING, "operator", now=5.0)
+    services.set_agent_status(store, orch, "a1", AgentStatus.DRAINING, "operator", now=5.0)
     assert claim(requeued["not_before"]) is None  # draining agents take nothing new
     services.register_agent(store, "a1", agent_type="x", max_concurrency=5, now=6.0)
     got = claim(requeued["not_before"], task_id="t1")

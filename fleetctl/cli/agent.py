@@ -114,13 +114,15 @@ def agent_heartbeat(
         )
 
 
-def _set_status(agent_id: str, status: str, reason: str, json_: bool, config) -> None:
+def _set_status(agent_id: str, action: str, json_: bool, config) -> None:
     from fleetctl import services
-    from fleetctl.states import AgentStatus
 
     cfg = load(config)
     with open_store(cfg) as store:
-        agent = services.set_agent_status(store, cfg.orchestrator, agent_id, AgentStatus(status), reason)
+        if action == "deregister":
+            agent = services.deregister_agent(store, cfg, agent_id, by="operator")
+        else:
+            agent = services.drain_agent(store, cfg.orchestrator, agent_id)
         view = _views(store, [agent])[0]
     if json_:
         print_json(view)
@@ -135,7 +137,7 @@ def agent_deregister(agent_id: AgentIdArg, json_: JsonOpt = False, config: Confi
 
     Example: fleetctl agent deregister builder-1
     """
-    _set_status(agent_id, "offline", "deregistered", json_, config)
+    _set_status(agent_id, "deregister", json_, config)
 
 
 @app.command("drain")
@@ -145,7 +147,7 @@ def agent_drain(agent_id: AgentIdArg, json_: JsonOpt = False, config: ConfigOpt 
 
     Example: fleetctl agent drain builder-1
     """
-    _set_status(agent_id, "draining", "drained by operator", json_, config)
+    _set_status(agent_id, "drain", json_, config)
 
 
 @app.command("list")

@@ -43,7 +43,7 @@ def events(
                 sys.stdout.write(json.dumps(services.event_view(ev)) + "\n")
         else:
             render_events(rows)
-        last = rows[-1]["id"] if rows else store.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+        last = rows[-1]["id"] if rows else store.max_event_id()
         while follow:
             sys.stdout.flush()
             time.sleep(0.5)

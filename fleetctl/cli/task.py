@@ -209,10 +209,7 @@ def task_complete(
     else:
         cfg = load(config)
         with open_store(cfg) as store:
-            task = services.get_task(store, task_id)
-            require = cfg.forgejo.require_pull_request and bool(task["repo"]) and bool(cfg.forgejo.url)
-            result = services.complete_task(store, cfg.orchestrator, task_id, doc, agent_id=agent, attempt=attempt,
-                                            require_pull_request=require)  # fmt: skip
+            result = services.complete_task(store, cfg, task_id, doc, agent_id=agent, attempt=attempt)
         out = {**services.task_view(result.task), "repeated": result.repeated}
     if json_:
         print_json(out)
@@ -279,10 +276,8 @@ def task_status(
         return
     cfg = load(config)
     with open_store(cfg) as store:
-        if status == "running":
-            task = services.start_task(store, task_id, agent_id=agent, attempt=attempt)
-        if message or status == "progress":
-            task = services.report_progress(store, task_id, message, agent_id=agent, attempt=attempt)
+        task = services.report_status(store, cfg.orchestrator, task_id, status, message, agent_id=agent,
+                                      attempt=attempt)  # fmt: skip
     _done(task, json_)
 
 

@@ -13,7 +13,6 @@ import hmac
 import json
 import queue
 import re
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -27,12 +26,11 @@ from fleetctl.config import Config
 from fleetctl.errors import FleetError, Forbidden, LeaseLost, NotFound, StoreBusy, Unauthorized, UsageError
 from fleetctl.ids import check_id
 from fleetctl.log import log
-from fleetctl.prompt import render_prompt
 from fleetctl.server.http import Response, error_response, json_response
 from fleetctl.server.metrics import Metrics
 from fleetctl.server.writer import Writer
-from fleetctl.states import AgentMode, AgentStatus, TaskState
-from fleetctl.store import ClaimRequest, Store
+from fleetctl.states import AgentMode, AgentStatus
+from fleetctl.store import Store
 
 MAX_WAIT_SECS = 30.0
 READER_POOL = 64
@@ -314,15 +312,11 @@ class Api:
         gen = self._principals_gen
         principal = None
         with self.reader() as store:
-            agent = store._one("SELECT * FROM agents WHERE token_hash=?", (digest,))
+            agent = store.agent_by_token_hash(digest)
             if agent:
                 principal = Principal("agent", agent_id=agent["agent_id"], agent=agent)
-            else:
-                row = store.execute(
-                    "SELECT task_id, attempt, agent_id FROM attempts WHERE token_hash=?", (digest,)
-                ).fetchone()
-                if row:
-                    principal = Principal("task", agent_id=row[2], task_id=row[0], attempt=row[1])
+            elif row := store.attempt_by_token_hash(digest):
+                principal = Principal("task", agent_id=row["agent_id"], task_id=row["task_id"], attempt=row["attempt"])
         if principal is not None and gen == self._principals_gen:  # unknown tokens are never cached
             if len(self._principals) >= AUTH_CACHE_MAX:
                 self._principals = {}
@@ -347,8 +341,7 @@ class Api:
         with self.reader() as store:
             if store.task(task_id) is None:
                 raise NotFound(f"no task {task_id!r}", code="task_not_found")
-            held = store.execute("SELECT 1 FROM attempts WHERE task_id=? AND agent_id=? LIMIT 1",
-                                 (task_id, p.agent_id)).fetchone()  # fmt: skip
+            held = store.has_attempt_by(task_id, p.agent_id)
         if not held:
             raise Forbidden(f"task {task_id} is not assigned to agent {p.agent_id}")
         return p.agent_id, None
@@ -358,7 +351,7 @@ class Api:
     def healthz(self, req: Request) -> Response:
         try:
             with self.reader() as store:
-                store.execute("SELECT 1 FROM tasks LIMIT 1").fetchall()
+                store.ping()
         except FleetError as exc:
             return json_response(503, {"status": "unavailable", "version": __version__, "database": exc.message})
         return json_response(200, {"status": "ok", "version": __version__, "database": "ok"})
@@ -401,29 +394,22 @@ class Api:
         finally:
             self.forget_agent(agent_id)
         return json_response(200, {"agent": self._agent_view(result["agent"]), "cancelled": result["cancelled"],
+                                   "stop": result["stop"],
                                    "heartbeat_interval_secs": self.orch.heartbeat_interval_secs})  # fmt: skip
 
     def agents_deregister(self, req: Request) -> Response:
         req.json()
         agent_id = req.principal.agent_id
         try:
-            agent = self.write(lambda s: services.set_agent_status(s, self.orch, agent_id, AgentStatus.OFFLINE,
-                                                                   "deregistered", now=self.clock()))  # fmt: skip
+            agent = self.write(lambda s: services.deregister_agent(s, self.cfg, agent_id, by="agent", now=self.clock()))
         finally:
             self.forget_agent(agent_id)
         return json_response(200, self._agent_view(agent))
 
     def agents_list(self, req: Request) -> Response:
-        status, mode, capability = req.q("status"), req.q("mode"), req.q("capability")
-        if status is not None and status not in {s.value for s in AgentStatus}:
-            raise UsageError("status must be online, offline or draining", code="invalid_query")
-        if mode is not None and mode not in {m.value for m in AgentMode}:
-            raise UsageError("mode must be http_pull or ssh_cli", code="invalid_query")
         with self.reader() as store:
-            agents = [a for a in store.agents(status=status, mode=mode)
-                      if capability is None or capability in a["capabilities"]]  # fmt: skip
-            running = store.running_counts()
-        items = [services.agent_view(a, running.get(a["agent_id"], 0)) for a in agents]
+            items = services.list_agents(store, status=req.q("status"), mode=req.q("mode"),
+                                         capability=req.q("capability"))  # fmt: skip
         return json_response(200, {"items": items, "next": None})
 
     def _agent_view(self, agent: dict) -> dict:
@@ -435,18 +421,12 @@ class Api:
 
     def tasks_list(self, req: Request) -> Response:
         states = [s for v in req.query.get("state", []) for s in v.split(",") if s]
-        valid = {s.value for s in TaskState}
-        bad = [s for s in states if s not in valid]
-        if bad:
-            raise UsageError(f"unknown state {bad[0]!r}", code="invalid_query")
         limit = _query_int(req, "limit", 100, 1, 1000)
         cursor = _query_int(req, "cursor", None, 0, 2**62)
-        agent_id = req.q("agent_id")
-        repo = req.q("repo")
         with self.reader() as store:
-            rows = store.tasks(states=states, agent_id=agent_id, repo=repo, after_seq=cursor, limit=limit + 1)
-        nxt = rows[limit - 1]["seq"] if len(rows) > limit else None
-        return json_response(200, {"items": [services.task_view(t) for t in rows[:limit]], "next": nxt})
+            page = services.list_tasks(store, states=states, agent_id=req.q("agent_id"), repo=req.q("repo"),
+                                       cursor=cursor, limit=limit)  # fmt: skip
+        return json_response(200, page)
 
     def tasks_create(self, req: Request) -> Response:
         doc = req.json(required=True)
@@ -467,18 +447,11 @@ class Api:
         p = req.principal
         with self.reader() as store:
             with store.read():
-                task = services.get_task(store, task_id)
-                if p.kind == "agent":
-                    held = store.execute("SELECT 1 FROM attempts WHERE task_id=? AND agent_id=? LIMIT 1",
-                                         (task_id, p.agent_id)).fetchone()  # fmt: skip
-                    if not held:
-                        raise Forbidden(f"task {task_id} is not assigned to agent {p.agent_id}")
-                elif p.kind == "task" and p.task_id != task_id:
+                doc = services.task_detail(store, task_id)
+                if p.kind == "agent" and not store.has_attempt_by(task_id, p.agent_id):
+                    raise Forbidden(f"task {task_id} is not assigned to agent {p.agent_id}")
+                if p.kind == "task" and p.task_id != task_id:
                     raise Forbidden("this task token is for another task")
-                attempts, events = store.attempts(task_id), store.events(task_id=task_id)
-        doc = services.task_view(task)
-        doc["attempts"] = [services.attempt_view(a) for a in attempts]
-        doc["events"] = [services.event_view(e) for e in events]
         return json_response(200, doc)
 
     def tasks_dequeue(self, req: Request) -> Response:
@@ -522,24 +495,24 @@ class Api:
                 self.write(lambda s: services.heartbeat(s, self.orch, agent_id, now=self.clock()))
             finally:
                 self.forget_agent(agent_id)
-        token = secrets.token_urlsafe(24)
-        extra = {"token_hash": services.hash_token(token)}
-        task = self.writer.claim(lambda: ClaimRequest(agent_id, agent["capabilities"], agent["max_concurrency"],
-                                                      self.orch.lease_secs, self.clock(), extra=extra))  # fmt: skip
+        token, token_hash = services.new_claim_token()
+        task = self.writer.claim(lambda: services.claim_request(self.cfg, agent, token_hash, ts=self.clock()))
         if task is None:
             return None
         self.metrics.claims += 1
-        return {"task": services.task_view(task), "attempt": task["attempt"],
-                "lease_expires_at": services.iso(task["lease_expires_at"]), "task_token": token,
-                "prompt": render_prompt(task, task["attempt"], self.orch.prompt_template, self.cfg.forgejo.url)}  # fmt: skip
+        try:
+            claim = services.claimed(None, self.cfg, task, token)
+        except FleetError:  # a template config check missed: release the attempt now, answer the error
+            self.write(lambda s: services.release_claim(s, self.orch, task, "the prompt could not be rendered",
+                                                        now=self.clock()))  # fmt: skip
+            raise
+        return claim.to_json()
 
     def _next_backoff_in(self) -> float:
         now = self.clock()
         with self.reader() as store:
-            row = store.execute(
-                "SELECT min(not_before) FROM tasks WHERE state='queued' AND not_before > ?", (now,)
-            ).fetchone()
-        return MAX_WAIT_SECS if row[0] is None else max(0.01, row[0] - now + 0.005)
+            end = store.next_backoff_end(now)
+        return MAX_WAIT_SECS if end is None else max(0.01, end - now + 0.005)
 
     def tasks_status(self, req: Request) -> Response:
         task_id = req.params["task_id"]
@@ -548,22 +521,11 @@ class Api:
         attempt = _int_field(doc, "attempt") or token_attempt
         status = _str_field(doc, "status", default="progress")
         message = _str_field(doc, "message", default="") or ""
-        if status not in ("running", "progress"):
-            raise UsageError("'status' must be running or progress", code="invalid_field")
         if token_attempt is not None and attempt != token_attempt:
             raise LeaseLost("this task token is for another attempt")
-
-        def op(s: Store) -> dict:
-            task = None
-            with s.write():  # one transaction: a refused message must not leave the task started
-                if status == "running":
-                    task = services.start_task(s, task_id, agent_id=agent_id, attempt=attempt, now=self.clock())
-                if message or status == "progress":
-                    task = services.report_progress(s, task_id, message, agent_id=agent_id, attempt=attempt,
-                                                    now=self.clock())  # fmt: skip
-            return task
-
-        return json_response(200, services.task_view(self.write(op)))
+        task = self.write(lambda s: services.report_status(s, self.orch, task_id, status, message, agent_id=agent_id,
+                                                           attempt=attempt, now=self.clock()))  # fmt: skip
+        return json_response(200, services.task_view(task))
 
     def tasks_complete(self, req: Request) -> Response:
         return self._complete(req, req.params["task_id"], req.json(required=True))
@@ -582,10 +544,8 @@ class Api:
             raise LeaseLost("this task token is for another attempt")
 
         def op(s: Store):
-            task = s.task(task_id)
-            require = bool(self.cfg.forgejo.url) and self.cfg.forgejo.require_pull_request and bool(task["repo"])
-            return services.hand_in_receipt(s, self.orch, task_id, doc, agent_id=agent_id, attempt=attempt,
-                                            require_pull_request=require, now=self.clock())  # fmt: skip
+            return services.hand_in_receipt(s, self.cfg, task_id, doc, agent_id=agent_id, attempt=attempt,
+                                            now=self.clock())  # fmt: skip
 
         result = self.write(op).raise_if_rejected()  # a refused receipt's failed attempt is committed first
         return json_response(200, {**services.task_view(result.task), "repeated": result.repeated})
@@ -635,8 +595,7 @@ class _Borrowed:
         store, self.store = self.store, None
         if store is None:
             return
-        if store.conn.in_transaction:
-            store.conn.execute("ROLLBACK")
+        store.end_read()
         if self.api.readers.qsize() < READER_POOL:
             self.api.readers.put(store)
         else:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fleetctl.errors import FleetError, StoreError
-from fleetctl.store import ClaimRequest, Store, _translate
+from fleetctl.store import ClaimRequest, Store, connect_raw, translate_error, wal_checkpoint
 
 MAX_BATCH = 64
 #: How often the checkpointer thread copies the WAL back into the database file.
@@ -63,7 +63,7 @@ class Writer:
         self._pending: list[_Job] = []
         self._closed = False
         self.checkpoint_due = False
-        store.conn.execute("PRAGMA wal_autocheckpoint=0")  # this connection's commits never checkpoint (above)
+        store.set_autocheckpoint(0)  # this connection's commits never checkpoint (above)
         self.checkpointer = Checkpointer(store.path, self)
         self._thread = threading.Thread(target=self._run, name="fleetctl-writer", daemon=True)
         self._thread.start()
@@ -106,10 +106,9 @@ class Writer:
             self._execute(batch)
             if self.checkpoint_due:
                 self.checkpoint_due = False
-                checkpoint(self.store.conn)
+                self.store.checkpoint()
 
     def _execute(self, batch: list[_Job]) -> None:
-        conn = self.store.conn
         claims: list[_Job] = []
         try:
             with self.store.write():  # BEGIN IMMEDIATE … COMMIT (sends the cross-process wake if needed)
@@ -117,14 +116,14 @@ class Writer:
                     if job.claim is not None:
                         claims.append(job)
                     else:
-                        self._run_one(conn, job, f"job{i}", job.fn)
+                        self._run_one(job, f"job{i}", job.fn)
                 if claims:  # after the other writes: a task created in this batch can be claimed in it
-                    self._run_claims(conn, claims)
+                    self._run_claims(claims)
         except FleetError as exc:  # BEGIN or COMMIT failed (busy, disk full…): nothing of the batch stands
             for job in batch:
                 job.error = exc
         except sqlite3.Error as exc:
-            err = _translate(exc, self.store.path)
+            err = translate_error(exc, self.store.path)
             for job in batch:
                 job.error = err
         except BaseException as exc:  # pragma: no cover - a bug; never leave a request hanging
@@ -140,45 +139,39 @@ class Writer:
             # with nothing to claim spun at full speed, holding the write lock nearly all the time.
             self.on_commit()
 
-    def _run_one(self, conn: sqlite3.Connection, job: _Job, savepoint: str, fn: Callable[[Store], Any]) -> None:
+    def _run_one(self, job: _Job, savepoint: str, fn: Callable[[Store], Any]) -> None:
         """``fn`` in a savepoint of its own: its error rolls back only its own writes."""
-        conn.execute(f"SAVEPOINT {savepoint}")
+        store = self.store
+        store.savepoint(savepoint)
         try:
-            job.result = fn(self.store)
+            job.result = fn(store)
         except Exception as exc:
             job.error = exc
-            if conn.in_transaction:
-                conn.execute(f"ROLLBACK TO {savepoint}")
-        if conn.in_transaction:
-            conn.execute(f"RELEASE {savepoint}")
-        if not conn.in_transaction:
+            if store.in_transaction:
+                store.rollback_to(savepoint)
+        if store.in_transaction:
+            store.release(savepoint)
+        if not store.in_transaction:
             raise StoreError("the batch transaction was lost")
 
-    def _run_claims(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+    def _run_claims(self, jobs: list[_Job]) -> None:
         """The batch's claims with one ``claim_many`` in one savepoint; should that fail, each on its own,
         so that one bad request cannot fail the others."""
-        conn.execute("SAVEPOINT claims")
+        store = self.store
+        store.savepoint("claims")
         try:
-            rows = self.store.claim_many([job.claim() for job in jobs])
+            rows = store.claim_many([job.claim() for job in jobs])
         except Exception:
-            if not conn.in_transaction:
+            if not store.in_transaction:
                 raise StoreError("the batch transaction was lost") from None
-            conn.execute("ROLLBACK TO claims")
-            conn.execute("RELEASE claims")
+            store.rollback_to("claims")
+            store.release("claims")
             for i, job in enumerate(jobs):
-                self._run_one(conn, job, f"claim{i}", lambda s, job=job: s.claim_many([job.claim()])[0])
+                self._run_one(job, f"claim{i}", lambda s, job=job: s.claim_many([job.claim()])[0])
             return
-        conn.execute("RELEASE claims")
+        store.release("claims")
         for job, row in zip(jobs, rows, strict=True):
             job.result = row
-
-
-def checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int] | None:
-    """``PRAGMA wal_checkpoint(PASSIVE)``: (busy, WAL pages, pages copied), or None if it failed."""
-    try:
-        return tuple(conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
-    except sqlite3.Error:
-        return None  # busy or failing: the next round (or another process's autocheckpoint) catches up
 
 
 class Checkpointer:
@@ -193,13 +186,13 @@ class Checkpointer:
         self._thread.start()
 
     def _run(self) -> None:
-        conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+        conn = connect_raw(self.path)
         try:
             while not self._stop.wait(self.interval):
-                result = checkpoint(conn)
+                result = wal_checkpoint(conn)
                 if result is not None and result[1] > WAL_RESET_PAGES:
                     self.writer.checkpoint_due = True
-            checkpoint(conn)
+            wal_checkpoint(conn)
         finally:
             conn.close()
 

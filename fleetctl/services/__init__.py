@@ -1,0 +1,63 @@
+"""Services: one function per operation, called by the CLI, the HTTP server and the passes alike.
+
+Each function takes the ``Store`` and the configuration it needs, validates its input, decides with the
+pure core (``states``, ``retry``, ``matching``, ``receipts``) and writes events through ``Store.emit``
+inside one ``Store.write()`` transaction. Time is injected (``now=``), never read from a patched clock.
+
+The rooms: ``tasks`` (create, cancel, retry), ``runs`` (claim, start, status, receipts, how an attempt
+ends), ``agents`` (the registry), ``views`` (the JSON shapes and the read services every caller renders).
+Callers use the names re-exported here.
+"""
+
+from __future__ import annotations
+
+from fleetctl.services._common import MAX_MESSAGE, get_agent, get_task, hash_token, token_matches
+from fleetctl.services.agents import (
+    Registration,
+    config_agent_ids,
+    deregister_agent,
+    drain_agent,
+    heartbeat,
+    register_agent,
+    resume_agent,
+    set_agent_status,
+)
+from fleetctl.services.runs import (
+    Claim,
+    CompletionResult,
+    claim_request,
+    claim_task,
+    claimed,
+    complete_task,
+    expire_or_time_out,
+    fail_attempt,
+    hand_in_receipt,
+    new_claim_token,
+    release_claim,
+    report_progress,
+    report_status,
+    requires_pull_request,
+    settle_run,
+    start_task,
+)
+from fleetctl.services.tasks import cancel_task, create_task, retry_task
+from fleetctl.services.views import (
+    agent_detail,
+    agent_view,
+    attempt_view,
+    event_view,
+    iso,
+    list_agents,
+    list_tasks,
+    task_detail,
+    task_view,
+)
+
+__all__ = [
+    "MAX_MESSAGE", "Claim", "CompletionResult", "Registration", "agent_detail", "agent_view", "attempt_view",
+    "cancel_task", "claim_request", "claim_task", "claimed", "complete_task", "config_agent_ids", "create_task",
+    "deregister_agent", "drain_agent", "event_view", "expire_or_time_out", "fail_attempt", "get_agent", "get_task",
+    "hand_in_receipt", "hash_token", "heartbeat", "iso", "list_agents", "list_tasks", "new_claim_token",
+    "register_agent", "release_claim", "report_progress", "report_status", "requires_pull_request", "resume_agent",
+    "retry_task", "set_agent_status", "settle_run", "start_task", "task_detail", "task_view", "token_matches",
+]  # fmt: skip

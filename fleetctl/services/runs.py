@@ -1,0 +1,341 @@
+"""Runs: claiming a task for an agent, its start and progress, its receipt, and how an attempt ends.
+
+One implementation for every caller: ``dispatch`` (ssh_cli agents) and the server's ``dequeue`` (pull
+agents) claim through ``claim_request`` → ``Store.claim``/``claim_many`` → ``claimed``; the CLI, the API
+and the run wrapper report through ``report_status``, ``hand_in_receipt`` and ``settle_run``.
+
+Writes about an attempt are fenced by (task id, agent id, attempt): a caller that lost its lease gets
+``LeaseLost`` and changes nothing. An attempt is settled with the retry policy it was launched with (kept
+in its ``task.assigned`` event), whichever process settles it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fleetctl.config import Config, OrchestratorConfig
+from fleetctl.errors import ConfigError, LeaseLost, UsageError, ValidationFailed
+from fleetctl.services._common import MAX_MESSAGE, check_text, get_task, new_token, now_or
+from fleetctl.services.tasks import transition
+from fleetctl.services.views import iso, task_view
+from fleetctl.states import ACTIVE, LEASED, TERMINAL, FailureReason, TaskState, Transition
+from fleetctl.store import ClaimRequest, Store
+
+if TYPE_CHECKING:
+    from fleetctl.receipts import Receipt
+    from fleetctl.retry import RetryPolicy
+
+STATUSES = ("running", "progress")
+
+
+# ---------------------------------------------------------------------------------------------- claims
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claimed attempt: the task, the token that acts on this attempt only, and the rendered prompt."""
+
+    task: dict
+    token: str
+    prompt: str
+
+    @property
+    def attempt(self) -> int:
+        return self.task["attempt"]
+
+    def to_json(self) -> dict:
+        """The dequeue reply (SPEC §6)."""
+        return {"task": task_view(self.task), "attempt": self.attempt,
+                "lease_expires_at": iso(self.task["lease_expires_at"]), "task_token": self.token,
+                "prompt": self.prompt}  # fmt: skip
+
+
+def new_claim_token() -> tuple[str, str]:
+    """A per-attempt task token and its hash (the hash goes into the claim, the token to the run)."""
+    return new_token()
+
+
+def claim_request(cfg: Config, agent: dict, token_hash: str, *, ts: float, task_id: str | None = None,
+                  host_id: str | None = None) -> ClaimRequest:  # fmt: skip
+    """The conditional claim for ``agent`` (its capabilities and limit as read), with the attempt's token
+    hash and the retry policy the attempt is launched with."""
+    orch = cfg.orchestrator
+    extra: dict[str, Any] = {
+        "token_hash": token_hash,
+        "retry_policy": {"backoff_secs": orch.retry_backoff_secs, "backoff_max_secs": orch.retry_backoff_max_secs},
+    }
+    if host_id is not None:
+        extra["host_id"] = host_id
+    return ClaimRequest(agent["agent_id"], agent["capabilities"], agent["max_concurrency"], orch.lease_secs, ts,
+                        task_id=task_id, extra=extra)  # fmt: skip
+
+
+def claimed(store_or_none: Store | None, cfg: Config, task: dict, token: str) -> Claim:
+    """The ``Claim`` of a task just claimed: its prompt rendered. A template that cannot be rendered is a
+    configuration error (``config check`` refuses it first); should one slip through, the attempt is
+    failed ``launch_failed`` here (when a store is given) so no claimed task is left behind."""
+    from fleetctl.prompt import render_prompt
+
+    try:
+        prompt = render_prompt(task, task["attempt"], cfg.orchestrator.prompt_template, cfg.forgejo.url)
+    except (ConfigError, ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
+        message = exc.message if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+        error = ConfigError(f"orchestrator.prompt_template cannot be rendered: {message}", code="bad_template")
+        if store_or_none is not None:
+            release_claim(store_or_none, cfg.orchestrator, task, error.message)
+        raise error from None
+    return Claim(task, token, prompt)
+
+
+def release_claim(store: Store, orch: OrchestratorConfig, task: dict, why: str, *, now: float | None = None) -> None:
+    """Fail a just-claimed attempt that could not be handed out (``launch_failed``, retried as usual)."""
+    try:
+        fail_attempt(store, orch, task["task_id"], FailureReason.LAUNCH_FAILED, why, attempt=task["attempt"],
+                     agent_id=task["agent_id"], now=now, states=ACTIVE)  # fmt: skip
+    except LeaseLost:
+        pass  # it moved on meanwhile
+
+
+def claim_task(store: Store, cfg: Config, agent: dict, *, task_id: str | None = None, host_id: str | None = None,
+               now: float | None = None) -> Claim | None:  # fmt: skip
+    """Claim the best eligible task (or ``task_id``) for ``agent``: the conditional claim, the per-attempt
+    token and the rendered prompt; None when nothing could be claimed."""
+    token, token_hash = new_claim_token()
+    task = store.claim(**vars(claim_request(cfg, agent, token_hash, ts=now_or(now), task_id=task_id, host_id=host_id)))
+    return None if task is None else claimed(store, cfg, task, token)
+
+
+# ---------------------------------------------------------------------------------------------- fencing
+
+
+def _fenced(store: Store, task_id: str, agent_id: str | None, attempt: int | None,
+            states: frozenset = ACTIVE) -> dict:  # fmt: skip
+    """The task if ``(agent_id, attempt)`` still holds it in one of ``states``, else ``LeaseLost``."""
+    task = get_task(store, task_id)
+    if attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1):
+        raise UsageError("attempt must be a positive integer", code="invalid_field")
+    holder_ok = agent_id is None or task["agent_id"] == agent_id
+    attempt_ok = attempt is None or task["attempt"] == attempt
+    if task["state"] in states and holder_ok and attempt_ok:
+        return task
+    n = attempt or task["attempt"]
+    state = task["state"].replace("_", " ")
+    details = {"state": task["state"], "attempt": task["attempt"]}
+    if holder_ok and attempt_ok and task["state"] in (TaskState.AWAITING_REVIEW, TaskState.COMPLETED):
+        raise LeaseLost(f"task {task_id} attempt {n} has already handed in its receipt (the task is {state}); "
+                        "nothing more can be reported for this attempt", details=details)  # fmt: skip
+    if holder_ok and attempt_ok:
+        raise LeaseLost(f"task {task_id} attempt {n} is over: the task is {state}", details=details)
+    now_held = f"attempt {task['attempt']} is held by {task['agent_id']}" if task["agent_id"] and task["state"] \
+        not in TERMINAL else f"the task is {state}"  # fmt: skip
+    who = f"agent {agent_id} " if agent_id else ""
+    raise LeaseLost(f"{who}no longer holds task {task_id} attempt {n}: {now_held}", details=details)
+
+
+# ---------------------------------------------------------------------------------------------- reports
+
+
+def start_task(store: Store, task_id: str, *, agent_id: str | None = None, attempt: int | None = None,
+               workspace: str | None = None, now: float | None = None) -> dict:  # fmt: skip
+    """assigned → running (the run started). Repeating it while running is a no-op."""
+    ts = now_or(now)
+    with store.write():
+        task = _fenced(store, task_id, agent_id, attempt)
+        if task["state"] == TaskState.RUNNING:
+            return task
+        return transition(store, task, Transition.STARTED, ts, data={"workspace": workspace} if workspace else {})
+
+
+def report_status(store: Store, orch: OrchestratorConfig, task_id: str, status: str = "progress", message: str = "",
+                  *, agent_id: str | None = None, attempt: int | None = None, now: float | None = None) -> dict:  # fmt: skip
+    """What an agent reports while it works, in one transaction: ``running`` (assigned → running; a no-op when
+    already running) and/or a progress ``message`` (an event). Input is checked before anything is written,
+    so a refused message leaves the task as it was."""
+    if status not in STATUSES:
+        raise UsageError("status must be running or progress", code="invalid_field")
+    message = check_text(message, "message", MAX_MESSAGE)
+    ts = now_or(now)
+    with store.write():
+        task = _fenced(store, task_id, agent_id, attempt)
+        if status == "running" and task["state"] == TaskState.ASSIGNED:
+            task = transition(store, task, Transition.STARTED, ts)
+        if message or status == "progress":
+            store.emit("task.progress", ts=ts, task_id=task_id, data={"message": message})
+        return store.task(task_id)
+
+
+def report_progress(store: Store, task_id: str, message: str, *, agent_id: str | None = None,
+                    attempt: int | None = None, now: float | None = None) -> dict:  # fmt: skip
+    """A progress note from the task's current holder (``report_status`` with status ``progress``)."""
+    return report_status(store, OrchestratorConfig(), task_id, "progress", message, agent_id=agent_id,
+                         attempt=attempt, now=now)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- endings
+
+
+def _policy(store: Store, orch: OrchestratorConfig, task: dict) -> RetryPolicy:
+    """The retry policy the current attempt was launched with (else the given configuration's)."""
+    from fleetctl.retry import RetryPolicy
+
+    launched = store.assignment(task["task_id"], task["attempt"]).get("retry_policy") if task["attempt"] else None
+    if isinstance(launched, dict):
+        try:
+            return RetryPolicy(base=float(launched["backoff_secs"]), cap=float(launched["backoff_max_secs"]))
+        except (KeyError, TypeError, ValueError):
+            pass
+    return RetryPolicy(base=orch.retry_backoff_secs, cap=orch.retry_backoff_max_secs)
+
+
+def fail_attempt(
+    store: Store,
+    orch: OrchestratorConfig,
+    task_id: str,
+    reason: FailureReason | str,
+    detail: str | None = None,
+    *,
+    agent_id: str | None = None,
+    attempt: int | None = None,
+    receipt: dict | None = None,
+    now: float | None = None,
+    states: frozenset = LEASED,
+) -> dict:
+    """The current attempt failed: re-queue with backoff if the policy allows, else fail the task."""
+    reason = FailureReason(reason)
+    ts = now_or(now)
+    with store.write():
+        task = _fenced(store, task_id, agent_id, attempt, states)
+        decision = _policy(store, orch, task).decide(attempt=task["attempt"], max_attempts=task["max_attempts"],
+                                                     reason=reason, now=ts)  # fmt: skip
+        data: dict[str, Any] = {"reason": reason.value, "detail": (detail or "")[:MAX_MESSAGE], "why": decision.why}
+        if receipt is not None:
+            data["receipt"] = receipt
+        if decision.retry:
+            data["not_before"] = decision.not_before
+            return transition(store, task, Transition.REQUEUED, ts, data=data)
+        return transition(store, task, Transition.FAILED, ts, data=data)
+
+
+@dataclass(frozen=True)
+class CompletionResult:
+    """What ``hand_in_receipt`` did: the task now, and whether this call was a repeat of a stored one."""
+
+    task: dict
+    repeated: bool = False
+    rejected: str | None = None  # why the receipt was refused (the attempt then failed receipt_invalid)
+
+    def raise_if_rejected(self) -> CompletionResult:
+        """``ValidationFailed`` for a refused receipt (call it after the transaction committed)."""
+        if self.rejected:
+            raise ValidationFailed(
+                f"receipt rejected: {self.rejected}; the attempt failed and the task is {self.task['state']}",
+                code="receipt_invalid",
+                details={"task_id": self.task["task_id"], "state": self.task["state"]},
+            )
+        return self
+
+
+def requires_pull_request(cfg: Config, task: dict) -> bool:
+    """The completion policy: a success receipt must name a pull request for a Forgejo task (an issue in a
+    repository, with Forgejo configured) unless ``forgejo.require_pull_request = false``."""
+    return bool(cfg.forgejo.url) and cfg.forgejo.require_pull_request and bool(task["repo"])
+
+
+def complete_task(store: Store, cfg: Config, task_id: str, receipt_doc: Any, **kwargs: Any) -> CompletionResult:
+    """``hand_in_receipt`` that raises ``ValidationFailed`` (after committing) when the receipt is refused."""
+    return hand_in_receipt(store, cfg, task_id, receipt_doc, **kwargs).raise_if_rejected()
+
+
+def hand_in_receipt(
+    store: Store,
+    cfg: Config,
+    task_id: str,
+    receipt_doc: Any,
+    *,
+    agent_id: str | None = None,
+    attempt: int | None = None,
+    now: float | None = None,
+) -> CompletionResult:
+    """Hand in a receipt for the current attempt (SPEC §7.4); never raises for a refused receipt.
+
+    Success naming a pull request → awaiting_review (the pull request is followed to its merge); on a task
+    with no repository there is no issue and no pull request to follow, so such a receipt completes the task
+    and the pull request is kept as its record. Success without one → completed (or, when the completion
+    policy requires one, the attempt fails ``receipt_invalid``); failure → the attempt fails ``agent_error``.
+    A repeat of an already accepted identical receipt returns the stored result and records nothing; any
+    other late write raises ``LeaseLost``. A refused receipt fails the attempt (``receipt_invalid``) and
+    comes back as ``result.rejected``: committing that failure and telling the caller are separate steps,
+    so that a batch of writes (the server) commits it before answering 422.
+    """
+    from fleetctl.receipts import parse_receipt
+
+    orch = cfg.orchestrator
+    receipt = parse_receipt(receipt_doc)
+    ts = now_or(now)
+    with store.write():
+        task = get_task(store, task_id)
+        n = attempt if attempt is not None else task["attempt"]
+        prior = store.attempt(task_id, n) if isinstance(n, int) and n > 0 else None
+        if prior is not None and prior["receipt"] == receipt.to_json() and agent_id in (None, prior["agent_id"]):
+            return CompletionResult(task, repeated=True)
+        task = _fenced(store, task_id, agent_id, attempt)  # not ``n``: a never-claimed task has attempt 0
+        if receipt.outcome == "failure":
+            result = fail_attempt(store, orch, task_id, FailureReason.AGENT_ERROR, receipt.summary or "failure receipt",
+                                  receipt=receipt.to_json(), now=ts)  # fmt: skip
+            return CompletionResult(result)
+        problem = _receipt_problem(task, receipt, requires_pull_request(cfg, task))
+        if problem:
+            rejected = fail_attempt(store, orch, task_id, FailureReason.RECEIPT_INVALID, problem,
+                                    receipt=receipt.to_json(), now=ts)  # fmt: skip
+            return CompletionResult(rejected, rejected=problem)
+        prs = receipt.pull_requests()
+        data: dict[str, Any] = {"receipt": receipt.to_json()}
+        if prs:
+            pr = dict(prs[0])
+            if task["repo"]:
+                pr.setdefault("repo", task["repo"])
+            data["pull_request"] = pr
+        if prs and task["repo"]:
+            return CompletionResult(transition(store, task, Transition.AWAITING_REVIEW, ts, data=data))
+        return CompletionResult(transition(store, task, Transition.COMPLETED, ts, data=data))
+
+
+def _receipt_problem(task: dict, receipt: Receipt, require_pull_request: bool) -> str | None:
+    """Why a success receipt is not acceptable on its face (Forgejo checks come on top), or None."""
+    prs = receipt.pull_requests()
+    if require_pull_request and not prs:
+        return "a pull request is required for this task and the receipt names none"
+    for pr in prs:
+        if task["repo"] and pr.get("repo") and pr["repo"].lower() != task["repo"].lower():
+            return f"pull request {pr['repo']}#{pr['number']} is not in the task's repository {task['repo']}"
+    return None
+
+
+def settle_run(store: Store, orch: OrchestratorConfig, task_id: str, attempt: int, exit_code: int | None,
+               detail: str = "", *, now: float | None = None) -> dict | None:  # fmt: skip
+    """A run ended. If its attempt is still open (no receipt came), fail it by exit status; else no-op."""
+    with store.write():
+        task = get_task(store, task_id)
+        if task["attempt"] != attempt or task["state"] not in ACTIVE:
+            return None
+        if exit_code in (126, 127):  # the shell's "not executable" / "command not found": it never ran
+            reason, why = FailureReason.LAUNCH_FAILED, f"the agent command could not be started (exit {exit_code})"
+        elif exit_code == 0:
+            reason, why = FailureReason.NO_RECEIPT, "the run exited 0 without handing in a receipt"
+        elif exit_code is None:
+            reason, why = FailureReason.AGENT_ERROR, "the run ended without an exit status"
+        else:
+            reason, why = FailureReason.AGENT_ERROR, f"the run exited with status {exit_code}"
+        return fail_attempt(store, orch, task_id, reason, f"{why}{': ' + detail if detail else ''}",
+                            attempt=attempt, now=now, states=ACTIVE)  # fmt: skip
+
+
+def expire_or_time_out(store: Store, orch: OrchestratorConfig, task: dict, reason: FailureReason, detail: str,
+                       *, now: float | None = None) -> dict | None:  # fmt: skip
+    """Fail the current attempt of ``task`` (as read by a sweep) unless it moved on meanwhile."""
+    try:
+        return fail_attempt(store, orch, task["task_id"], reason, detail, attempt=task["attempt"],
+                            agent_id=task["agent_id"], now=now, states=ACTIVE)  # fmt: skip
+    except LeaseLost:
+        return None
