@@ -19,6 +19,11 @@ from dataclasses import dataclass
 import pytest
 from conftest import ADMIN_TOKEN, REGISTRATION_TOKEN, LiveServer, stop_cleanly
 
+from fleetctl import services
+from fleetctl.config import OrchestratorConfig
+from fleetctl.states import AgentStatus
+from fleetctl.store import Store
+
 TIMEOUT = 5.0
 
 
@@ -49,7 +54,7 @@ class World:
         self.server = server
         self.port = server.port
         self.tokens = {"admin": ADMIN_TOKEN, "reg": REGISTRATION_TOKEN}
-        for name, caps in (("alice", ["x"]), ("bob", ["x"]), ("late", ["late"]), ("taker", ["late"])):
+        for name, caps in (("alice", ["x"]), ("bob", ["x"]), ("late", ["late"]), ("taker", ["late"]), ("gone", ["x"])):
             self.tokens[name] = server.register(name, caps)
         self.post("admin", "/api/v1/tasks", {"task_id": "t-alice", "title": "alice's", "labels": ["agent:x"]})
         self.tokens["alice-task"] = self.post("alice", "/api/v1/tasks/dequeue", {})["task_token"]
@@ -58,12 +63,16 @@ class World:
         assert claim["task"]["task_id"] == "t-done"
         self.post("bob", "/api/v1/tasks/t-done/complete", {"attempt": 1, "summary": "ok"})
         self.post("admin", "/api/v1/tasks", {"task_id": "t-queued", "title": "nobody", "labels": ["agent:nobody"]})
-        # "late" claims t-late, goes offline (the attempt fails agent_lost), "taker" claims attempt 2
+        # "late" claims t-late, is found lost (offline: the attempt fails agent_lost, its token stays valid),
+        # "taker" claims attempt 2
         self.post("admin", "/api/v1/tasks", {"task_id": "t-late", "title": "late", "labels": ["agent:late"]})
         self.tokens["late-task"] = self.post("late", "/api/v1/tasks/dequeue", {})["task_token"]
-        self.post("late", "/api/v1/agents/deregister", {})
+        with Store.open(server.db_path) as store:  # what the sweep does to an agent that stopped heartbeating
+            services.set_agent_status(store, OrchestratorConfig(), "late", AgentStatus.OFFLINE, "lost")
         again = self.post("taker", "/api/v1/tasks/dequeue", {"wait": 5})
         assert again["task"]["task_id"] == "t-late" and again["attempt"] == 2
+        # "gone" deregistered itself: its token is revoked
+        self.post("gone", "/api/v1/agents/deregister", {})
 
     def post(self, who: str, path: str, doc: dict) -> dict:
         status, _headers, body = send(self.port, request("POST", path, token=self.tokens[who],
@@ -285,6 +294,9 @@ CASES: list[Bad] = [
     Bad("auth-basic", "GET", "/api/v1/tasks", headers=(f"Authorization: Basic {ADMIN_TOKEN}",), status=401,
         code="unauthorized"),
     Bad("auth-token-too-long", "GET", "/api/v1/tasks", "=" + "t" * 600, status=401, code="unauthorized"),
+    *[Bad(f"auth-deregistered-agent-{name}", "POST", path, "gone", body={}, status=401, code="unauthorized")
+      for name, path in (("dequeue", "/api/v1/tasks/dequeue"), ("heartbeat", "/api/v1/agents/heartbeat"),
+                         ("deregister", "/api/v1/agents/deregister"))],
     Bad("auth-admin-token-prefix", "GET", "/api/v1/tasks", "=" + ADMIN_TOKEN[:-1], status=401, code="unauthorized"),
     Bad("agent-token-on-admin-list", "GET", "/api/v1/tasks", "alice", status=403, code="forbidden"),
     Bad("agent-token-on-create", *CREATE[:2], "alice", body={"title": "x"}, status=403, code="forbidden"),
