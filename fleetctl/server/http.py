@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import errno
+import heapq
 import json
 import os
 import resource
@@ -324,8 +325,7 @@ class FleetHTTPServer(ThreadingHTTPServer):
             return self.socket.accept()
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
-                idle = self._idle()
-                shed = self._shed(idle[: max(1, len(idle) // 4)])
+                shed = self._shed(self._idle(share=4))
                 self._episode("out_of_files", shed)
                 time.sleep(ACCEPT_BACKOFF_SECS)
             raise  # socketserver drops this round; the next one accepts again
@@ -335,7 +335,7 @@ class FleetHTTPServer(ThreadingHTTPServer):
         conns = self.connections
         over = len(conns) + 1 - self.max_connections
         if over > 0:
-            shed = self._shed(self._idle()[:over])
+            shed = self._shed(self._idle(over))
             self._episode("max_connections", shed)
             if shed < over:  # every other connection is busy: refuse this one, quickly and in JSON
                 _refuse(request)
@@ -349,19 +349,27 @@ class FleetHTTPServer(ThreadingHTTPServer):
         self.connections.pop(request, None)
         super().shutdown_request(request)
 
-    def _idle(self) -> list[socket.socket]:
-        """Idle connections, longest idle first, leaving out those with bytes already waiting (a request)."""
-        idle = sorted((since, id(sock), sock) for sock, since in list(self.connections.items()) if since is not None)
-        if not idle:
-            return []
-        poller = select.poll()
-        for _since, _id, sock in idle:
-            try:
-                poller.register(sock, select.POLLIN)
-            except (OSError, ValueError):  # closed meanwhile
-                pass
-        ready = {fd for fd, _events in poller.poll(0)}
-        return [sock for _since, _id, sock in idle if _fileno(sock) not in ready]
+    def _idle(self, count: int = 0, *, share: int = 0) -> list[socket.socket]:
+        """The ``count`` (or one in ``share``, at least one) longest-idle connections, oldest first, leaving
+        out those with bytes already waiting (a request on its way). Only runs at the cap: O(connections)."""
+        idle = [(since, id(sock), sock) for sock, since in list(self.connections.items()) if since is not None]
+        if share:
+            count = max(1, len(idle) // share)
+        want = count
+        while idle and count > 0:
+            candidates = heapq.nsmallest(min(len(idle), want + 8), idle)
+            poller = select.poll()
+            for _since, _id, sock in candidates:
+                try:
+                    poller.register(sock, select.POLLIN)
+                except (OSError, ValueError):  # closed meanwhile
+                    pass
+            ready = {fd for fd, _events in poller.poll(0)}
+            found = [sock for _since, _id, sock in candidates if _fileno(sock) not in ready]
+            if len(found) >= count or len(candidates) == len(idle):
+                return found[:count]
+            want *= 2
+        return []
 
     def _shed(self, socks: list[socket.socket]) -> int:
         """Close ``socks`` (their handler threads see end-of-file and finish); how many."""
