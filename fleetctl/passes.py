@@ -81,32 +81,6 @@ class DispatchReport:
                 "lost_races": self.lost_races, "queued_ready": self.queued_ready}  # fmt: skip
 
 
-def sync_config_agents(store: Store, cfg: Config, now: float) -> None:
-    """Make the registry match the ``[[hosts]]`` agents: register new ones, update changed ones, bring back
-    ones that were offline, take removed ones offline. An agent an operator drained stays draining."""
-    configured = set()
-    for host, spec in cfg.agent_specs():
-        configured.add(spec.agent_id)
-        current = store.agent(spec.agent_id)
-        wanted = {"agent_type": spec.agent_type, "capabilities": sorted(set(spec.capabilities)),
-                  "max_concurrency": spec.max_concurrency, "mode": AgentMode.SSH_CLI.value, "host_id": host.host_id}  # fmt: skip
-        changed = current is None or any(current.get(k) != v for k, v in wanted.items())
-        if current is not None and current["status"] == AgentStatus.DRAINING:
-            if changed:
-                with store.write():
-                    store.emit("agent.updated", ts=now, agent_id=spec.agent_id,
-                               data={k: v for k, v in wanted.items() if current.get(k) != v})  # fmt: skip
-            continue
-        if changed or current["status"] == AgentStatus.OFFLINE:
-            services.register_agent(store, spec.agent_id, agent_type=spec.agent_type, capabilities=spec.capabilities,
-                                    max_concurrency=spec.max_concurrency, mode=AgentMode.SSH_CLI,
-                                    host_id=host.host_id, issue_token=False, allow_mode_change=True, now=now)  # fmt: skip
-    for agent in store.agents(mode=AgentMode.SSH_CLI.value):
-        if agent["agent_id"] not in configured and agent["status"] != AgentStatus.OFFLINE:
-            services.set_agent_status(store, cfg.orchestrator, agent["agent_id"], AgentStatus.OFFLINE,
-                                      "removed from the configuration", now=now)  # fmt: skip
-
-
 def dispatch(
     store: Store,
     cfg: Config,
@@ -125,7 +99,7 @@ def dispatch(
             return report
         t0 = now()
         if not dry_run:
-            sync_config_agents(store, cfg, t0)
+            services.sync_config_agents(store, cfg, t0)
         usable = {h.host_id for h in cfg.hosts if h.is_local or ssh_available()}
         for host in cfg.hosts:
             if host.host_id not in usable and host.agents:

@@ -413,6 +413,8 @@ def test_heartbeat_lists_every_attempt_the_agent_must_stop(store, orch, agent):
     services.heartbeat(store, orch, "a1", now=300.0)
     services.expire_or_time_out(store, orch, store.task("t1"), FailureReason.TIMEOUT, "over", now=310.0)
     services.cancel_task(store, "t2", now=311.0)
+    services.complete_task(store, config_of(orch), "t3", {"outcome": "failure", "summary": "cannot"},
+                           agent_id="a1", attempt=1, now=312.0)  # its own failure receipt: nothing to stop  # fmt: skip
     reply = services.heartbeat(store, orch, "a1", now=320.0)
     assert reply["stop"] == [{"task_id": "t1", "attempt": 1, "reason": "timeout"},
                              {"task_id": "t2", "attempt": 1, "reason": "cancelled"}]  # fmt: skip

@@ -468,7 +468,7 @@ class Api:
             "task_id": _str_field(doc, "task_id"),
         }
         task = self.write(lambda s: services.create_task(s, self.orch, now=self.clock(), **kwargs))
-        return json_response(201, services.task_view(task))
+        return json_response(201, {**services.task_view(task), "warnings": task["warnings"]})
 
     def tasks_get(self, req: Request) -> Response:
         task_id = req.params["task_id"]
