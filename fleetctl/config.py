@@ -15,8 +15,11 @@ heavy; tomlkit (comment-preserving, ~30 ms to import) is imported only by the fu
 (``_Key`` per key) and every problem is collected, so one ``fleetctl config check`` reports all of
 them, each as ``FILE:LINE:COL: dotted.key: what is wrong``. tomllib gives positions only for syntax
 errors; for semantic errors the line is found by scanning the text (``_locate``), good enough for a
-person. Secrets resolve as environment > ``<key>_file`` > inline value. Warnings (loose file modes,
-a key given twice) are collected in ``Config.warnings``; the loader never prints.
+person. Files are read bounded (a config file up to ``CONFIG_MAX_BYTES``, a ``*_file`` secret up to
+``SECRET_FILE_MAX_BYTES``, regular files only), and no message ever shows a secret's value. ``*_secs``
+keys take numbers or duration strings (``"30m"``, fleetctl.durations). Secrets resolve as environment >
+``<key>_file`` > inline value. Warnings (loose file modes, a key given twice) are collected in
+``Config.warnings``; the loader never prints.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 import sys
 import tomllib
 from collections.abc import Mapping
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from fleetctl.durations import DURATION_HINT, parse_duration
 from fleetctl.errors import ConfigError, Conflict
 from fleetctl.ids import ID_RE, REPO_RE
 
@@ -168,6 +173,7 @@ SECRET_KEYS: dict[str, tuple[str, ...]] = {
     "matrix": ("access_token",),
 }
 """Keys holding secrets, by section. Each may also be given as ``<key>_file``; ``mask`` hides them."""
+_SECRET_NAMES = frozenset(k for keys in SECRET_KEYS.values() for k in keys)
 
 SECRET_ENV: dict[str, tuple[str, str]] = {
     "FLEET_API_TOKEN": ("server", "admin_token"),
@@ -283,15 +289,56 @@ def load_config_text(text: str, path: str | Path, *, env: Mapping[str, str] | No
     return _apply_env(_Loader(text, Path(path).absolute(), env).load(), env)
 
 
-def _read_text(path: Path) -> str:
+CONFIG_MAX_BYTES = 1 << 20
+"""The largest config file read (1 MiB); a bigger one is an error, so ``--config /dev/zero`` cannot eat memory."""
+SECRET_FILE_MAX_BYTES = 64 << 10
+"""The largest ``*_file`` secret read (64 KiB)."""
+
+
+class _Unreadable(Exception):
+    """Why a file cannot be read (no path, and never any of its content)."""
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 and not n % (1 << 20) else f"{n >> 10} KiB"
+
+
+def _read_bounded(path: Path, limit: int) -> str:
+    """The UTF-8 text of the regular file at ``path``, refusing other files and files over ``limit`` bytes.
+
+    Opened non-blocking, so a FIFO does not hang the open; checked with fstat on the open file.
+    """
     try:
-        return path.read_bytes().decode("utf-8")
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a config file") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+        raise _Unreadable(exc.strerror or str(exc)) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise _Unreadable("is a directory")
+        kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+                else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "special")  # fmt: skip
+        raise _Unreadable(f"not a regular file ({kind})")
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            data = fh.read(limit + 1)
+        except OSError as exc:
+            raise _Unreadable(exc.strerror or str(exc)) from None
+    if len(data) > limit:
+        raise _Unreadable(f"larger than {_size(limit)}, the most fleetctl reads")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Unreadable(f"not UTF-8 text (invalid byte at offset {exc.start})") from None
+
+
+def _read_text(path: Path) -> str:
+    """A config file's text: a regular file of at most ``CONFIG_MAX_BYTES``, UTF-8 (else ConfigError)."""
+    try:
+        return _read_bounded(path, CONFIG_MAX_BYTES)
+    except _Unreadable as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
 
 
 def _apply_env(cfg: Config, env: Mapping[str, str]) -> Config:
@@ -315,12 +362,12 @@ class _Key:
     __slots__ = ("kind", "gt", "ge", "le", "choices", "required")
 
     def __init__(self, kind: str, *, gt=None, ge=None, le=None, choices: tuple[str, ...] = (), required=False):
-        self.kind = kind  # bool int num str optstr secret path url strs repos events argv strmap id optid choice
+        self.kind = kind  # bool int num secs str optstr secret path url strs repos events argv strmap id optid choice
         self.gt, self.ge, self.le = gt, ge, le  # value must be > gt, >= ge, <= le
         self.choices, self.required = choices, required
 
 
-_POS = _Key("num", gt=0)
+_SECS = _Key("secs", gt=0)  # a number of seconds, or a duration string such as "30m"
 _POS_INT = _Key("int", gt=0)
 
 _SCHEMA: dict[str, dict[str, _Key]] = {
@@ -341,16 +388,16 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     },
     "orchestrator": {
         "db_path": _Key("path"),
-        "heartbeat_interval_secs": _POS,
+        "heartbeat_interval_secs": _SECS,
         "heartbeat_timeout_threshold": _Key("int", ge=1),
-        "task_timeout_secs": _POS,
+        "task_timeout_secs": _SECS,
         "default_max_retries": _Key("int", ge=0),
-        "retry_backoff_secs": _Key("num", ge=0),
-        "retry_backoff_max_secs": _Key("num", ge=0),
-        "dispatch_interval_secs": _POS,
+        "retry_backoff_secs": _Key("secs", ge=0),
+        "retry_backoff_max_secs": _Key("secs", ge=0),
+        "dispatch_interval_secs": _SECS,
         "requirement_prefix": _Key("str"),
         "http_pull_token": _Key("secret"),
-        "lease_secs": _POS,
+        "lease_secs": _SECS,
         "output_cap_bytes": _POS_INT,
         "prompt_template": _Key("optstr"),
     },
@@ -370,7 +417,7 @@ _HOST_KEYS: dict[str, _Key] = {
     "ssh_key_path": _Key("optstr"),
     "known_hosts": _Key("optstr"),
     "accept_new_host_keys": _Key("bool"),
-    "connect_timeout_secs": _POS,
+    "connect_timeout_secs": _SECS,
     "work_dir": _Key("str"),
     "agents": _Key("tables"),
 }
@@ -405,9 +452,21 @@ def dotted(keypath: KeyPath) -> str:
     return out
 
 
-def _toml_type(value: Any) -> str:
+def _toml_kind(value: Any) -> str:
+    """The TOML type of ``value`` (``integer``, ``local date-time``…), never the value itself."""
     names = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
-    name = names.get(type(value), type(value).__name__)
+    if type(value) in names:
+        return names[type(value)]
+    import datetime as dt
+
+    if isinstance(value, dt.datetime):
+        return "offset date-time" if value.tzinfo else "local date-time"
+    return {dt.date: "local date", dt.time: "local time"}.get(type(value), type(value).__name__)
+
+
+def _toml_type(value: Any) -> str:
+    """The TOML type of ``value`` and, for scalars, the value (cut at 40 characters) — never for secrets."""
+    name = _toml_kind(value)
     shown = repr(value) if not isinstance(value, bool) else str(value).lower()
     return f"{name} {shown[:40]}" if name in ("boolean", "integer", "float", "string") else name
 
@@ -528,10 +587,9 @@ class _Loader:
             self.warnings.append(f"{self.where(kp)}: both {key} and {file_key} are set; {file_key} wins")
         secret_path = self.resolve(raw)
         try:
-            content = secret_path.read_text(encoding="utf-8").rstrip("\r\n")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc)
-            self.problem(kp, f"cannot read secret file {secret_path}: {reason}")
+            content = _read_bounded(secret_path, SECRET_FILE_MAX_BYTES).rstrip("\r\n")
+        except _Unreadable as exc:
+            self.problem(kp, f"cannot read secret file {secret_path}: {exc}")
             values[key] = _BAD
             return
         if _loose_mode(secret_path):
@@ -542,13 +600,12 @@ class _Loader:
         values[key] = content or None
 
     def template(self, text: str) -> None:
-        """A prompt template must be a valid ``str.format`` template (braces balanced)."""
-        import string  # only when a template is configured
+        """A prompt template must be one ``render_prompt`` can fill (``fleetctl.prompt.check_template``)."""
+        from fleetctl.prompt import check_template  # only when a template is configured
 
-        try:
-            list(string.Formatter().parse(text))
-        except ValueError as exc:
-            self.problem(("orchestrator", "prompt_template"), f"invalid template: {exc} (write {{{{ and }}}})")
+        problem = check_template(text)
+        if problem is not None:
+            self.problem(("orchestrator", "prompt_template"), f"invalid template: {problem}")
 
     def resolve(self, value: str) -> Path:
         """A path from the file: ``~`` expanded, relative ones against the config file's directory."""
@@ -600,7 +657,13 @@ class _Loader:
             for key in ("ssh_key_path", "known_hosts"):
                 if isinstance(values.get(key), str):
                     values[key] = str(self.resolve(values[key]))
-            if values.get("local") and isinstance(values.get("work_dir"), str):
+            if host_id == "local":  # the id alone makes a host local (HostConfig.is_local); say so explicitly
+                if values.get("local") is False:
+                    self.problem(kp + ("local",), "host_id 'local' always runs by subprocess; remove local = false "
+                                 "or give this host another host_id")  # fmt: skip
+                else:
+                    values["local"] = True
+            if values.get("local") is True and isinstance(values.get("work_dir"), str):
                 values["work_dir"] = str(self.resolve(values["work_dir"]))
             if isinstance(host_id, str) and not any(v is _BAD for v in values.values()):
                 hosts.append(HostConfig(**values, agents=tuple(agents)))
@@ -644,6 +707,8 @@ class _Loader:
             return _BAD
         if spec.kind in ("optstr", "secret", "url", "optid") and value == "":
             return None
+        if spec.kind == "secs" and isinstance(value, str):
+            return parse_duration(value)
         if spec.kind in ("strs", "repos", "events", "argv"):
             return tuple(value)
         if spec.kind == "strmap":
@@ -656,10 +721,18 @@ def _check_value(spec: _Key, value: Any) -> str | None:
     kind = spec.kind
     if kind == "bool":
         return None if isinstance(value, bool) else f"expected a boolean (true/false), got {_toml_type(value)}"
-    if kind in ("int", "num"):
-        ok = isinstance(value, int) or (kind == "num" and isinstance(value, float))
+    if kind == "secret":
+        # never shown, whatever its type: `admin_token = 314159265358979` must not echo the number
+        return None if isinstance(value, str) else f"expected a string, got {_toml_kind(value)} (value not shown)"
+    if kind == "secs" and isinstance(value, str):
+        secs = parse_duration(value)
+        if secs is None:
+            return f"expected {DURATION_HINT}, got {_toml_type(value)}"
+        return _check_value(_Key("num", gt=spec.gt, ge=spec.ge, le=spec.le), secs)
+    if kind in ("int", "num", "secs"):
+        ok = isinstance(value, int) or (kind != "int" and isinstance(value, float))
         if isinstance(value, bool) or not ok:
-            want = "an integer" if kind == "int" else "a number"
+            want = {"int": "an integer", "num": "a number"}.get(kind, DURATION_HINT)
             return f"expected {want}, got {_toml_type(value)}"
         if isinstance(value, float) and not math.isfinite(value):
             return f"expected a finite number, got {value}"
@@ -806,6 +879,8 @@ def _syntax_message(path: Path, text: str, message: str) -> str:
         line, col = text.count("\n") + 1, 1
         reason = re.sub(r"\s*\(at end of document\)$", "", message) + " at end of file"
     key = _key_at_line(text, line)
+    if re.split(r"[.\"' ]+", key.strip("\"' "))[-1] in _SECRET_NAMES:
+        reason = re.sub(r"'[^']*'|\"[^\"]*\"", "(not shown)", reason)  # a quoted character of a secret
     return f"{path}:{line}:{col}: {key + ': ' if key else ''}invalid TOML: {reason}"
 
 
@@ -840,10 +915,7 @@ def check_config(cfg: Config, serving_webhooks: bool = False) -> list[str]:
             f"{where}: forgejo.webhook_secret: webhook listener with an empty secret (set webhook_secret, "
             "webhook_secret_file or FLEET_WEBHOOK_SECRET)"
         )
-    if cfg.forgejo.url and not cfg.forgejo.token:
-        warnings.append(f"{where}: forgejo.token: empty; sync, receipt validation and write-back need one")
-    if cfg.forgejo.repositories and not cfg.forgejo.url:
-        warnings.append(f"{where}: forgejo.repositories: set but forgejo.url is empty; nothing will sync")
+    warnings.extend(not_used_yet(cfg))
     if cfg.matrix.homeserver:
         for key in ("room_id", "access_token"):
             if not getattr(cfg.matrix, key):
@@ -858,6 +930,27 @@ def check_config(cfg: Config, serving_webhooks: bool = False) -> list[str]:
         msg = errors[0] if len(errors) == 1 else f"{len(errors)} configuration errors:\n  " + "\n  ".join(errors)
         raise ConfigError(msg, details={"errors": errors})
     return warnings
+
+
+def not_used_yet(cfg: Config) -> list[str]:
+    """Warnings for configured ``[forgejo]`` / ``[matrix]`` settings that nothing in this version uses.
+
+    Forgejo webhooks, ``sync``, receipt checks against Forgejo and write-back, and Matrix notifications
+    are not built yet; their keys are accepted (they are the contract) but only ``forgejo.url`` (clone
+    URLs in prompts; with it, ``require_pull_request`` applies) and ``forgejo.require_pull_request`` act.
+    """
+    where = str(cfg.path) if cfg.path else "embedded default"
+    out = []
+    unused = [k for k in ("token", "webhook_secret", "repositories") if getattr(cfg.forgejo, k)]
+    if unused:
+        keys = ", ".join(f"forgejo.{k}" for k in unused)
+        out.append(f"{where}: {keys}: set but not used by anything yet (not yet: webhooks, sync, receipt checks "
+                   "and write-back come with the Forgejo integration)")  # fmt: skip
+    matrix = [k for k in ("homeserver", "access_token", "room_id") if getattr(cfg.matrix, k)]
+    if matrix or cfg.matrix.events != MatrixConfig().events:
+        out.append(f"{where}: [matrix]: configured but not used by anything yet (not yet: notifications come "
+                   "with the Matrix integration)")  # fmt: skip
+    return out
 
 
 def _plain(value: Any) -> Any:

@@ -115,6 +115,13 @@ class StoreBusy(FleetError):
     code = "store_busy"
 
 
+class ListenError(FleetError):
+    """``serve`` cannot listen on a valid address: the port is in use, or binding it is not permitted."""
+
+    exit_code = ExitCode.ERROR
+    code = "listen_error"
+
+
 class StoreError(FleetError):
     """The database cannot be used: corrupt, read-only, disk full, newer schema, old SQLite."""
 

@@ -9,6 +9,7 @@ real guard. Every decision is an event with its reason, and one ``key=value`` lo
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from fleetctl import services
 from fleetctl.config import Config, HostConfig, ssh_available
@@ -27,7 +28,7 @@ from fleetctl.states import AgentMode, AgentStatus, FailureReason
 from fleetctl.store import Store
 
 if TYPE_CHECKING:
-    from fleetctl.executor import Executor
+    from fleetctl.executors import Executor
 
 
 # The executor, the prompt and secrets are imported where a launch or a sweep needs them: a dispatch
@@ -49,17 +50,52 @@ def pass_lock(db_path: Path, name: str) -> Iterator[bool]:
 
 
 ExecutorFactory = Callable[[HostConfig], "Executor"]
+T = TypeVar("T")
 
 
 def default_executor(host: HostConfig) -> Executor:
     """The executor for a host: local subprocess, or SSH."""
     if host.is_local:
-        from fleetctl.executor import LocalExecutor
+        from fleetctl.executors import LocalExecutor
 
         return LocalExecutor()
     from fleetctl.ssh import SshExecutor  # imported only when an SSH host is used (fabric is slow to import)
 
     return SshExecutor(host)
+
+
+class _PassExecutors:
+    """The executors of one pass: one per host, made on first use by ``factory``, all closed by ``close``."""
+
+    def __init__(self, factory: ExecutorFactory):
+        self.factory = factory
+        self.by_host: dict[str, Executor] = {}
+
+    def __call__(self, host: HostConfig) -> Executor:
+        if host.host_id not in self.by_host:
+            self.by_host[host.host_id] = self.factory(host)
+        return self.by_host[host.host_id]
+
+    def close(self) -> None:
+        for host_id, executor in self.by_host.items():
+            try:
+                executor.close()
+            except Exception as exc:  # closing must not turn a finished pass into a failure
+                log("executor.close_failed", host=host_id, error=f"{type(exc).__name__}: {exc}")
+
+
+def _closing_executors(pass_fn: Callable[..., T]) -> Callable[..., T]:
+    """Give a pass one executor per host through its ``executor_for`` and close them all when it ends (finally)."""
+
+    @functools.wraps(pass_fn)
+    def run(store: Store, cfg: Config, *, executor_for: ExecutorFactory = default_executor, **kwargs) -> T:
+        executors = _PassExecutors(executor_for)
+        try:
+            return pass_fn(store, cfg, executor_for=executors, **kwargs)
+        finally:
+            executors.close()
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
@@ -81,32 +117,7 @@ class DispatchReport:
                 "lost_races": self.lost_races, "queued_ready": self.queued_ready}  # fmt: skip
 
 
-def sync_config_agents(store: Store, cfg: Config, now: float) -> None:
-    """Make the registry match the ``[[hosts]]`` agents: register new ones, update changed ones, bring back
-    ones that were offline, take removed ones offline. An agent an operator drained stays draining."""
-    configured = set()
-    for host, spec in cfg.agent_specs():
-        configured.add(spec.agent_id)
-        current = store.agent(spec.agent_id)
-        wanted = {"agent_type": spec.agent_type, "capabilities": sorted(set(spec.capabilities)),
-                  "max_concurrency": spec.max_concurrency, "mode": AgentMode.SSH_CLI.value, "host_id": host.host_id}  # fmt: skip
-        changed = current is None or any(current.get(k) != v for k, v in wanted.items())
-        if current is not None and current["status"] == AgentStatus.DRAINING:
-            if changed:
-                with store.write():
-                    store.emit("agent.updated", ts=now, agent_id=spec.agent_id,
-                               data={k: v for k, v in wanted.items() if current.get(k) != v})  # fmt: skip
-            continue
-        if changed or current["status"] == AgentStatus.OFFLINE:
-            services.register_agent(store, spec.agent_id, agent_type=spec.agent_type, capabilities=spec.capabilities,
-                                    max_concurrency=spec.max_concurrency, mode=AgentMode.SSH_CLI,
-                                    host_id=host.host_id, issue_token=False, allow_mode_change=True, now=now)  # fmt: skip
-    for agent in store.agents(mode=AgentMode.SSH_CLI.value):
-        if agent["agent_id"] not in configured and agent["status"] != AgentStatus.OFFLINE:
-            services.set_agent_status(store, cfg.orchestrator, agent["agent_id"], AgentStatus.OFFLINE,
-                                      "removed from the configuration", now=now)  # fmt: skip
-
-
+@_closing_executors
 def dispatch(
     store: Store,
     cfg: Config,
@@ -125,7 +136,7 @@ def dispatch(
             return report
         t0 = now()
         if not dry_run:
-            sync_config_agents(store, cfg, t0)
+            services.sync_config_agents(store, cfg, t0)
         usable = {h.host_id for h in cfg.hosts if h.is_local or ssh_available()}
         for host in cfg.hosts:
             if host.host_id not in usable and host.agents:
@@ -187,7 +198,7 @@ def plan_dispatch(
 def launch(store: Store, cfg: Config, host: HostConfig, agent_type: str, claim: services.Claim,
            executor: Executor, now: Callable[[], float]) -> dict:  # fmt: skip
     """Start a claimed attempt; on confirmed start → running, on failure → attempt fails ``launch_failed``."""
-    from fleetctl.executor import LaunchSpec, run_env, workspace_path
+    from fleetctl.executors import LaunchSpec, run_env, workspace_path
 
     orch = cfg.orchestrator
     task, token, prompt = claim.task, claim.token, claim.prompt
@@ -198,7 +209,8 @@ def launch(store: Store, cfg: Config, host: HostConfig, agent_type: str, claim: 
         atype = cfg.agent_types.get(agent_type)
         if atype is None:
             raise ConfigError(f"agent type {agent_type!r} is not configured ([agent_types.{agent_type}])")
-        env = run_env(os.environ, {**dict(atype.env), **task_env(cfg, task, token, ws, host)})
+        env = run_env(os.environ, {**dict(atype.env), **task_env(cfg, task, token, ws, host)},
+                      fleetctl_on_path=host.is_local)  # fmt: skip
         spec = LaunchSpec(task_id=task_id, attempt=attempt, workspace=ws, command=tuple(atype.command),
                           prompt=prompt, prompt_mode=atype.prompt, env=env,
                           output_cap_bytes=orch.output_cap_bytes)  # fmt: skip
@@ -217,32 +229,17 @@ def launch(store: Store, cfg: Config, host: HostConfig, agent_type: str, claim: 
 
 
 def task_env(cfg: Config, task: dict, token: str, ws: str, host: HostConfig) -> dict[str, str]:
-    """SPEC §8 item 5: what a run needs to know and to report — never the Forgejo admin token."""
-    env = {
-        "FLEET_TASK_ID": task["task_id"],
-        "FLEET_ATTEMPT": str(task["attempt"]),
-        "FLEET_AGENT_ID": task["agent_id"],
-        "FLEET_TASK_TOKEN": token,
-        "FLEET_BRANCH": f"fleet/{task['task_id']}",
-        "FLEET_WORKSPACE": ws,
-        "FLEET_PROMPT_FILE": str(Path(ws) / ".fleet" / "prompt.md"),
-    }
-    if task.get("repo"):
-        env["FLEET_REPO"] = task["repo"]
-    if task.get("issue_number"):
-        env["FLEET_ISSUE"] = str(task["issue_number"])
-    api_url = os.environ.get("FLEET_API_URL")
-    if api_url:
-        env["FLEET_API_URL"] = api_url
+    """SPEC §8 item 5: what a run needs to know and to report (``executors.fleet_env``, the same variables a
+    pull agent's run gets) — never the Forgejo admin token; on a local host also how to reach this database."""
+    from fleetctl.executors import fleet_env
+
+    env = fleet_env(task, task["attempt"], task["agent_id"], token, ws, api_url=os.environ.get("FLEET_API_URL"))
     if host.is_local:
         # a local run reports straight into this database with this fleetctl
         env["FLEET_DB_PATH"] = str(cfg.orchestrator.db_path)
         if cfg.path is not None:
             env["FLEET_CONFIG"] = str(cfg.path)
         env["FLEET_PYTHON"] = sys.executable
-        from fleetctl.executor import python_bin_dir
-
-        env["PATH"] = python_bin_dir() + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")
     return env
 
 
@@ -265,6 +262,7 @@ class SweepReport:
         return {"skipped": self.skipped, "actions": self.actions, "backoff_released": self.backoff_released}
 
 
+@_closing_executors
 def sweep(
     store: Store,
     cfg: Config,
@@ -326,7 +324,7 @@ def _sweep_agents(store: Store, cfg: Config, report: SweepReport, t: float) -> N
 
 def _sweep_attempt(store: Store, cfg: Config, report: SweepReport, att: dict, host: HostConfig | None,
                    executor: Executor | None, t: float) -> None:  # fmt: skip
-    from fleetctl.executor import workspace_path
+    from fleetctl.executors import workspace_path
 
     orch = cfg.orchestrator
     task = {"task_id": att["task_id"], "attempt": att["attempt"], "agent_id": att["agent_id"]}

@@ -7,17 +7,22 @@ Threads, each with its own HTTP client:
 
 - the **heartbeat** thread starts first, as soon as the agent has a working token, so that no setup
   work and no slow command can delay a heartbeat. It heartbeats every ``heartbeat_interval_secs`` (the
-  server says how often), which extends the leases of the agent's tasks; the reply lists the agent's
-  tasks cancelled meanwhile, and their commands are stopped (process group: TERM, then KILL).
+  server says how often), which extends the leases of the agent's tasks; the reply lists the runs the
+  agent must stop — ``"stop": [{"task_id", "attempt", "reason"}]`` (timed out, cancelled, reassigned,
+  lease lost), or on an older server only ``"cancelled": [task ids]`` — and those commands are stopped
+  (matching task id and attempt) without a receipt: the attempt is no longer the agent's.
 - ``--max-concurrency`` **workers**: each long-polls ``dequeue`` and runs what it claims. A run lives in
-  ``{workspace_root}/{task_id}/{attempt}`` with the prompt in ``.fleet/prompt.md`` and stdout/stderr in
-  ``.fleet/stdout.log`` / ``stderr.log``; its environment is a whitelist of ours (``INHERITED_ENV``)
-  plus the task's ``FLEET_*`` variables — the per-attempt ``FLEET_TASK_TOKEN``, never the agent's own
-  token nor the registration token. When the command exits, the agent hands in a receipt unless the
-  command already did (``fleetctl task complete`` in remote mode): success with the tail of stdout on
-  exit 0, failure with the tail of stderr otherwise. A completion that gets no answer (connection
-  error, 503, server restarting) is repeated until it is acknowledged — an identical repeat is
-  answered ``200 repeated`` — for at most ``complete_retry_secs``.
+  ``{workspace_root}/{task_id}/{attempt}`` and is started, capped and stopped exactly like a dispatched
+  one: through ``fleetctl.executors.LocalExecutor`` and its run wrapper (prompt in ``.fleet/prompt.md``,
+  stdout/stderr in ``.fleet/stdout.log`` / ``stderr.log``, each capped at ``output_cap_bytes``, exit
+  status in ``.fleet/exit_status``; stopping = the kill script: TERM the process group, KILL it after the
+  grace period). Its environment is built by ``executors.run_env`` / ``fleet_env`` as for a dispatched
+  run: a whitelist of ours (``INHERITED_ENV``) plus the task's ``FLEET_*`` variables — the per-attempt
+  ``FLEET_TASK_TOKEN``, never the agent's own token nor the registration token. When the command exits,
+  the agent hands in a receipt unless the command already did (``fleetctl task complete`` in remote
+  mode): success with the tail of stdout on exit 0, failure with the tail of stderr otherwise. A
+  completion that gets no answer (connection error, 503, server restarting) is repeated until it is
+  acknowledged — an identical repeat is answered ``200 repeated`` — for at most ``complete_retry_secs``.
 - the **main** thread only waits. SIGTERM/SIGINT set a flag: stop dequeuing, let running commands
   finish and hand in their receipts (drain), exit 0. A second signal also stops the running commands
   (their attempts fail with a failure receipt and are retried elsewhere). The agent does not
@@ -37,7 +42,6 @@ import re
 import shlex
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -52,11 +56,21 @@ from fleetctl.errors import (
     Forbidden,
     InvalidTransition,
     NotFound,
+    RemoteError,
     Unauthorized,
     UsageError,
     ValidationFailed,
 )
-from fleetctl.executor import META, python_bin_dir, run_env, workspace_path
+from fleetctl.executors import (
+    DEFAULT_OUTPUT_CAP_BYTES,
+    META,
+    LaunchSpec,
+    LocalExecutor,
+    fleet_env,
+    read_exit_status,
+    run_env,
+    workspace_path,
+)
 from fleetctl.ids import check_id
 from fleetctl.remote import REGISTRATION_TOKEN_ENV, Client, Transient, resolve_token
 
@@ -74,6 +88,12 @@ DEFAULT_KILL_GRACE_SECS = 5.0
 
 DEFAULT_AGENT_TYPE = "command"
 """``--type`` of ``agent run`` when none is given."""
+
+STOP_REASONS = ("timeout", "cancelled", "reassigned", "lease_lost")
+"""Why the server tells the agent to stop a run (heartbeat reply ``stop[].reason``)."""
+
+PROBE_EVERY_SECS = 1.0
+"""How often a waiting worker probes its run for a vanished wrapper (it reads the exit status every 0.1 s)."""
 
 PROMPT_MODES = ("file", "stdin", "arg")
 TAIL_BYTES = 4000
@@ -100,6 +120,7 @@ class AgentSettings:
     dequeue_wait: float = DEFAULT_DEQUEUE_WAIT_SECS
     complete_retry_secs: float = DEFAULT_COMPLETE_RETRY_SECS
     kill_grace_secs: float = DEFAULT_KILL_GRACE_SECS
+    output_cap_bytes: int = DEFAULT_OUTPUT_CAP_BYTES
 
 
 def make_settings(
@@ -118,6 +139,7 @@ def make_settings(
     token: str | None = None,
     load_config: Callable[[], Any] | None = None,
     env: dict[str, str] | None = None,
+    output_cap_bytes: int = DEFAULT_OUTPUT_CAP_BYTES,
 ) -> AgentSettings:
     """Check the options of ``agent run`` and fill in the defaults; ``UsageError`` for bad ones.
 
@@ -154,12 +176,15 @@ def make_settings(
     check_id(agent_id, "agent id")
     if max_concurrency < 1:
         raise UsageError("--max-concurrency must be at least 1")
+    if output_cap_bytes < 1:
+        raise UsageError("the output cap must be at least 1 byte")
     home = data_home(env)
     return AgentSettings(
         api_url=url.rstrip("/"), command=argv, agent_id=agent_id, registration_token=reg_token,
         credentials=credentials or home / f"agent-{agent_id}.json",
         workspace_root=(workspace_root or home / "workspaces").absolute(), agent_type=agent_type,
         capabilities=tuple(capabilities), max_concurrency=max_concurrency, prompt_mode=prompt, one_job=one_job,
+        output_cap_bytes=output_cap_bytes,
     )  # fmt: skip
 
 
@@ -217,7 +242,8 @@ class Run:
     attempt: int
     token: str = field(repr=False, default="")  # the attempt's task token: for its run and its receipt only
     stop: threading.Event = field(default_factory=threading.Event)
-    stop_reason: str | None = None  # "cancelled" (no receipt) or "shutdown" (failure receipt)
+    # "shutdown" (a failure receipt follows), or why the server took the attempt away (STOP_REASONS: no receipt)
+    stop_reason: str | None = None
 
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -236,7 +262,8 @@ class PullAgent:
         self.aborting = threading.Event()  # running commands are stopped too
         self.hb_stop = threading.Event()
         self.lock = threading.Lock()
-        self.runs: dict[str, Run] = {}
+        self.runs: dict[tuple[str, int], Run] = {}  # by (task id, attempt)
+        self.executor = LocalExecutor()  # the same launch / capping / kill code as a dispatched run
         self.signals = 0
         self.exit_code = ExitCode.OK
 
@@ -289,16 +316,21 @@ class PullAgent:
             self._heard(client.heartbeat())
 
     def _heard(self, reply: dict) -> None:
-        """Take the heartbeat interval from a reply; stop the runs of tasks it lists as cancelled."""
+        """Take the heartbeat interval from a reply; stop the runs it says are no longer the agent's.
+
+        ``stop: [{"task_id", "attempt", "reason"}]`` names each run (task id and attempt) with why; a
+        reply without ``stop`` (an older server) lists only ``cancelled`` task ids: any attempt of those.
+        """
         interval = reply.get("heartbeat_interval_secs")
         if isinstance(interval, int | float) and interval > 0:
             self.interval = float(interval)
-        for task_id in reply.get("cancelled") or ():
+        for task_id, attempt, reason in stop_requests(reply):
             with self.lock:
-                run = self.runs.get(task_id)
-            if run is not None and not run.stop.is_set():
-                log("task.cancel_requested", task=task_id, attempt=run.attempt)
-                run.request_stop("cancelled")
+                runs = [r for (tid, att), r in self.runs.items() if tid == task_id and attempt in (None, att)]
+            for run in runs:
+                if not run.stop.is_set():
+                    log("task.stop_requested", task=task_id, attempt=run.attempt, reason=reason)
+                    run.request_stop(reason)
 
     # ------------------------------------------------------------------ threads
 
@@ -353,7 +385,7 @@ class PullAgent:
         task, attempt = claim["task"], int(claim["attempt"])
         run = Run(task["task_id"], attempt, claim["task_token"])
         with self.lock:
-            self.runs[run.task_id] = run
+            self.runs[run.task_id, run.attempt] = run
         try:
             with Client(self.s.api_url, run.token, retry_secs=0) as client:
                 try:
@@ -368,19 +400,12 @@ class PullAgent:
                     self._settle(run, client, _failure(f"agent error: {type(exc).__name__}: {exc}"))
         finally:
             with self.lock:
-                self.runs.pop(run.task_id, None)
+                self.runs.pop((run.task_id, run.attempt), None)
 
     def _run(self, run: Run, task: dict, claim: dict, client: Client) -> None:
         s, tid = self.s, run.task_id
         ws = Path(workspace_path(str(s.workspace_root), tid, run.attempt))
         log("task.claimed", task=tid, attempt=run.attempt, workspace=ws)
-        try:
-            (ws / META).mkdir(parents=True, exist_ok=True, mode=0o700)
-            prompt_file = ws / META / "prompt.md"
-            prompt_file.write_text(claim.get("prompt") or task.get("body") or "")
-        except OSError as exc:
-            self._settle(run, client, _failure(f"cannot create the workspace {ws}: {exc.strerror}"))
-            return
         deadline = time.monotonic() + 30
         try:
             self._acknowledged("status", lambda: client.status(tid, attempt=run.attempt, status="running"), deadline)
@@ -389,71 +414,85 @@ class PullAgent:
             return
         except FleetError as exc:  # not fatal: completing from 'assigned' is allowed
             log("status.failed", task=tid, attempt=run.attempt, error=exc.message)
-        code = self._execute(run, task, ws, prompt_file)
-        if run.stop_reason == "cancelled":
-            log("task.stopped", task=tid, attempt=run.attempt, reason="cancelled", exit=code)
+        try:
+            code = self._execute(run, task, ws, claim.get("prompt") or task.get("body") or "")
+        except RemoteError as exc:  # the workspace or the wrapper could not be set up
+            log("task.launch_failed", task=tid, attempt=run.attempt, error=exc.message)
+            self._settle(run, client, _failure(f"cannot start {shlex.join(s.command)}: {exc.message}"))
+            return
+        if run.stop_reason not in (None, "shutdown"):  # the attempt is no longer ours: no receipt
+            log("task.stopped", task=tid, attempt=run.attempt, reason=run.stop_reason, exit=code)
             return
         meta = ws / META
+        err = _tail(meta / "stderr.log")
         if run.stop_reason == "shutdown":
-            receipt = _failure(f"stopped: the agent was shutting down (exit {code})", _tail(meta / "stderr.log"))
+            receipt = _failure("stopped: the agent was shutting down" + (f" (exit {code})" if code is not None else ""),
+                               err)  # fmt: skip
         elif code is None:
-            receipt = _failure(f"cannot start {shlex.join(s.command)}: {_tail(meta / 'stderr.log')}")
+            receipt = _failure("the run ended without an exit status (its process group was killed)", err)
+        elif code in (126, 127):  # the shell could not run the command (settle_run reads these codes the same way)
+            receipt = _failure(f"cannot start {shlex.join(s.command)} (exit {code})", err)
         elif code == 0:
             receipt = {"outcome": "success", "summary": _tail(meta / "stdout.log", lines=20) or "exit status 0",
                        "artifacts": []}  # fmt: skip
         else:
-            receipt = _failure(f"exit status {code}", _tail(meta / "stderr.log"))
+            receipt = _failure(f"exit status {code}", err)
         self._settle(run, client, receipt)
 
-    def _execute(self, run: Run, task: dict, ws: Path, prompt_file: Path) -> int | None:
-        """Run the command in its own process group; stop it when asked. Its exit status (None: no start)."""
-        s = self.s
-        argv = list(s.command)
-        if s.prompt_mode == "file":
-            argv.append(str(prompt_file))
-        elif s.prompt_mode == "arg":
-            argv.append(prompt_file.read_text())
-        env = self.task_env(task, run.attempt, run.token, ws, prompt_file)
-        meta = ws / META
-        with open(meta / "stdout.log", "wb") as out, open(meta / "stderr.log", "wb") as err:
-            stdin = open(prompt_file, "rb") if s.prompt_mode == "stdin" else subprocess.DEVNULL  # noqa: SIM115
-            try:
-                if run.stop.is_set():
-                    return None
-                proc = subprocess.Popen(argv, cwd=ws, env=env, stdin=stdin, stdout=out, stderr=err,
-                                        start_new_session=True)  # fmt: skip
-            except (OSError, ValueError) as exc:  # not found, not executable, NUL in an argument
-                err.write(f"{getattr(exc, 'strerror', None) or exc}: {argv[0]}\n".encode())
-                return None
-            finally:
-                if stdin is not subprocess.DEVNULL:
-                    stdin.close()
-            log("task.started", task=run.task_id, attempt=run.attempt, pid=proc.pid)
-            while True:
-                try:
-                    code = proc.wait(timeout=0.1)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                if run.stop.is_set():
-                    _stop_group(proc, s.kill_grace_secs)
-            log("task.exited", task=run.task_id, attempt=run.attempt, exit=code)
-            return code
+    def _execute(self, run: Run, task: dict, ws: Path, prompt: str) -> int | None:
+        """Launch the command through the run wrapper and wait for its end, stopping it when asked.
 
-    def task_env(self, task: dict, attempt: int, token: str, ws: Path, prompt_file: Path) -> dict[str, str]:
+        Its exit status; None if it never started (stopped before the launch) or its wrapper vanished.
+        ``RemoteError`` if it could not be launched.
+        """
+        s = self.s
+        spec = LaunchSpec(task_id=run.task_id, attempt=run.attempt, workspace=str(ws), command=s.command,
+                          prompt=prompt, prompt_mode=s.prompt_mode, env=self.task_env(task, run.attempt, run.token, ws),
+                          output_cap_bytes=s.output_cap_bytes)  # fmt: skip
+        if run.stop.is_set():
+            return None
+        pid = self.executor.launch(spec)
+        log("task.started", task=run.task_id, attempt=run.attempt, pid=pid)
+        code = self._wait(run, str(ws))
+        log("task.exited", task=run.task_id, attempt=run.attempt, exit=code)
+        return code
+
+    def _wait(self, run: Run, ws: str) -> int | None:
+        """Until the run in ``ws`` ends: its exit status, or None if its wrapper is gone without one."""
+        killed, kill_at = False, 0.0
+        next_probe = time.monotonic() + PROBE_EVERY_SECS
+        while True:
+            code = read_exit_status(ws)  # a file read: cheap enough to do often
+            if code is not None:
+                return code
+            if run.stop.is_set() and not killed and time.monotonic() >= kill_at:
+                try:
+                    self.executor.kill(ws, self.s.kill_grace_secs)  # False: it ended or vanished meanwhile
+                    killed = True
+                except RemoteError as exc:
+                    log("task.kill_failed", task=run.task_id, attempt=run.attempt, error=exc.message)
+                    kill_at = time.monotonic() + PROBE_EVERY_SECS  # try again a little later
+                next_probe = 0.0
+            if time.monotonic() >= next_probe:
+                try:
+                    status = self.executor.probe(ws)
+                except RemoteError as exc:
+                    log("task.probe_failed", task=run.task_id, attempt=run.attempt, error=exc.message)
+                else:
+                    if status.ended:
+                        return status.exit_code
+                    if not status.alive:
+                        return None
+                next_probe = time.monotonic() + PROBE_EVERY_SECS
+            if run.stop.is_set():
+                time.sleep(0.1)
+            else:
+                run.stop.wait(0.1)
+
+    def task_env(self, task: dict, attempt: int, token: str, ws: Path) -> dict[str, str]:
         """SPEC §8 item 5: a whitelist of our environment plus what the run needs to report, and no more."""
-        extra = {
-            "FLEET_TASK_ID": task["task_id"], "FLEET_ATTEMPT": str(attempt), "FLEET_AGENT_ID": self.s.agent_id,
-            "FLEET_API_URL": self.s.api_url, "FLEET_TASK_TOKEN": token, "FLEET_BRANCH": f"fleet/{task['task_id']}",
-            "FLEET_WORKSPACE": str(ws), "FLEET_PROMPT_FILE": str(prompt_file),
-        }  # fmt: skip
-        if task.get("repo"):
-            extra["FLEET_REPO"] = task["repo"]
-        if task.get("issue_number"):
-            extra["FLEET_ISSUE"] = str(task["issue_number"])
-        env = run_env(os.environ, extra)
-        env["PATH"] = python_bin_dir() + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")  # for `fleetctl`
-        return env
+        extra = fleet_env(task, attempt, self.s.agent_id, token, str(ws), api_url=self.s.api_url)
+        return run_env(os.environ, extra, fleetctl_on_path=True)
 
     def _settle(self, run: Run, client: Client, receipt: dict) -> None:
         """Hand in ``receipt`` unless the command already handed in one; repeat until acknowledged."""
@@ -541,6 +580,7 @@ class PullAgent:
             time.sleep(0.1)
         self.hb_stop.set()
         hb.join(timeout=5)
+        self.executor.close()
         log("agent.stopped", agent=s.agent_id, exit=int(self.exit_code))
         return int(self.exit_code)
 
@@ -563,23 +603,22 @@ def run_agent(settings: AgentSettings) -> int:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _stop_group(proc: subprocess.Popen, grace: float) -> None:
-    """TERM the command's process group, KILL it after ``grace`` seconds (the command leads its group)."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        if sig == signal.SIGTERM:  # the leader is gone; take the rest of its group with it
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        return
+def stop_requests(reply: dict) -> list[tuple[str, int | None, str]]:
+    """The runs a heartbeat reply tells the agent to stop: ``(task_id, attempt or None for any, reason)``.
+
+    ``stop`` when the reply has it (malformed entries are skipped), else the ``cancelled`` task ids.
+    """
+    stops = reply.get("stop")
+    if isinstance(stops, list):
+        found = []
+        for entry in stops:
+            if not isinstance(entry, dict):
+                continue
+            task_id, attempt, reason = entry.get("task_id"), entry.get("attempt"), entry.get("reason")
+            if isinstance(task_id, str) and isinstance(attempt, int) and not isinstance(attempt, bool):
+                found.append((task_id, attempt, reason if isinstance(reason, str) and reason else "cancelled"))
+        return found
+    return [(t, None, "cancelled") for t in reply.get("cancelled") or () if isinstance(t, str)]
 
 
 def _tail(path: Path, lines: int | None = None, limit: int = TAIL_BYTES) -> str:

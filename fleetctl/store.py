@@ -68,7 +68,8 @@ _CLAIM_SQL = (
     f"UPDATE tasks SET state='{TaskState.ASSIGNED.value}', agent_id=:agent, attempt=attempt+1, "
     "lease_expires_at=:lease, not_before=NULL, attempt_started_at=:now, updated_at=:now "
     f"WHERE {{target}} AND {_CLAIM_ELIGIBLE} "
-    f"AND EXISTS (SELECT 1 FROM agents WHERE agent_id=:agent AND status='{AgentStatus.ONLINE.value}') "
+    f"AND EXISTS (SELECT 1 FROM agents WHERE agent_id=:agent AND status='{AgentStatus.ONLINE.value}' "
+    "AND (:ath IS NULL OR (token_hash=:ath AND json(capabilities)=json(:acaps) AND max_concurrency=:max))) "
     f"AND (SELECT count(*) FROM tasks AS t2 WHERE t2.agent_id=:agent AND t2.state IN {_ACTIVE}) < :max "
     "RETURNING *"
 )
@@ -90,6 +91,10 @@ class ClaimRequest:
     ts: float
     task_id: str | None = None
     extra: dict[str, Any] | None = None
+    #: The hash of the agent token that authorised the claim (the server's): then the claim also requires
+    #: that the agent row still has this token and exactly ``capabilities`` (as listed in the row) and
+    #: ``max_concurrency`` — so a claim made with a row read before a change claims nothing.
+    agent_token_hash: str | None = None
 
 
 def _chunks(rows: list) -> Iterator[list]:
@@ -439,14 +444,17 @@ class Store:
         ts: float,
         task_id: str | None = None,
         extra: dict[str, Any] | None = None,
+        agent_token_hash: str | None = None,
     ) -> dict | None:
         """Atomically move the best eligible queued task (or ``task_id``) to ``assigned`` for ``agent_id``.
 
         One conditional ``UPDATE … RETURNING``: the task must still be queued and past its backoff, its
-        requirements covered by ``capabilities``, the agent online and under ``max_concurrency``. Returns
+        requirements covered by ``capabilities``, the agent online and under ``max_concurrency`` (and, with
+        ``agent_token_hash``, the agent row still as the caller read it: see ``ClaimRequest``). Returns
         the claimed task, or None. Runs in its own write transaction unless already inside one.
         """
-        request = ClaimRequest(agent_id, capabilities, max_concurrency, lease_secs, ts, task_id, extra)
+        request = ClaimRequest(agent_id, capabilities, max_concurrency, lease_secs, ts, task_id, extra,
+                               agent_token_hash)  # fmt: skip
         return self.claim_many([request])[0]
 
     def claim_many(self, requests: Sequence[ClaimRequest]) -> list[dict | None]:
@@ -461,7 +469,9 @@ class Store:
             rows = []
             for r in requests:
                 params = {"agent": r.agent_id, "caps": json.dumps(sorted(set(r.capabilities))), "now": r.ts,
-                          "lease": r.ts + r.lease_secs, "max": r.max_concurrency, "tid": r.task_id}  # fmt: skip
+                          "lease": r.ts + r.lease_secs, "max": r.max_concurrency, "tid": r.task_id,
+                          "ath": r.agent_token_hash,
+                          "acaps": json.dumps(list(r.capabilities)) if r.agent_token_hash else None}  # fmt: skip
                 rows.append(_decode_row(self.execute(_CLAIM_ONE if r.task_id else _CLAIM_BEST, params).fetchone()))
             won = [(r, row) for r, row in zip(requests, rows, strict=True) if row is not None]
             if won:

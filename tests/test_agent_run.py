@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ADMIN_TOKEN, REGISTRATION_TOKEN, pid_alive, wait_for
+from conftest import ADMIN_TOKEN, REGISTRATION_TOKEN, pid_alive, reap_runs, wait_for
+
+from fleetctl.pull_agent import STOP_REASONS
 
 COMPLETE = """
 import os, subprocess, sys
@@ -95,6 +97,7 @@ def agents(tmp_path, server):
     finally:
         for a in started:
             a.stop()
+        reap_runs(tmp_path / "ws")  # runs are detached (setsid): stop any an agent left behind, by group
 
 
 def create(server, title: str, labels=("agent:py",)) -> str:
@@ -216,7 +219,7 @@ def test_a_cancelled_task_is_stopped_and_heartbeats_go_on_meanwhile(server, agen
     assert t["state"] == "cancelled"
     assert t["attempts"][0]["receipt"] is None
     assert not [e for e in t["events"] if e["type"] in ("task.completed", "task.failed", "task.retry_later")]
-    assert "action=task.cancel_requested" in agent.log and "reason=cancelled" in agent.log
+    assert "action=task.stop_requested" in agent.log and "reason=cancelled" in agent.log
     db_check(server)
 
 
@@ -269,3 +272,160 @@ def test_prompt_modes_shell_commands_and_a_command_that_cannot_start(server, age
     t = task(server, missing)
     assert t["state"] == "queued" and t["failure_reason"] == "agent_error"
     assert t["attempts"][0]["receipt"]["summary"].startswith("cannot start /nonexistent/agent-cli --yes")
+
+
+#: Prints 3 MiB on stdout and on stderr (64 KiB lines), then a last line on each; exits 0.
+LOUD = """
+import sys
+line = "x" * 65535 + "\\n"
+for _ in range(48):
+    sys.stdout.write(line)
+    sys.stderr.write(line)
+print("the end")
+print("the end", file=sys.stderr)
+"""
+
+
+def test_command_output_is_capped_like_a_dispatched_run(server, agents, tmp_path):
+    """The pull agent runs its command through the same wrapper: stdout/stderr capped, no SIGPIPE."""
+    task_id = create(server, "A very chatty agent")
+    agent = agents(LOUD, "--one-job", "-C", "py")
+    assert agent.wait() == 0, agent.log
+    meta = tmp_path / "ws" / task_id / "1" / ".fleet"
+    cap = 1048576  # the default output_cap_bytes
+    assert (meta / "stdout.log").stat().st_size == cap and (meta / "stderr.log").stat().st_size == cap
+    assert (meta / "exit_status").read_text().strip() == "0"  # exited normally (141 would be SIGPIPE)
+    t = task(server, task_id)
+    assert t["state"] == "completed" and t["attempts"][0]["receipt"]["outcome"] == "success"
+    db_check(server)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Unit tests of the pull agent's run handling: a real run through the local executor, a fake server.
+
+
+class FakeClient:
+    """Stands in for the task-token client of one run: records what the agent sends."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def status(self, task_id, *, attempt, status):
+        self.calls.append(("status", task_id, attempt, status))
+        return {"state": "running"}
+
+    def task(self, task_id):
+        return {"state": "running", "attempts": [{"attempt": 1, "receipt": None, "outcome": None}]}
+
+    def complete(self, task_id, receipt, *, attempt):
+        self.calls.append(("complete", task_id, attempt, receipt))
+        return {"state": "completed"}
+
+
+def make_agent(tmp_path, command: str, **overrides):
+    from fleetctl.pull_agent import PullAgent, make_settings
+
+    settings = make_settings(command=command, shell=True, api_url="http://127.0.0.1:9", token="unused",
+                             agent_id="unit", workspace_root=tmp_path / "ws", env={})  # fmt: skip
+    from dataclasses import replace
+
+    return PullAgent(replace(settings, **overrides))
+
+
+def run_in_thread(agent, task_id: str, attempt: int, client: FakeClient):
+    """``agent.run_task``'s body for a claim, in a thread (as a worker runs it); the thread and its Run."""
+    import threading
+
+    from fleetctl.pull_agent import Run
+
+    run = Run(task_id, attempt, "task-token")
+    with agent.lock:
+        agent.runs[task_id, attempt] = run
+    claim = {"task": {"task_id": task_id, "title": "t"}, "attempt": attempt, "prompt": "do it\n"}
+    thread = threading.Thread(target=agent._run, args=(run, claim["task"], claim, client), daemon=True)
+    thread.start()
+    return thread, run
+
+
+WAIT_FOREVER = 'echo $$ > "$FLEET_WORKSPACE/pid.txt"; trap "" TERM; while :; do sleep 0.05; done'
+
+
+@pytest.mark.parametrize("reason", STOP_REASONS)
+def test_a_run_listed_in_the_heartbeat_stop_list_is_stopped_without_a_receipt(tmp_path, capsys, reason):
+    """The hard-timeout defect: the server says stop (task id AND attempt); the command must not run on."""
+    agent = make_agent(tmp_path, WAIT_FOREVER, kill_grace_secs=0.2)
+    client = FakeClient()
+    thread, run = run_in_thread(agent, "t-slow", 2, client)
+    pid_file = tmp_path / "ws" / "t-slow" / "2" / "pid.txt"
+    pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), what="the command to start"))
+    try:
+        # another attempt of the same task, and another task: neither is this run
+        agent._heard({"cancelled": ["t-slow"], "stop": [{"task_id": "t-slow", "attempt": 1, "reason": reason},
+                                                         {"task_id": "t-other", "attempt": 2, "reason": reason}]})  # fmt: skip
+        assert not run.stop.is_set() and pid_alive(pid)
+        agent._heard({"cancelled": ["t-slow"], "stop": [{"task_id": "t-slow", "attempt": 2, "reason": reason}]})
+        thread.join(30)
+        assert not thread.is_alive(), "the run was not stopped"
+    finally:
+        reap_runs(tmp_path / "ws")
+    assert not pid_alive(pid)  # its TERM-ignoring shell was killed with its group
+    assert run.stop_reason == reason
+    assert [c[0] for c in client.calls] == ["status"]  # no receipt: the attempt is no longer the agent's
+    err = capsys.readouterr().err
+    assert f"action=task.stop_requested task=t-slow attempt=2 reason={reason}" in err
+    assert f"action=task.stopped task=t-slow attempt=2 reason={reason}" in err
+
+
+def test_without_a_stop_list_the_cancelled_task_ids_are_stopped(tmp_path, capsys):
+    agent = make_agent(tmp_path, WAIT_FOREVER, kill_grace_secs=0.2)
+    client = FakeClient()
+    thread, run = run_in_thread(agent, "t-old-server", 1, client)
+    pid_file = tmp_path / "ws" / "t-old-server" / "1" / "pid.txt"
+    wait_for(pid_file.exists, what="the command to start")
+    try:
+        agent._heard({"cancelled": ["t-old-server"], "heartbeat_interval_secs": 7})
+        thread.join(30)
+        assert not thread.is_alive(), "the run was not stopped"
+    finally:
+        reap_runs(tmp_path / "ws")
+    assert run.stop_reason == "cancelled" and agent.interval == 7
+    assert [c[0] for c in client.calls] == ["status"]
+    assert "action=task.stop_requested task=t-old-server attempt=1 reason=cancelled" in capsys.readouterr().err
+
+
+def test_stop_requests_reads_stop_first_and_skips_malformed_entries():
+    from fleetctl.pull_agent import stop_requests
+
+    reply = {"cancelled": ["a"], "stop": [{"task_id": "b", "attempt": 3, "reason": "timeout"}, "junk",
+                                          {"task_id": "c", "attempt": "1"}, {"task_id": "d", "attempt": True},
+                                          {"task_id": "e", "attempt": 1}]}  # fmt: skip
+    assert stop_requests(reply) == [("b", 3, "timeout"), ("e", 1, "cancelled")]
+    assert stop_requests({"cancelled": ["a", 5]}) == [("a", None, "cancelled")]
+    assert stop_requests({"stop": [], "cancelled": ["a"]}) == []  # a server that sends stop means it
+    assert stop_requests({}) == []
+
+
+def test_the_pull_agent_caps_output_at_its_setting_and_receipts_read_the_capped_logs(tmp_path):
+    agent = make_agent(tmp_path, 'yes out | head -c 100000; yes err | head -c 100000 >&2; exit 4',
+                       output_cap_bytes=1000)  # fmt: skip
+    client = FakeClient()
+    thread, _ = run_in_thread(agent, "t-loud", 1, client)
+    thread.join(30)
+    assert not thread.is_alive()
+    meta = tmp_path / "ws" / "t-loud" / "1" / ".fleet"
+    assert (meta / "stdout.log").read_bytes() == b"out\n" * 250 and (meta / "stderr.log").read_bytes() == b"err\n" * 250
+    (_, _, _, receipt) = client.calls[-1]
+    assert receipt["outcome"] == "failure" and receipt["summary"] == "exit status 4: err"
+
+
+def test_the_run_environment_is_the_shared_whitelist(tmp_path, monkeypatch):
+    from fleetctl.executors import INHERITED_ENV
+
+    monkeypatch.setenv("FORGEJO_TOKEN", "orchestrator-secret")
+    agent = make_agent(tmp_path, "true")
+    env = agent.task_env({"task_id": "t-env", "repo": "o/r", "issue_number": 4}, 2, "tok", tmp_path / "w")
+    assert "FORGEJO_TOKEN" not in env
+    assert set(env) - set(INHERITED_ENV) == {"FLEET_TASK_ID", "FLEET_ATTEMPT", "FLEET_AGENT_ID", "FLEET_API_URL",
+                                             "FLEET_TASK_TOKEN", "FLEET_BRANCH", "FLEET_WORKSPACE",
+                                             "FLEET_PROMPT_FILE", "FLEET_REPO", "FLEET_ISSUE"}  # fmt: skip
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)  # its `fleetctl` is ours

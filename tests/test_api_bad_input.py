@@ -19,6 +19,11 @@ from dataclasses import dataclass
 import pytest
 from conftest import ADMIN_TOKEN, REGISTRATION_TOKEN, LiveServer, stop_cleanly
 
+from fleetctl import services
+from fleetctl.config import OrchestratorConfig
+from fleetctl.states import AgentStatus
+from fleetctl.store import Store
+
 TIMEOUT = 5.0
 
 
@@ -49,7 +54,7 @@ class World:
         self.server = server
         self.port = server.port
         self.tokens = {"admin": ADMIN_TOKEN, "reg": REGISTRATION_TOKEN}
-        for name, caps in (("alice", ["x"]), ("bob", ["x"]), ("late", ["late"]), ("taker", ["late"])):
+        for name, caps in (("alice", ["x"]), ("bob", ["x"]), ("late", ["late"]), ("taker", ["late"]), ("gone", ["x"])):
             self.tokens[name] = server.register(name, caps)
         self.post("admin", "/api/v1/tasks", {"task_id": "t-alice", "title": "alice's", "labels": ["agent:x"]})
         self.tokens["alice-task"] = self.post("alice", "/api/v1/tasks/dequeue", {})["task_token"]
@@ -58,12 +63,16 @@ class World:
         assert claim["task"]["task_id"] == "t-done"
         self.post("bob", "/api/v1/tasks/t-done/complete", {"attempt": 1, "summary": "ok"})
         self.post("admin", "/api/v1/tasks", {"task_id": "t-queued", "title": "nobody", "labels": ["agent:nobody"]})
-        # "late" claims t-late, goes offline (the attempt fails agent_lost), "taker" claims attempt 2
+        # "late" claims t-late, is found lost (offline: the attempt fails agent_lost, its token stays valid),
+        # "taker" claims attempt 2
         self.post("admin", "/api/v1/tasks", {"task_id": "t-late", "title": "late", "labels": ["agent:late"]})
         self.tokens["late-task"] = self.post("late", "/api/v1/tasks/dequeue", {})["task_token"]
-        self.post("late", "/api/v1/agents/deregister", {})
+        with Store.open(server.db_path) as store:  # what the sweep does to an agent that stopped heartbeating
+            services.set_agent_status(store, OrchestratorConfig(), "late", AgentStatus.OFFLINE, "lost")
         again = self.post("taker", "/api/v1/tasks/dequeue", {"wait": 5})
         assert again["task"]["task_id"] == "t-late" and again["attempt"] == 2
+        # "gone" deregistered itself: its token is revoked
+        self.post("gone", "/api/v1/agents/deregister", {})
 
     def post(self, who: str, path: str, doc: dict) -> dict:
         status, _headers, body = send(self.port, request("POST", path, token=self.tokens[who],
@@ -235,11 +244,26 @@ CASES: list[Bad] = [
     Bad("post-chunked", *CREATE, body=b'e\r\n{"title": "x"}\r\n0\r\n\r\n', length=False,
         headers=("Transfer-Encoding: chunked",), status=411, code="length_required"),
     Bad("post-chunked-and-length", *CREATE, body=b'{"title": "x"}', headers=("Transfer-Encoding: chunked",),
-        status=411, code="length_required"),
+        code="bad_request"),
+    Bad("post-length-and-identity-encoding", *CREATE, body=b'{"title": "x"}', headers=("Transfer-Encoding: identity",),
+        code="bad_request"),
     Bad("content-length-not-a-number", raw=b"POST /api/v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
         code="bad_request"),
     Bad("content-length-negative", raw=b"POST /api/v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
         code="bad_request"),
+    # RFC 9112 §6.3: Content-Length is 1*DIGIT (ASCII), and copies that disagree are refused, not last-wins
+    *[Bad(f"content-length-{name}", *CREATE, body=b'{"title": "smuggled"}', length=False,
+          headers=tuple(f"Content-Length: {v}" for v in values), code="bad_request")
+      for name, values in (("plus-sign", ["+21"]), ("underscore", ["2_1"]), ("leading-underscore", ["_21"]),
+                           ("trailing-underscore", ["21_"]), ("minus-zero", ["-0"]), ("hex", ["0x15"]),
+                           ("superscript-digits", ["\u00b2\u00b9"]),
+                           ("decimal-point", ["21.0"]), ("inner-space", ["2 1"]), ("empty", [""]),
+                           ("two-fields-disagree", ["21", "5"]), ("two-fields-disagree-first-right", ["5", "21"]),
+                           ("list-disagrees", ["21, 5"]), ("list-empty-member", ["21,"]),
+                           ("vertical-tab", ["\x0b21"]))],
+    Bad("content-length-two-fields-smuggle", raw=request("POST", "/api/v1/tasks", token=ADMIN_TOKEN,
+        body=b'{"title": "a"}', length=False, headers=("Content-Length: 14", "Content-Length: 0")) +
+        request("POST", "/api/v1/tasks", token=ADMIN_TOKEN, body=b'{"title": "b"}'), code="bad_request"),
     Bad("request-line-too-long", raw=b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", status=414,
         code="uri_too_long"),
     Bad("header-block-too-large", raw=b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"p" * 40_000 + b"\r\n\r\n",
@@ -270,6 +294,9 @@ CASES: list[Bad] = [
     Bad("auth-basic", "GET", "/api/v1/tasks", headers=(f"Authorization: Basic {ADMIN_TOKEN}",), status=401,
         code="unauthorized"),
     Bad("auth-token-too-long", "GET", "/api/v1/tasks", "=" + "t" * 600, status=401, code="unauthorized"),
+    *[Bad(f"auth-deregistered-agent-{name}", "POST", path, "gone", body={}, status=401, code="unauthorized")
+      for name, path in (("dequeue", "/api/v1/tasks/dequeue"), ("heartbeat", "/api/v1/agents/heartbeat"),
+                         ("deregister", "/api/v1/agents/deregister"))],
     Bad("auth-admin-token-prefix", "GET", "/api/v1/tasks", "=" + ADMIN_TOKEN[:-1], status=401, code="unauthorized"),
     Bad("agent-token-on-admin-list", "GET", "/api/v1/tasks", "alice", status=403, code="forbidden"),
     Bad("agent-token-on-create", *CREATE[:2], "alice", body={"title": "x"}, status=403, code="forbidden"),
@@ -369,3 +396,15 @@ def test_a_slow_client_does_not_hold_up_the_others(world):
     time.sleep(0.2)
     assert world.fingerprint() == before, "a cut-off request was acted on"
     assert send(world.port, request("GET", "/healthz"))[0] == 200
+
+
+@pytest.mark.parametrize("lengths", [["21"], ["21, 21"], ["21", "21"], [" 021 "], ["\t21"]])
+def test_content_length_copies_that_agree_are_accepted(world, lengths):
+    """RFC 9112 §6.3 allows repeated (or listed) Content-Length values when they are all the same number."""
+    body = json.dumps({"title": "framed"}).encode()  # 19 bytes … padded to 21
+    body = body[:-1] + b"  }"
+    status, _headers, answer = send(world.port, request("POST", "/api/v1/tasks", token=ADMIN_TOKEN, body=body,
+                                                        length=False,
+                                                        headers=tuple(f"Content-Length: {v}" for v in lengths)))  # fmt: skip
+    assert status == 201, answer
+    assert json.loads(answer)["title"] == "framed"

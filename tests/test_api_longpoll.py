@@ -58,3 +58,55 @@ def test_waiting_dequeuers_do_not_spin_on_their_own_empty_claims(tmp_path):
     finally:
         api.close()
         api.shutdown()
+
+
+def test_a_cancel_in_another_process_that_frees_the_agents_slot_wakes_its_long_poll(live_server):
+    """The agent is full (max_concurrency 1); `fleetctl task cancel` in another process frees its slot: the
+    waiting dequeue is woken and gets the next task (before, it waited out the whole poll and got 204)."""
+    import subprocess
+    import sys
+
+    token = live_server.register("full", capabilities=["x"], max_concurrency=1)
+    with live_server.client(ADMIN_TOKEN) as admin:
+        first, second = (admin.post("/api/v1/tasks", json={"title": t, "labels": ["agent:x"]}).json()["task_id"]
+                         for t in ("first", "second"))  # fmt: skip
+    with live_server.client(token) as agent:
+        assert agent.post("/api/v1/tasks/dequeue", json={}).json()["task"]["task_id"] == first
+        got: list = []
+        waiter = threading.Thread(target=lambda: got.append(agent.post("/api/v1/tasks/dequeue", json={"wait": 30})))
+        waiter.start()
+        threading.Event().wait(0.5)  # let it start waiting (a claim now finds the agent full)
+        done = subprocess.run([sys.executable, "-m", "fleetctl", "task", "cancel", first, "--config",
+                               str(live_server.config_path)], capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        waiter.join(15)  # woken by the cancel, not by the end of its 30 s poll (generous: a wake takes ms)
+    assert got, "the long-poll was not woken by the cancel in another process"
+    waiter.join(30)
+    assert got[0].status_code == 200, got[0].status_code
+    assert got[0].json()["task"]["task_id"] == second
+
+
+def test_a_template_that_cannot_be_rendered_never_leaves_a_claimed_task_behind(tmp_path):
+    """`config check` refuses such a template; should one reach a running server anyway, the dequeue answers
+    503 (not 500) and the claimed attempt is released at once (launch_failed, retried) — not left assigned
+    until its lease expires."""
+    from dataclasses import replace
+
+    from fleetctl.store import Store
+
+    cfg = load_config(LiveServer(tmp_path).config_path)
+    cfg = replace(cfg, orchestrator=replace(cfg.orchestrator, prompt_template="{0}"))
+    api = Api(cfg)
+    try:
+        r = _post(api, "/api/v1/agents/register", REGISTRATION_TOKEN, {"agent_id": "a", "agent_type": "t"})
+        token = json.loads(r.body)["token"]
+        task_id = json.loads(_post(api, "/api/v1/tasks", ADMIN_TOKEN, {"title": "x"}).body)["task_id"]
+        r = _post(api, "/api/v1/tasks/dequeue", token, {})
+        assert r.status == 503 and json.loads(r.body)["error"]["code"] == "bad_template", r.body
+    finally:
+        api.close()
+        api.shutdown()
+    with Store.open(cfg.orchestrator.db_path) as store:
+        task = store.task(task_id)
+        assert (task["state"], task["failure_reason"], task["agent_id"]) == ("queued", "launch_failed", None)
+        assert store.check().ok

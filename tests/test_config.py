@@ -141,6 +141,67 @@ def test_defaults_paths_placeholder_and_builtin_example(tmp_path):
     assert cfg.orchestrator.task_timeout_secs == 1800 and cfg.server.port == 9090
 
 
+def test_host_id_local_is_local_and_its_relative_work_dir_follows_the_config_file(tmp_path):
+    # issue 6: `host_id = "local"` without `local = true` kept work_dir relative to the cwd of each process,
+    # and every launch failed after a 10 s wait
+    (tmp_path / "etc").mkdir()
+    path = write(tmp_path / "etc" / "c.toml", '[[hosts]]\nhost_id = "local"\nwork_dir = "ws"\n'
+                 '[[hosts]]\nhost_id = "box"\nlocal = true\nwork_dir = "~/box-ws"\n'
+                 '[[hosts]]\nhost_id = "far"\nhostname = "far.example.org"\nwork_dir = "relative/on/far"\n'
+                 '[orchestrator]\ndb_path = "state/f.db"\n')  # fmt: skip
+    cfg = C.load_config(path)
+    local, box, far = cfg.hosts
+    assert local.is_local and local.local is True
+    assert local.work_dir == str(tmp_path / "etc" / "ws")
+    assert box.is_local and box.work_dir == str(Path("~/box-ws").expanduser())
+    assert not far.is_local and far.work_dir == "relative/on/far"  # a remote path, not this machine's
+    assert cfg.orchestrator.db_path == tmp_path / "etc" / "state" / "f.db"
+    shown = fleet("config", "show", "-c", str(path), "--json")
+    assert json.loads(shown.stdout)["hosts"][0]["local"] is True
+
+
+def test_embedded_default_paths_are_under_the_data_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEETCTL_HOME", "rel-home")  # even a relative FLEETCTL_HOME gives absolute paths
+    cfg = C.load_config()
+    home = tmp_path / "rel-home"
+    assert cfg.orchestrator.db_path == home / "fleet.db"
+    assert cfg.hosts[0].is_local and cfg.hosts[0].work_dir == str(home / "workspace")
+
+
+def test_host_id_local_runs_a_task_from_another_directory(fleet):
+    """The same through real processes: config in etc/, commands run from the fleet's directory."""
+    etc = fleet.dir / "etc"
+    etc.mkdir()
+    fleet.configure(name="etc/config.toml")
+    text = fleet.config.read_text()
+    assert "local = true\n" in text
+    fleet.config.write_text(text.replace("local = true\n", ""))
+    fleet.db = etc / "fleet.db"
+    cfg = ["--config", str(fleet.config)]
+    done = fleet.run("task", "create", "--title", "t", *cfg)
+    assert done.returncode == 0, done.stderr
+    task_id = done.stdout.strip()
+    done = fleet.run("dispatch", *cfg)
+    assert done.returncode == 0, done.stderr
+    fleet.wait_for(lambda: fleet.run("sweep-timeouts", *cfg).returncode == 0 and fleet.task(task_id)["state"]
+                   in ("completed", "failed"), what="the run to end")  # fmt: skip
+    assert fleet.task(task_id)["state"] == "completed", fleet.events(task_id)
+    assert (etc / "ws" / task_id / "1").is_dir() and not (fleet.dir / "ws").exists()
+
+
+def test_secs_keys_take_durations(tmp_path):
+    path = write(tmp_path / "c.toml", '[orchestrator]\ntask_timeout_secs = "30m"\nlease_secs = "1h30m"\n'
+                 'retry_backoff_secs = "0s"\nretry_backoff_max_secs = "2.5m"\nheartbeat_interval_secs = "90s"\n'
+                 'dispatch_interval_secs = 15\n[[hosts]]\nhost_id = "h"\nconnect_timeout_secs = "5"\n')  # fmt: skip
+    orch = C.load_config(path).orchestrator
+    assert (orch.task_timeout_secs, orch.lease_secs, orch.retry_backoff_secs) == (1800, 5400, 0)
+    assert (orch.retry_backoff_max_secs, orch.heartbeat_interval_secs, orch.dispatch_interval_secs) == (150, 90, 15)
+    assert C.load_config(path).hosts[0].connect_timeout_secs == 5
+    assert fleet("config", "set", "-c", str(path), "orchestrator.task_timeout_secs", "2h").exit_code == 0
+    assert 'task_timeout_secs = "2h"' in path.read_text()
+    assert C.load_config(path).orchestrator.task_timeout_secs == 7200
+
+
 def test_db_path_default_and_env_override(tmp_path, monkeypatch):
     path = write(tmp_path / "c.toml", "[server]\n")
     assert C.load_config(path).orchestrator.db_path == tmp_path / "fleet.db"
@@ -189,6 +250,45 @@ def test_every_secret_file_key(tmp_path):
     assert cfg.warnings == ()
 
 
+# issue 6: `admin_token = 314159265358979` printed the number; no secret may reach a message, whatever its type
+NOT_STRINGS = ["314159265358979", "2.718281828459", "[\"s3cr3t-in-array\"]", "{ k = \"s3cr3t-in-table\" }",
+               "1979-05-27T07:32:00", "1979-05-27", "07:32:00.999999"]  # fmt: skip
+SECRET_FIELDS = [(section, key) for section, keys in C.SECRET_KEYS.items() for key in keys]
+
+
+@pytest.mark.parametrize(("section", "key"), SECRET_FIELDS, ids=[f"{s}.{k}" for s, k in SECRET_FIELDS])
+def test_config_errors_never_echo_a_secret(tmp_path, section, key):
+    for value in NOT_STRINGS:
+        path = write(tmp_path / "c.toml", f"[{section}]\n{key} = {value}\n")
+        result = fleet("config", "check", "-c", str(path), "--no-webhooks")
+        assert result.exit_code == 2, (value, result.output)
+        assert f"c.toml:2:1: {section}.{key}: expected a string, got " in result.stderr
+        assert "(value not shown)" in result.stderr
+        for fragment in ("314159", "718281", "s3cr3t", "1979", "07:32", "999999"):
+            assert fragment not in result.output, (value, result.output)
+    # a syntax error inside a secret does not quote the offending character either
+    path = write(tmp_path / "c.toml", f'[{section}]\n{key} = "abc\x01def"\n')
+    result = fleet("config", "check", "-c", str(path), "--no-webhooks")
+    assert result.exit_code == 2 and f"{section}.{key}: invalid TOML: Illegal character (not shown)" in result.stderr
+    assert "\\x01" not in result.stderr
+
+
+@pytest.mark.parametrize(("section", "key"), SECRET_FIELDS, ids=[f"{s}.{k}" for s, k in SECRET_FIELDS])
+def test_secret_file_errors_never_echo_its_content(tmp_path, section, key):
+    cases = {
+        "binary": b"s3cr3t-\xff\xfe-s3cr3t\n",  # not UTF-8
+        "huge": b"s3cr3t" * (C.SECRET_FILE_MAX_BYTES // 6 + 1),  # over the cap
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        (tmp_path / name).chmod(0o600)
+        path = write(tmp_path / "c.toml", f'[{section}]\n{key}_file = "{name}"\n')
+        result = fleet("config", "check", "-c", str(path), "--no-webhooks")
+        assert result.exit_code == 2, result.output
+        assert f"{section}.{key}_file: cannot read secret file {tmp_path / name}: " in result.stderr
+        assert "s3cr3t" not in result.output and "\\xff" not in result.output and "0xff" not in result.output
+
+
 def test_secret_file_problems(tmp_path):
     write(tmp_path / "loose", "abc\n", mode=0o644)
     cfg = C.load_config(write(tmp_path / "c.toml", '[server]\nadmin_token_file = "loose"\n'))
@@ -235,6 +335,34 @@ ERROR_CASES = [
         ["c.toml:3:1:", "must be >= retry_backoff_secs"],
     ),
     ("[orchestrator]\nprompt_template = 'x {'\n", ["orchestrator.prompt_template", "invalid template"]),
+    # issue 6: these passed `config check`, then a dequeue claimed the task and answered 500
+    (
+        "[orchestrator]\nprompt_template = '{0}'\n",
+        ["c.toml:2:1: orchestrator.prompt_template: invalid template: positional placeholder {0}"],
+    ),
+    ("[orchestrator]\nprompt_template = 'do {nope}'\n", ["c.toml:2:1:", "unknown placeholder {nope}"]),
+    ("[orchestrator]\nprompt_template = '{title.__class__}'\n", ["c.toml:2:1:", "attribute and index access"]),
+    ("[orchestrator]\nprompt_template = '{title[0]}'\n", ["c.toml:2:1:", "attribute and index access"]),
+    ("[orchestrator]\nprompt_template = '{title:d}'\n", ["c.toml:2:1:", "unsupported format spec 'd'"]),
+    ('[orchestrator]\nprompt_template = """\nline\n{body\n"""\n', ["c.toml:2:1:", "invalid template"]),
+    # *_secs take durations (issue 6), and say so when a string is not one
+    (
+        "[orchestrator]\ntask_timeout_secs = '30 minutes'\n",
+        [
+            "c.toml:2:1: orchestrator.task_timeout_secs: expected seconds (900) or a duration with units (90s, 30m, 2h, "
+            "1h30m), got string '30 minutes'"
+        ],
+    ),
+    ("[orchestrator]\nlease_secs = '0s'\n", ["orchestrator.lease_secs", "must be > 0, got 0"]),
+    ("[orchestrator]\nretry_backoff_secs = '-5m'\n", ["orchestrator.retry_backoff_secs", "got string '-5m'"]),
+    (
+        "[orchestrator]\nretry_backoff_secs = '2m'\nretry_backoff_max_secs = '1m'\n",
+        ["c.toml:3:1:", "must be >= retry_backoff_secs (120), got 60"],
+    ),
+    ("[[hosts]]\nhost_id = 'h'\nconnect_timeout_secs = 'soon'\n", ["hosts[0].connect_timeout_secs", "90s, 30m"]),
+    ("[orchestrator]\ntask_timeout_secs = true\n", ["orchestrator.task_timeout_secs", "got boolean true"]),
+    # host_id "local" is local; saying otherwise is a contradiction, not a silent choice
+    ("[[hosts]]\nhost_id = 'local'\nlocal = false\n", ["c.toml:3:1: hosts[0].local: host_id 'local' always runs"]),
     ("[orchestrator]\nrequirement_prefix = ''\n", ["orchestrator.requirement_prefix", "must not be empty"]),
     ("[forgejo]\nurl = 'forge.example.org'\n", ["forgejo.url", "expected an http:// or https:// URL"]),
     ("[forgejo]\nrepositories = ['nope']\n", ["forgejo.repositories", "owner/name"]),
@@ -302,7 +430,7 @@ def test_all_errors_reported_at_once(tmp_path):
 
 
 def test_webhook_listener_with_empty_secret(tmp_path):
-    path = write(tmp_path / "c.toml", "[forgejo]\nurl = 'https://forge.example.org'\ntoken = 't'\n")
+    path = write(tmp_path / "c.toml", "[forgejo]\nurl = 'https://forge.example.org'\nrequire_pull_request = false\n")
     cfg = C.load_config(path)
     assert C.check_config(cfg, serving_webhooks=False) == []
     with pytest.raises(ConfigError, match="webhook listener with an empty secret"):
@@ -312,6 +440,37 @@ def test_webhook_listener_with_empty_secret(tmp_path):
     assert "forgejo.webhook_secret: webhook listener with an empty secret" in result.stderr
     assert fleet("config", "check", "-c", str(path), "--no-webhooks").exit_code == 0
     assert fleet("config", "check", "-c", str(path), env={"FLEET_WEBHOOK_SECRET": "w"}).exit_code == 0
+
+
+# issue 6: Forgejo webhooks, sync and Matrix are not built yet; `config check` says so instead of letting a
+# configured section look like it does something
+@pytest.mark.parametrize(
+    ("text", "warning"),
+    [
+        ("[forgejo]\nurl = 'https://f.example.org'\ntoken = 't'\nrepositories = ['acme/api']\n",
+         "forgejo.token, forgejo.repositories: set but not used by anything yet (not yet: webhooks, sync"),
+        ("[forgejo]\nwebhook_secret = 'w'\n", "forgejo.webhook_secret: set but not used by anything yet"),
+        ("[matrix]\nhomeserver = 'https://m.example.org'\naccess_token = 'a'\nroom_id = '!r:m.example.org'\n",
+         "[matrix]: configured but not used by anything yet (not yet: notifications come with the Matrix"),
+        ("[matrix]\nevents = ['task.failed']\n", "[matrix]: configured but not used by anything yet"),
+    ],
+)  # fmt: skip
+def test_check_warns_about_sections_not_used_yet(tmp_path, text, warning):
+    path = write(tmp_path / "c.toml", text)
+    result = fleet("config", "check", "-c", str(path), "--no-webhooks")
+    assert result.exit_code == 0, result.output
+    assert f"warning: {path}: {warning}" in result.stderr
+    assert result.stdout == f"ok: {path}\n"
+    assert "'t'" not in result.stderr and "'a'" not in result.stderr
+
+
+def test_no_not_yet_warning_for_what_is_used_or_unset(tmp_path):
+    # forgejo.url (clone URLs in prompts) and require_pull_request take effect; empty keys are not "configured"
+    path = write(tmp_path / "c.toml", "[forgejo]\nurl = 'https://f.example.org'\nrequire_pull_request = false\n"
+                 "token = ''\n[matrix]\nhomeserver = ''\n")  # fmt: skip
+    assert C.check_config(C.load_config(path), serving_webhooks=False) == []
+    assert C.not_used_yet(C.load_config(write(tmp_path / "e.toml", EXAMPLE.read_text()))) == []
+    assert C.not_used_yet(C.load_config()) == []
 
 
 def test_matrix_needs_room_and_token(tmp_path):
@@ -336,6 +495,66 @@ def test_any_text_gives_a_config_or_a_config_error(text):
         C.load_config_text(text, "/nonexistent/c.toml", env={})
     except ConfigError as exc:
         assert "/nonexistent/c.toml" in exc.message
+
+
+# ------------------------------------------------------------------------------------- bounded reads
+
+
+def _fleetctl_with_memory_cap(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m fleetctl ARGS`` limited to 1 GiB of address space and 60 s, so an unbounded read fails
+    (MemoryError) instead of taking the machine down."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "fleetctl", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, preexec_fn=limit, timeout=60)  # fmt: skip
+
+
+def test_config_from_dev_zero_or_a_fifo_is_refused(tmp_path):
+    # issue 6: `--config /dev/zero` read until memory ran out; a FIFO hung on open
+    os.mkfifo(tmp_path / "fifo")
+    for source, kind in [("/dev/zero", "a character device"), (str(tmp_path / "fifo"), "a FIFO")]:
+        done = _fleetctl_with_memory_cap("config", "check", "--config", source, cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr == f"error: {source}: cannot read config file: not a regular file ({kind})\n"
+    done = _fleetctl_with_memory_cap("config", "check", "--config", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr == f"error: {tmp_path}: cannot read config file: is a directory\n"
+
+
+def test_secret_file_from_dev_zero_is_refused(tmp_path):
+    path = write(tmp_path / "c.toml", '[server]\nadmin_token_file = "/dev/zero"\n')
+    done = _fleetctl_with_memory_cap("config", "check", "--config", str(path), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "server.admin_token_file: cannot read secret file /dev/zero: not a regular file (a character device)" in (
+        done.stderr
+    )
+
+
+def test_config_file_size_cap(tmp_path):
+    assert C.CONFIG_MAX_BYTES == 1 << 20  # documented in docs/configuration.md
+    body = "[server]\nport = 9091\n"
+    at_cap = body + "#" * (C.CONFIG_MAX_BYTES - len(body) - 1) + "\n"
+    assert len(at_cap.encode()) == C.CONFIG_MAX_BYTES
+    assert C.load_config(write(tmp_path / "c.toml", at_cap)).server.port == 9091
+    path = write(tmp_path / "c.toml", at_cap + "\n")
+    result = fleet("config", "check", "-c", str(path))
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {path}: cannot read config file: larger than 1 MiB, the most fleetctl reads\n"
+    result = fleet("config", "set", "-c", str(path), "server.port", "1")  # the editor reads through the same cap
+    assert result.exit_code == 2 and "larger than 1 MiB" in result.stderr
+
+
+def test_secret_file_size_cap(tmp_path):
+    assert C.SECRET_FILE_MAX_BYTES == 64 << 10  # documented in docs/configuration.md
+    write(tmp_path / "tok", "t" * (C.SECRET_FILE_MAX_BYTES - 1) + "\n")
+    path = write(tmp_path / "c.toml", '[server]\nadmin_token_file = "tok"\n')
+    assert C.load_config(path).server.admin_token == "t" * (C.SECRET_FILE_MAX_BYTES - 1)
+    write(tmp_path / "tok", "t" * C.SECRET_FILE_MAX_BYTES + "\n")
+    with pytest.raises(ConfigError, match="admin_token_file: cannot read secret file .*: larger than 64 KiB"):
+        C.load_config(path)
 
 
 # --------------------------------------------------------------------------------------------- show
@@ -428,7 +647,7 @@ def test_set_value_kinds_and_paths(tmp_path):
     ("key", "value", "fragment"),
     [
         ("orchestrator.task_timeout_secs", "-5", "must be > 0"),
-        ("orchestrator.task_timeout_secs", "soon", "expected a number, got string 'soon'"),
+        ("orchestrator.task_timeout_secs", "soon", "expected seconds (900) or a duration with units"),
         ("orchestrator.task_timeout_sec", "60", "did you mean 'task_timeout_secs'?"),
         ("server.port", "true", "expected an integer, got boolean true"),
         ("hosts.nohost.work_dir", "/x", "no item with id 'nohost'"),

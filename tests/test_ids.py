@@ -5,11 +5,17 @@ stored verbatim and reach the agent's prompt byte for byte, never through a shel
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fleetctl.cli import app
+from fleetctl.errors import UsageError
+from fleetctl.ids import ID_RE, branch_problem, check_id, check_task_id, new_task_id
 
 BAD_IDS = [
     "../x", "..", ".", ".hidden", "a/b", "/etc/passwd", "a\0b", "a\nb", "a\rb", ";rm -rf /", "$(id)", "`id`",
@@ -91,13 +97,75 @@ def test_bad_text_is_refused(refused, args):
 
 def test_edge_ids_that_are_fine(runner, write_config):
     write_config()
-    for good in ("x" * 128, "a.b_c-D9", "9", "t..x", "A-"):
+    for good in ("x" * 128, "a.b_c-D9", "9", "A-", "a.lockb", "a.LOCK"):
         result = runner.invoke(app, ["task", "create", "--title", "t", "--id", good, "--json"])
         assert result.exit_code == 0, result.stderr
         assert json.loads(result.stdout)["task_id"] == good
         shown = runner.invoke(app, ["task", "show", good, "--json"])
         assert json.loads(shown.stdout)["task_id"] == good
     assert runner.invoke(app, ["db", "check"]).exit_code == 0
+
+
+# ------------------------------------------------------------------------------------- ids as git branches
+# issue 6: `fix..parser`, `bump.lock`, `release.` were accepted, and every run of such a task was told to push to
+# a branch fleet/<task-id> that git refuses. The rule is proven against the real `git check-ref-format`.
+
+GIT = shutil.which("git")
+
+
+def git_accepts_branch(task_id: str) -> bool:
+    assert GIT, "git is needed to prove the branch rule"
+    return subprocess.run([GIT, "check-ref-format", f"fleet/{task_id}"], capture_output=True).returncode == 0
+
+
+REF_TABLE = [
+    # refused by git: the cases from the issue, then every rule reachable with [A-Za-z0-9._-]
+    ("fix..parser", False), ("bump.lock", False), ("release.", False), ("a..", False), ("a...b", False),
+    ("x-.", False), ("a_.lock", False), ("v1.2.lock", False), ("a" * 123 + ".lock", False),
+    # accepted by git
+    ("t-3f9a1c2b7e", True), ("fix-parser", True), ("v1.2.3", True), ("a.lockb", True), ("a.lock.b", True),
+    ("a.LOCK", True), ("lock", True), ("a.-b", True), ("A-", True), ("a_", True), ("9", True), ("x" * 128, True),
+    ("a-.b", True), ("a._b", True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("task_id", "valid"), REF_TABLE, ids=[t for t, _ in REF_TABLE])
+def test_task_id_rule_matches_git_check_ref_format(task_id, valid):
+    assert ID_RE.match(task_id)  # all in the id charset: only the branch rule decides
+    assert git_accepts_branch(task_id) is valid  # the table is git's verdict, not an assumption
+    if valid:
+        assert check_task_id(task_id) == task_id
+    else:
+        with pytest.raises(UsageError) as info:
+            check_task_id(task_id)
+        assert info.value.code == "invalid_id" and info.value.exit_code == 2
+        message = info.value.message
+        assert message.startswith(f"invalid task id {task_id!r}: git cannot use it in the branch fleet/<task-id>")
+        assert "must not contain '..' or end with '.' or '.lock'" in message
+
+
+@pytest.mark.parametrize("task_id", [".hidden", "..", ".", "-x", "a/b", ""])
+def test_ids_outside_the_charset_or_start_are_refused_before_the_branch_rule(task_id):
+    with pytest.raises(UsageError, match="invalid task id"):
+        check_task_id(task_id)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,20}\Z"))
+def test_any_id_in_the_charset_is_accepted_exactly_when_git_accepts_its_branch(task_id):
+    assert (branch_problem(task_id) is None) is git_accepts_branch(task_id), task_id
+
+
+def test_generated_task_ids_are_always_valid_branches():
+    ids = [new_task_id() for _ in range(200)]
+    assert len(set(ids)) == 200
+    for task_id in ids:
+        assert check_task_id(task_id) == task_id
+    assert all(git_accepts_branch(task_id) for task_id in ids[:20])
+
+
+def test_lookups_still_take_ids_made_before_the_branch_rule():
+    assert check_id("fix..parser", "task id") == "fix..parser"  # show/cancel/retry of an old task keep working
 
 
 # ---------------------------------------------------------------------------------------------- verbatim
@@ -164,14 +232,22 @@ def test_hostile_text_is_stored_verbatim_and_reaches_the_prompt_byte_for_byte(fl
         assert TITLE.encode() in expected and BODY.encode() in expected
         assert ", ".join([f"agent:prompt:{m}", "retries:0", *LABELS]).encode() in expected
         got = out.read_bytes()
-        if m == "arg":  # one argument, exactly; "$(cat prompt)" in the wrapper drops trailing newlines only
+        if m == "arg":  # one argument, exactly, trailing newlines included
             assert (tmp_path / f"prompt-{m}.out.argc").read_text() == "4"
-            assert got == expected.rstrip(b"\n")
-        else:
-            assert got == expected
+        assert got == expected
         ws = Path(fleet.attempts(tasks[m])[0]["workspace"])
         assert ws == tmp_path / "ws" / tasks[m] / "1"
         assert (ws / ".fleet" / "prompt.md").read_bytes() == expected
     pwned = [p for p in tmp_path.rglob("PWNED*")] + [p for p in Path("/tmp").glob("PWNED*")]
     assert pwned == [], "text from a task reached a shell"
     fleet.check_db()
+
+
+@pytest.mark.parametrize("bad", ["fix..parser", "bump.lock", "release."])
+def test_create_refuses_ids_git_cannot_branch(refused, bad):
+    assert "git cannot use it in the branch" in refused("task", "create", "--title", "t", f"--id={bad}")
+
+
+@pytest.mark.parametrize("label", ["timeout:30x", "retries:-1", "priority:abc", "timeout:0"])
+def test_create_refuses_a_knob_label_that_does_not_parse(refused, label):
+    assert label in refused("task", "create", "--title", "t", "--label", label)

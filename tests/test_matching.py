@@ -22,24 +22,149 @@ from fleetctl.matching import AgentSlot, LabelKnobs, QueuedTask, covers, parse_l
         (["agent:b", "agent:a", "agent:b"], LabelKnobs(("a", "b"))),  # sorted, unique
         ([" agent:python ", " priority:2"], LabelKnobs(("python",), priority=2)),  # stripped
         (["priority:-3"], LabelKnobs((), priority=-3)),
+        (["priority:+3", "priority: 3"], LabelKnobs((), priority=3)),  # the same value twice is no conflict
         (["retries:4", "timeout:900"], LabelKnobs((), max_retries=4, timeout_secs=900)),
         (["retries:0"], LabelKnobs((), max_retries=0)),
-        (["retries:-2"], LabelKnobs((), max_retries=0)),  # never a negative budget
-        (["timeout:0"], LabelKnobs(())),  # no timeout override rather than an instant timeout
-        (["timeout:-5"], LabelKnobs(())),
-        # junk: metadata, not knobs
-        (["agent:", "priority:", "priority:high", "priority:1.5", "Priority:3", "priority: 3"], LabelKnobs(())),
-        (["priority:1234567890", "retries:x", "timeout:1e3", "help wanted", "agentx:y"], LabelKnobs(())),
-        (["priority:3:extra", "retries:2 ", "kind/bug"], LabelKnobs((), max_retries=2)),
+        (["retries:2 ", "kind/bug"], LabelKnobs((), max_retries=2)),
+        # durations with units (issue 6: timeout:30m meant 30 minutes and was ignored)
+        (["timeout:30m"], LabelKnobs((), timeout_secs=1800)),
+        (["timeout:90s"], LabelKnobs((), timeout_secs=90)),
+        (["timeout:2h"], LabelKnobs((), timeout_secs=7200)),
+        (["timeout:1h30m"], LabelKnobs((), timeout_secs=5400)),
+        (["timeout:1.5h"], LabelKnobs((), timeout_secs=5400)),
+        (["timeout:2.5"], LabelKnobs((), timeout_secs=2.5)),
+        (["timeout:1d"], LabelKnobs((), timeout_secs=86400)),
+        (["timeout:60", "timeout:1m"], LabelKnobs((), timeout_secs=60)),  # equal values agree
+        # metadata: not knobs, no problems
+        (["Priority:3", "priority", "help wanted", "agents", "agentic", "kind/bug", "timeouts"], None),
     ],
 )
 def test_parse_labels(labels, expected):
-    assert parse_labels(labels) == expected
+    got = parse_labels(labels)
+    if expected is None:  # metadata only; warnings allowed (Priority:3 is a near miss), no knobs, no problems
+        assert (got.requirements, got.priority, got.max_retries, got.timeout_secs, got.problems) == (
+            (),
+            0,
+            None,
+            None,
+            (),
+        )
+    else:
+        assert got == expected
+
+
+# every knob label that does not parse is a problem naming the label and what is expected; the knob keeps its
+# default (issue 6: these were silently ignored)
+PROBLEMS = [
+    ("timeout:0", "label 'timeout:0': timeout must be greater than 0"),
+    ("timeout:-5", "label 'timeout:-5': timeout must be greater than 0"),
+    ("timeout:30 min", "label 'timeout:30 min': timeout must be greater than 0, in seconds (900) or a duration"),
+    ("timeout:1e3", "label 'timeout:1e3': timeout must"),
+    ("timeout:30M", "label 'timeout:30M': timeout must"),
+    ("timeout:30m1h", "label 'timeout:30m1h': timeout must"),
+    ("timeout:", "label 'timeout:': timeout must"),
+    ("retries:-1", "label 'retries:-1': retries must be a whole number ≥ 0"),
+    ("retries:x", "label 'retries:x': retries must be a whole number ≥ 0"),
+    ("retries:1.5", "label 'retries:1.5': retries must be a whole number ≥ 0"),
+    ("retries:٣", "label 'retries:٣': retries must be a whole number ≥ 0"),  # ASCII digits only
+    ("retries:1234567890", "label 'retries:1234567890': retries must be a whole number ≥ 0 (at most 999999999)"),
+    ("priority:abc", "label 'priority:abc': priority must be a whole number from -999999999 to 999999999"),
+    ("priority:high", "label 'priority:high': priority must be a whole number"),
+    ("priority:1.5", "label 'priority:1.5': priority must be a whole number"),
+    ("priority:", "label 'priority:': priority must be a whole number"),
+    ("priority:3:extra", "label 'priority:3:extra': priority must be a whole number"),
+    ("priority:1234567890", "label 'priority:1234567890': priority must be a whole number"),
+]
+
+
+@pytest.mark.parametrize(("label", "message"), PROBLEMS, ids=[p[0] for p in PROBLEMS])
+def test_knob_labels_that_do_not_parse_are_problems(label, message):
+    got = parse_labels(["agent:docs", label, "bug"])
+    assert len(got.problems) == 1 and got.problems[0].startswith(message), got.problems
+    assert (got.requirements, got.priority, got.max_retries, got.timeout_secs) == (("docs",), 0, None, None)
+    assert got.warnings == ()
+
+
+def test_knob_labels_that_disagree_are_a_problem_and_keep_the_default():
+    got = parse_labels(["priority:1", "priority:5", "timeout:1m", "timeout:2m", "retries:3"])
+    assert got.problems == (
+        "labels 'priority:1' and 'priority:5' disagree: keep one priority: label",
+        "labels 'timeout:1m' and 'timeout:2m' disagree: keep one timeout: label",
+    )
+    assert (got.priority, got.timeout_secs, got.max_retries) == (0, None, 3)
+
+
+def test_each_bad_knob_label_is_reported_once():
+    got = parse_labels(["timeout:30m", "retries:-1", "priority:abc", "timeout:0"])
+    assert [p.split(":", 1)[0] for p in got.problems] == ["label 'retries", "label 'priority", "label 'timeout"]
+    assert len(got.problems) == 3
+
+
+WARNINGS = [
+    # (label, the label suggested); prefix agent:
+    ("agnet:code:rust", "agent:code:rust"),  # swapped letters
+    ("agent-code:rust", "agent:code:rust"),  # wrong separator
+    ("agent/code", "agent:code"),
+    ("agen:docs", "agent:docs"),  # a letter missing
+    ("agentt:docs", "agent:docs"),  # a letter too many
+    ("Agent:docs", "agent:docs"),
+    ("agemt:docs", "agent:docs"),
+]
+
+
+@pytest.mark.parametrize(("label", "suggestion"), WARNINGS, ids=[w[0] for w in WARNINGS])
+def test_a_label_one_edit_from_the_prefix_gets_a_did_you_mean(label, suggestion):
+    got = parse_labels([label, "priority:2"])
+    assert got.warnings == (
+        f"label {label!r} looks like a requirement; did you mean {suggestion!r}? Without it any agent may take the task",
+    )
+    assert got.requirements == () and got.problems == () and got.priority == 2
+
+
+@pytest.mark.parametrize(
+    "label",
+    ["agents", "agentic", "agent", "age:x", "magenta", "urgent:fix", "bug", "kind/agent:x", "reagent:x",
+     "priority/high", "Priority:High", "timeouts", "retry:later"],
+)  # fmt: skip
+def test_labels_further_away_get_no_warning(label):
+    assert parse_labels([label]).warnings == ()
+
+
+def test_near_miss_knobs_and_empty_requirements_are_warned():
+    got = parse_labels(["priorty:5", "Timeout:30m", "agent:"])
+    assert got.warnings == (
+        "label 'priorty:5' looks like a knob; did you mean 'priority:5'? It is ignored",
+        "label 'Timeout:30m' looks like a knob; did you mean 'timeout:30m'? It is ignored",
+        "label 'agent:' names no capability; it requires nothing",
+    )
+    assert (got.priority, got.timeout_secs, got.problems) == (0, None, ())
+
+
+def test_did_you_mean_follows_the_configured_prefix():
+    assert (
+        parse_labels(["neds/gpu"], prefix="needs/")
+        .warnings[0]
+        .endswith("did you mean 'needs/gpu'? Without it any agent may take the task")
+    )
+    assert parse_labels(["neds/gpu", "agnet:x"], prefix="").warnings == ()  # no prefix: nothing is near it
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet=st.sampled_from(list("agentpriotsm:-/0123456789.h ")), max_size=16), max_size=6))
+def test_parse_labels_never_raises_and_problems_name_their_label(labels):
+    got = parse_labels(labels)
+    stripped = [label.strip() for label in labels]
+    for problem in got.problems:
+        assert any(repr(label) in problem for label in stripped), problem
+    assert got.timeout_secs is None or got.timeout_secs > 0
+    assert got.max_retries is None or got.max_retries >= 0
 
 
 def test_parse_labels_prefix_is_configurable():
     labels = ["needs/gpu", "agent:code", "needs/", "priority:1"]
-    assert parse_labels(labels, prefix="needs/") == LabelKnobs(("gpu",), priority=1)
+    assert parse_labels(labels, prefix="needs/") == LabelKnobs(
+        ("gpu",), priority=1, warnings=("label 'needs/' names no capability; it requires nothing",)
+    )
     assert parse_labels(labels) == LabelKnobs(("code",), priority=1)
     assert parse_labels(labels, prefix="") == LabelKnobs((), priority=1)  # no prefix: nothing is a requirement
 

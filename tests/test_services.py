@@ -413,6 +413,8 @@ def test_heartbeat_lists_every_attempt_the_agent_must_stop(store, orch, agent):
     services.heartbeat(store, orch, "a1", now=300.0)
     services.expire_or_time_out(store, orch, store.task("t1"), FailureReason.TIMEOUT, "over", now=310.0)
     services.cancel_task(store, "t2", now=311.0)
+    services.complete_task(store, config_of(orch), "t3", {"outcome": "failure", "summary": "cannot"},
+                           agent_id="a1", attempt=1, now=312.0)  # its own failure receipt: nothing to stop  # fmt: skip
     reply = services.heartbeat(store, orch, "a1", now=320.0)
     assert reply["stop"] == [{"task_id": "t1", "attempt": 1, "reason": "timeout"},
                              {"task_id": "t2", "attempt": 1, "reason": "cancelled"}]  # fmt: skip
@@ -502,3 +504,14 @@ def test_illegal_transition_events_are_refused_on_write_and_reported_on_replay(s
     report = store.check()
     assert not report.ok and any("not a legal transition" in p for p in report.problems)
     store.execute("DELETE FROM events WHERE type = 'task.started'")  # untamper, for the fixture's own check
+
+
+def test_knob_labels_parse_with_units_or_refuse_the_task(store, orch):
+    t = services.create_task(store, orch, title="x", labels=["timeout:30m", "agnet:code:rust"], now=1.0)
+    assert t["timeout_secs"] == 1800 and any("agent:code:rust" in w for w in t["warnings"])
+    assert store.events(task_id=t["task_id"])[0]["data"]["warnings"] == t["warnings"]
+    with pytest.raises(UsageError, match="retries:-1") as err:
+        services.create_task(store, orch, title="y", labels=["retries:-1"])
+    assert err.value.code == "invalid_label"
+    lenient = services.create_task(store, orch, title="z", labels=["retries:-1"], strict=False)
+    assert lenient["max_attempts"] == 1 + orch.default_max_retries and "retries:-1" in lenient["warnings"][0]

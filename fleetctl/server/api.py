@@ -30,13 +30,15 @@ from fleetctl.server.http import Response, error_response, json_response
 from fleetctl.server.metrics import Metrics
 from fleetctl.server.writer import Writer
 from fleetctl.states import AgentMode, AgentStatus
-from fleetctl.store import Store
+from fleetctl.store import ClaimRequest, Store
 
 MAX_WAIT_SECS = 30.0
 READER_POOL = 64
-#: How long a resolved agent/task token is remembered. Changes this process makes to an agent (register,
-#: heartbeat, deregister) forget its entries at once; a change made by another process (the CLI) is seen
-#: within this time. Nothing relies on the cached row for correctness: every write re-checks it in SQL.
+#: How long a resolved agent/task token is remembered. The cache is a hint, never an authorisation: every
+#: operation made with an agent or task token re-checks the token where the data is — a claim in its
+#: ``UPDATE … WHERE`` (the agent row still has that token, status, capabilities and limit), every other
+#: write at the start of its writer transaction, a read in its read snapshot — so a token replaced or
+#: revoked by any process (the CLI, too) is refused at once, and a claim uses the agent's current row.
 AUTH_CACHE_SECS = 1.0
 AUTH_CACHE_MAX = 10_000
 #: The agent fields a claim depends on.
@@ -53,7 +55,10 @@ class Principal:
     task_id: str | None = None
     attempt: int | None = None
     agent: dict | None = field(default=None, compare=False)  # the agent row, for agent tokens
-    cached: bool = field(default=False, compare=False)  # resolved from the token cache (row ≤ 1 s old)
+    token_hash: str | None = field(default=None, compare=False)  # of an agent or task token: re-checked by every op
+
+    def copy(self) -> Principal:
+        return Principal(self.kind, self.agent_id, self.task_id, self.attempt, self.agent, self.token_hash)
 
 
 @dataclass
@@ -66,6 +71,10 @@ class Request:
     raw: bytes
     principal: Principal | None = None
     _json: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # an empty query parameter (``?status=``, ``?limit=``) counts as absent, for every handler
+        self.query = {k: kept for k, vs in self.query.items() if (kept := [v for v in vs if v])}
 
     def json(self, *, required: bool = False) -> dict:
         """The body as a JSON object ({} when empty and not required)."""
@@ -87,6 +96,7 @@ class Request:
         return self._json
 
     def q(self, name: str) -> str | None:
+        """The last non-empty value of query parameter ``name``; None when absent or empty."""
         values = self.query.get(name)
         return values[-1] if values else None
 
@@ -302,23 +312,45 @@ class Api:
         now = time.monotonic()
         hit = self._principals.get(digest)
         if hit is not None and hit[0] > now:
-            p = hit[1]  # a copy: a handler may change its own
-            return Principal(p.kind, p.agent_id, p.task_id, p.attempt, p.agent, cached=True)
+            return hit[1].copy()  # a copy (a handler may change its own); a hint, re-checked by the operation
         gen = self._principals_gen
-        principal = None
         with self.reader() as store:
-            agent = store.agent_by_token_hash(digest)
-            if agent:
-                principal = Principal("agent", agent_id=agent["agent_id"], agent=agent)
-            elif row := store.attempt_by_token_hash(digest):
-                principal = Principal("task", agent_id=row["agent_id"], task_id=row["task_id"], attempt=row["attempt"])
+            principal = _principal_of(store, digest)
         if principal is not None and gen == self._principals_gen:  # unknown tokens are never cached
             if len(self._principals) >= AUTH_CACHE_MAX:
                 self._principals = {}
             self._principals[digest] = (now + AUTH_CACHE_SECS, principal)
-            principal = Principal(principal.kind, principal.agent_id, principal.task_id, principal.attempt,
-                                  principal.agent)  # fmt: skip
+            principal = principal.copy()
         return principal
+
+    def _verify(self, store: Store, p: Principal) -> None:
+        """Inside the caller's transaction or read snapshot: the agent or task token of ``p`` still resolves to
+        the same agent (or attempt). ``401 unknown token`` otherwise, whatever the cache said."""
+        if p.token_hash is None:  # admin and registration tokens live in the configuration
+            return
+        now = _principal_of(store, p.token_hash)
+        if now is None or (now.kind, now.agent_id, now.task_id, now.attempt) != (p.kind, p.agent_id, p.task_id,
+                                                                                 p.attempt):  # fmt: skip
+            self._principals.pop(p.token_hash, None)
+            raise Unauthorized("unknown token")
+
+    def _write_as(self, p: Principal, fn: Callable[[Store], Any]) -> Any:
+        """``write(fn)``, with ``p``'s token re-checked first in the same transaction."""
+
+        def op(store: Store) -> Any:
+            self._verify(store, p)
+            return fn(store)
+
+        return self.write(op)
+
+    def _fresh_agent(self, p: Principal) -> dict:
+        """The agent row of ``p``'s agent token, read now (uncached); ``401 unknown token`` if it is gone."""
+        with self.reader() as store:
+            agent = store.agent_by_token_hash(p.token_hash)
+        if agent is None or agent["agent_id"] != p.agent_id:
+            self._principals.pop(p.token_hash, None)
+            raise Unauthorized("unknown token")
+        return agent
 
     def forget_agent(self, agent_id: str) -> None:
         """Drop the cached tokens of ``agent_id`` (after this process changed the agent)."""
@@ -385,7 +417,8 @@ class Api:
         req.json()
         agent_id = req.principal.agent_id
         try:
-            result = self.write(lambda s: services.heartbeat(s, self.orch, agent_id, now=self.clock()))
+            result = self._write_as(req.principal, lambda s: services.heartbeat(s, self.orch, agent_id,
+                                                                                now=self.clock()))  # fmt: skip
         finally:
             self.forget_agent(agent_id)
         return json_response(200, {"agent": self._agent_view(result["agent"]), "cancelled": result["cancelled"],
@@ -396,7 +429,8 @@ class Api:
         req.json()
         agent_id = req.principal.agent_id
         try:
-            agent = self.write(lambda s: services.deregister_agent(s, self.cfg, agent_id, by="agent", now=self.clock()))
+            agent = self._write_as(req.principal, lambda s: services.deregister_agent(s, self.cfg, agent_id, by="agent",
+                                                                                      now=self.clock()))  # fmt: skip
         finally:
             self.forget_agent(agent_id)
         return json_response(200, self._agent_view(agent))
@@ -434,7 +468,7 @@ class Api:
             "task_id": _str_field(doc, "task_id"),
         }
         task = self.write(lambda s: services.create_task(s, self.orch, now=self.clock(), **kwargs))
-        return json_response(201, services.task_view(task))
+        return json_response(201, {**services.task_view(task), "warnings": task["warnings"]})
 
     def tasks_get(self, req: Request) -> Response:
         task_id = req.params["task_id"]
@@ -442,6 +476,7 @@ class Api:
         p = req.principal
         with self.reader() as store:
             with store.read():
+                self._verify(store, p)  # the token, in the snapshot the task is read from
                 doc = services.task_detail(store, task_id)
                 if p.kind == "agent" and not store.has_attempt_by(task_id, p.agent_id):
                     raise Forbidden(f"task {task_id} is not assigned to agent {p.agent_id}")
@@ -455,45 +490,52 @@ class Api:
         if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
             raise UsageError("'wait' must be a number of seconds >= 0", code="invalid_field")
         wait = min(float(wait), MAX_WAIT_SECS)
-        agent_id = req.principal.agent_id
-        agent, cached = req.principal.agent, req.principal.cached
+        p = req.principal
+        agent = p.agent
         deadline = time.monotonic() + wait
         while True:
             seen = self.waker.generation
-            claimed = self._claim(agent_id, agent)
+            claimed, agent = self._claim(p, agent)
             if claimed is not None:
                 return json_response(200, claimed)
-            if cached:  # nothing for a row up to AUTH_CACHE_SECS old: if another process changed it, retry now
-                cached = False
-                with self.reader() as store:
-                    fresh = store.agent(agent_id)
-                if fresh is not None and any(fresh[k] != agent[k] for k in CLAIM_FIELDS):
-                    self.forget_agent(agent_id)
-                    agent = fresh
-                    continue
-            agent = None  # read it afresh if we have to wait and try again
             left = deadline - time.monotonic()
             if left <= 0 or self.closing:
                 return Response(204)
             self.waker.wait(seen, min(left, self._next_backoff_in()))
 
-    def _claim(self, agent_id: str, agent: dict | None) -> dict | None:
-        if agent is None:
-            with self.reader() as store:
-                agent = store.agent(agent_id)
-        if agent is None:
-            raise Unauthorized("unknown agent")
-        if agent["status"] == AgentStatus.DRAINING:
-            return None
-        if agent["status"] == AgentStatus.OFFLINE:  # it is obviously alive: bring it back
-            try:
-                self.write(lambda s: services.heartbeat(s, self.orch, agent_id, now=self.clock()))
-            finally:
-                self.forget_agent(agent_id)
-        token, token_hash = services.new_claim_token()
-        task = self.writer.claim(lambda: services.claim_request(self.cfg, agent, token_hash, ts=self.clock()))
-        if task is None:
-            return None
+    def _claim(self, p: Principal, agent: dict) -> tuple[dict | None, dict]:
+        """Claim for the agent of token ``p``, with ``agent`` its row as last read (maybe from the cache):
+        the dequeue reply or None, and the row to use next time.
+
+        The claim's ``UPDATE … WHERE`` requires the agent row to still have ``p``'s token and the status,
+        capabilities and limit of ``agent``; when it claims nothing the row is read again (uncached) — a
+        token that no longer resolves is ``401 unknown token``, a changed row is claimed with once more.
+        So the fast path (a claim) reads nothing, and no change made by any process is ever claimed past.
+        """
+        for last_try in (False, True):
+            if agent["status"] == AgentStatus.OFFLINE:  # it is obviously alive: bring it back
+                try:
+                    agent = self._write_as(p, lambda s: services.heartbeat(s, self.orch, p.agent_id,
+                                                                           now=self.clock()))["agent"]  # fmt: skip
+                finally:
+                    self.forget_agent(p.agent_id)
+            task = None
+            if agent["status"] == AgentStatus.ONLINE:
+                token, token_hash = services.new_claim_token()
+
+                def request(row: dict = agent, token_hash: str = token_hash) -> ClaimRequest:
+                    req = services.claim_request(self.cfg, row, token_hash, ts=self.clock())
+                    req.agent_token_hash = p.token_hash  # the guard: this token, and the row as read
+                    return req
+
+                task = self.writer.claim(request)
+            if task is not None:
+                break
+            fresh = self._fresh_agent(p)
+            if last_try or all(fresh[k] == agent[k] for k in CLAIM_FIELDS):
+                return None, fresh  # nothing to claim for the agent as it is now
+            self.forget_agent(p.agent_id)  # the cached row is stale: claim with the fresh one
+            agent = fresh
         self.metrics.claims += 1
         try:
             claim = services.claimed(None, self.cfg, task, token)
@@ -501,7 +543,7 @@ class Api:
             self.write(lambda s: services.release_claim(s, self.orch, task, "the prompt could not be rendered",
                                                         now=self.clock()))  # fmt: skip
             raise
-        return claim.to_json()
+        return claim.to_json(), agent
 
     def _next_backoff_in(self) -> float:
         now = self.clock()
@@ -518,8 +560,8 @@ class Api:
         message = _str_field(doc, "message", default="") or ""
         if token_attempt is not None and attempt != token_attempt:
             raise LeaseLost("this task token is for another attempt")
-        task = self.write(lambda s: services.report_status(s, self.orch, task_id, status, message, agent_id=agent_id,
-                                                           attempt=attempt, now=self.clock()))  # fmt: skip
+        task = self._write_as(req.principal, lambda s: services.report_status(
+            s, self.orch, task_id, status, message, agent_id=agent_id, attempt=attempt, now=self.clock()))  # fmt: skip
         return json_response(200, services.task_view(task))
 
     def tasks_complete(self, req: Request) -> Response:
@@ -542,7 +584,9 @@ class Api:
             return services.hand_in_receipt(s, self.cfg, task_id, doc, agent_id=agent_id, attempt=attempt,
                                             now=self.clock())  # fmt: skip
 
-        result = self.write(op).raise_if_rejected()  # a refused receipt's failed attempt is committed first
+        result = self._write_as(
+            req.principal, op
+        ).raise_if_rejected()  # a refused receipt's failed attempt is committed first
         return json_response(200, {**services.task_view(result.task), "repeated": result.repeated})
 
     def tasks_retry(self, req: Request) -> Response:
@@ -595,3 +639,14 @@ class _Borrowed:
             self.api.readers.put(store)
         else:
             store.close()
+
+
+def _principal_of(store: Store, token_hash: str) -> Principal | None:
+    """The agent or task a token hash names now, read from ``store``; None for an unknown token."""
+    agent = store.agent_by_token_hash(token_hash)
+    if agent:
+        return Principal("agent", agent_id=agent["agent_id"], agent=agent, token_hash=token_hash)
+    if row := store.attempt_by_token_hash(token_hash):
+        return Principal("task", agent_id=row["agent_id"], task_id=row["task_id"], attempt=row["attempt"],
+                         token_hash=token_hash)  # fmt: skip
+    return None

@@ -11,8 +11,14 @@
 
 from __future__ import annotations
 
+import errno
+import heapq
 import json
+import os
+import resource
+import select
 import socket
+import socketserver
 import sys
 import threading
 import time
@@ -29,18 +35,30 @@ MAX_REQUEST_LINE = 8192
 MAX_HEADER_BYTES = 32768
 MAX_HEADERS = 100
 CONNECTION_TIMEOUT_SECS = 60.0  # idle keep-alive and slow-client read timeout (long-poll waits are ≤ 30 s)
+#: File descriptors kept free of connections, beyond those open when serving starts: two per pooled
+#: reader connection (the database file and its WAL; ``api.READER_POOL`` is 64), and room for a backup,
+#: a migration check or a log reopen. Connections are capped at the open-files limit minus this.
+FD_RESERVE = 2 * 64 + 32
+#: How long the accept loop pauses when accept() fails for want of file descriptors (instead of spinning).
+ACCEPT_BACKOFF_SECS = 0.05
 
 
 class Headers:
-    """Request headers: case-insensitive ``get``; repeated headers keep the last value."""
+    """Request headers: case-insensitive ``get``; repeated headers keep the last value — except the
+    framing ones: every ``Content-Length`` value is kept in ``lengths``, so that disagreeing copies can be
+    refused (RFC 9112 §6.3) instead of one of them silently winning."""
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "lengths")
 
     def __init__(self) -> None:
         self._items: dict[str, tuple[str, str]] = {}
+        self.lengths: list[str] = []
 
     def add(self, name: str, value: str) -> None:
-        self._items[name.lower()] = (name, value)
+        key = name.lower()
+        if key == "content-length":
+            self.lengths.append(value)
+        self._items[key] = (name, value)
 
     def get(self, name: str, default: str | None = None) -> str | None:
         item = self._items.get(name.lower())
@@ -94,8 +112,11 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def handle_one_request(self) -> None:
+        conns = self.server.connections
+        conns[self.connection] = time.monotonic()  # idle since now: may be closed to make room
         try:
             self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            conns[self.connection] = None  # busy until the next request
             if len(self.raw_requestline) > MAX_REQUEST_LINE:
                 self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
                 self._send(error_response(414, "uri_too_long", "request line too long"), close=True)
@@ -140,7 +161,7 @@ class Handler(BaseHTTPRequestHandler):
             if not sep or not name or name != name.strip() or any(c in name for c in " \t\r\n"):
                 self._send(error_response(400, "bad_request", "malformed header line"), close=True)
                 return False
-            headers.add(name, value.strip())
+            headers.add(name, value.rstrip("\r\n").strip(" \t"))  # OWS is SP and HTAB only
         else:
             self._send(error_response(431, "headers_too_large", "too many request headers"), close=True)
             return False
@@ -161,17 +182,19 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         api = self.server.api
-        length_header = self.headers.get("Content-Length")
         body = b""
-        if self.headers.get("Transfer-Encoding"):
-            self._send(error_response(411, "length_required", "send a Content-Length, not chunked"), close=True)
+        lengths = self.headers.lengths
+        if "Transfer-Encoding" in self.headers:
+            if lengths:  # RFC 9112 §6.1: a message with both is a smuggling attempt or a broken proxy
+                self._send(error_response(400, "bad_request", "Transfer-Encoding together with Content-Length"),
+                           close=True)  # fmt: skip
+            else:
+                self._send(error_response(411, "length_required", "send a Content-Length, not chunked"),
+                           close=True)  # fmt: skip
             return
-        if length_header is not None:
-            try:
-                length = int(length_header)
-                if length < 0:
-                    raise ValueError
-            except ValueError:
+        if lengths:
+            length = content_length(lengths)
+            if length is None:
                 self._send(error_response(400, "bad_request", "invalid Content-Length"), close=True)
                 return
             cap = api.body_cap(self.path)
@@ -224,6 +247,25 @@ class Handler(BaseHTTPRequestHandler):
         pass  # one line per action is logged by the Api, never the Authorization header
 
 
+def content_length(values: list[str]) -> int | None:
+    """The body length the ``Content-Length`` field values agree on; None if any is not 1*DIGIT or two differ.
+
+    RFC 9112 §6.3: a list (``5, 5``) or repeated fields are only acceptable when every member is the same
+    number. ``int()`` alone would also take ``+5``, ``5_0``, ``-0`` and non-ASCII digits.
+    """
+    length = None
+    for value in values:
+        for member in value.split(","):
+            member = member.strip(" \t")
+            if not member or not member.isascii() or not member.isdigit():
+                return None
+            number = int(member) if len(member) <= 18 else 10**18  # past any body cap: a 413 either way
+            if length is not None and number != length:
+                return None
+            length = number
+    return length
+
+
 def _phrase(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
@@ -231,19 +273,119 @@ def _phrase(status: int) -> str:
         return "Unknown"
 
 
+def connection_cap() -> int:
+    """How many connections to keep open at most: the soft open-files limit minus the descriptors open
+    now and ``FD_RESERVE`` — or, under a very low limit, a third of what is free (a connection, plus the
+    two descriptors of the reader it may borrow)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 32
+    free = soft - in_use
+    return max(free - FD_RESERVE, free // 3, 1)
+
+
 class FleetHTTPServer(ThreadingHTTPServer):
-    """A threading server with a deep listen queue, fast restarts and a graceful stop."""
+    """A threading server with a deep listen queue, fast restarts, a graceful stop and a connection cap.
+
+    Open connections are capped at ``max_connections`` (``connection_cap()``, below the open-files
+    limit): at the cap a new connection makes room by closing the longest-idle keep-alive connections;
+    if every connection is busy it is answered 503 and closed. Should accept() still fail for want of
+    descriptors (EMFILE/ENFILE) idle connections are shed and the accept loop backs off briefly instead
+    of spinning. Either is logged once per episode (``serve.connection_limit``).
+    """
 
     request_queue_size = 256
     allow_reuse_address = True
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, address: tuple[str, int], api: Api):
+    def __init__(self, address: tuple, api: Api | None = None, *, family: int = socket.AF_INET,
+                 max_connections: int | None = None):  # fmt: skip
+        self.address_family = family
         self.api = api
         self._active = 0
         self._active_lock = threading.Condition()
+        #: every open connection: the monotonic time it went idle, or None while a request is in flight
+        #: (written by its own handler thread; plain dict operations, atomic under the GIL)
+        self.connections: dict[socket.socket, float | None] = {}
+        self.max_connections = max_connections or connection_cap()
+        self._limited = 0  # in an episode of the cap or of EMFILE: the connections open when it started
         super().__init__(address, Handler)
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)  # not HTTPServer's: no reverse DNS lookup of the address
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        try:
+            return self.socket.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                shed = self._shed(self._idle(share=4))
+                self._episode("out_of_files", shed)
+                time.sleep(ACCEPT_BACKOFF_SECS)
+            raise  # socketserver drops this round; the next one accepts again
+
+    def verify_request(self, request: socket.socket, client_address: object) -> bool:
+        """Admit a new connection under the cap, closing the longest-idle ones to make room."""
+        conns = self.connections
+        over = len(conns) + 1 - self.max_connections
+        if over > 0:
+            shed = self._shed(self._idle(over))
+            self._episode("max_connections", shed)
+            if shed < over:  # every other connection is busy: refuse this one, quickly and in JSON
+                _refuse(request)
+                return False
+        elif self._limited and len(conns) < self._limited * 3 // 4:
+            self._limited = 0  # the episode is over; the next one is logged again
+        conns[request] = time.monotonic()
+        return True
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        self.connections.pop(request, None)
+        super().shutdown_request(request)
+
+    def _idle(self, count: int = 0, *, share: int = 0) -> list[socket.socket]:
+        """The ``count`` (or one in ``share``, at least one) longest-idle connections, oldest first, leaving
+        out those with bytes already waiting (a request on its way). Only runs at the cap: O(connections)."""
+        idle = [(since, id(sock), sock) for sock, since in list(self.connections.items()) if since is not None]
+        if share:
+            count = max(1, len(idle) // share)
+        want = count
+        while idle and count > 0:
+            candidates = heapq.nsmallest(min(len(idle), want + 8), idle)
+            poller = select.poll()
+            for _since, _id, sock in candidates:
+                try:
+                    poller.register(sock, select.POLLIN)
+                except (OSError, ValueError):  # closed meanwhile
+                    pass
+            ready = {fd for fd, _events in poller.poll(0)}
+            found = [sock for _since, _id, sock in candidates if _fileno(sock) not in ready]
+            if len(found) >= count or len(candidates) == len(idle):
+                return found[:count]
+            want *= 2
+        return []
+
+    def _shed(self, socks: list[socket.socket]) -> int:
+        """Close ``socks`` (their handler threads see end-of-file and finish); how many."""
+        for sock in socks:
+            self.connections.pop(sock, None)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return len(socks)
+
+    def _episode(self, reason: str, shed: int) -> None:
+        if not self._limited:
+            self._limited = max(1, min(len(self.connections), self.max_connections))
+            log("serve.connection_limit", reason=reason, max_connections=self.max_connections,
+                open=len(self.connections), closed_idle=shed)  # fmt: skip
 
     def begin(self) -> None:
         """A request is in flight."""
@@ -269,3 +411,24 @@ class FleetHTTPServer(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:
         exc = sys.exc_info()[1]
         log("http.error", client=client_address[0], error=type(exc).__name__)
+
+
+def _fileno(sock: socket.socket) -> int:
+    try:
+        return sock.fileno()
+    except OSError:
+        return -1
+
+
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+         b"Cache-Control: no-store\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s")  # fmt: skip
+_BUSY_BODY = b'{"error":{"code":"too_many_connections","message":"every connection is busy; try again"}}'
+
+
+def _refuse(sock: socket.socket) -> None:
+    """Answer a connection over the cap without reading its request (it is closed right after)."""
+    try:
+        sock.setblocking(False)
+        sock.send(_BUSY % (len(_BUSY_BODY), _BUSY_BODY))
+    except OSError:
+        pass

@@ -21,6 +21,7 @@ from fleetctl.services.agents import (
     register_agent,
     resume_agent,
     set_agent_status,
+    sync_config_agents,
 )
 from fleetctl.services.runs import (
     Claim,
@@ -59,5 +60,5 @@ __all__ = [
     "deregister_agent", "drain_agent", "event_view", "expire_or_time_out", "fail_attempt", "get_agent", "get_task",
     "hand_in_receipt", "hash_token", "heartbeat", "iso", "list_agents", "list_tasks", "new_claim_token",
     "register_agent", "release_claim", "report_progress", "report_status", "requires_pull_request", "resume_agent",
-    "retry_task", "set_agent_status", "settle_run", "start_task", "task_detail", "task_view", "token_matches",
+    "retry_task", "set_agent_status", "settle_run", "sync_config_agents", "start_task", "task_detail", "task_view", "token_matches",
 ]  # fmt: skip

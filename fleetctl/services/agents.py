@@ -89,7 +89,7 @@ def register_agent(
         return Registration(store.agent(agent_id), token, existing is None)
 
 
-#: How the heartbeat reply names why the agent must stop a run.
+#: Why an attempt may end while its agent still runs it (other than a cancel), as the heartbeat reply says it.
 _STOP_REASONS = {FailureReason.TIMEOUT.value: "timeout", FailureReason.AGENT_LOST.value: "lease_lost"}
 
 
@@ -115,6 +115,7 @@ def heartbeat(store: Store, orch: OrchestratorConfig, agent_id: str, *, now: flo
                                                                                         a["failure_reason"])}
             for a in store.ended_attempts_of(agent_id, since)
             if (a["task_id"], a["attempt"]) not in held
+            and (a["outcome"] == "cancelled" or a["failure_reason"] in _STOP_REASONS)  # not its own failure receipt
         ]  # fmt: skip
         cancelled = list(dict.fromkeys(s["task_id"] for s in stop))
         return {"agent": store.agent(agent_id), "stop": stop, "cancelled": cancelled}
@@ -192,3 +193,32 @@ def resume_agent(store: Store, orch: OrchestratorConfig, agent_id: str, *, now: 
         if agent["status"] == AgentStatus.DRAINING:
             store.emit("agent.online", ts=now_or(now), agent_id=agent_id, data={"reason": "resumed by operator"})
         return store.agent(agent_id)
+
+
+def sync_config_agents(store: Store, cfg: Config, now: float) -> None:
+    """Make the registry match the ``[[hosts]]`` agents (every dispatch pass): register new ones, update
+    changed ones (taking over a pull agent of the same id revokes its token), bring back ones that were
+    offline, take removed ones offline (their running attempts finish or time out as usual: a removed
+    agent's attempts fail ``agent_lost``). An agent an operator drained stays draining until resumed."""
+    configured = set()
+    for host, spec in cfg.agent_specs():
+        configured.add(spec.agent_id)
+        current = store.agent(spec.agent_id)
+        wanted = {"agent_type": spec.agent_type, "capabilities": sorted(set(spec.capabilities)),
+                  "max_concurrency": spec.max_concurrency, "mode": AgentMode.SSH_CLI.value, "host_id": host.host_id,
+                  "token_hash": None}  # fmt: skip
+        changed = current is None or any(current.get(k) != v for k, v in wanted.items())
+        if current is not None and current["status"] == AgentStatus.DRAINING:
+            if changed:
+                with store.write():
+                    store.emit("agent.updated", ts=now, agent_id=spec.agent_id,
+                               data={k: v for k, v in wanted.items() if current.get(k) != v})  # fmt: skip
+            continue
+        if changed or current["status"] == AgentStatus.OFFLINE:
+            register_agent(store, spec.agent_id, agent_type=spec.agent_type, capabilities=spec.capabilities,
+                           max_concurrency=spec.max_concurrency, mode=AgentMode.SSH_CLI, host_id=host.host_id,
+                           issue_token=False, allow_mode_change=True, now=now)  # fmt: skip
+    for agent in store.agents(mode=AgentMode.SSH_CLI.value):
+        if agent["agent_id"] not in configured and agent["status"] != AgentStatus.OFFLINE:
+            set_agent_status(store, cfg.orchestrator, agent["agent_id"], AgentStatus.OFFLINE,
+                             "removed from the configuration", now=now)  # fmt: skip

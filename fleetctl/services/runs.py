@@ -82,6 +82,7 @@ def claimed(store_or_none: Store | None, cfg: Config, task: dict, token: str) ->
     except (ConfigError, ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
         message = exc.message if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
         error = ConfigError(f"orchestrator.prompt_template cannot be rendered: {message}", code="bad_template")
+        error.http_status = 503  # the server cannot hand out work until its configuration is fixed
         if store_or_none is not None:
             release_claim(store_or_none, cfg.orchestrator, task, error.message)
         raise error from None

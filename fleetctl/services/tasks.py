@@ -7,7 +7,7 @@ from typing import Any
 
 from fleetctl.config import OrchestratorConfig
 from fleetctl.errors import Conflict, UsageError
-from fleetctl.ids import check_id, check_repo, new_task_id
+from fleetctl.ids import check_repo, check_task_id, new_task_id
 from fleetctl.matching import parse_labels
 from fleetctl.services._common import (
     MAX_BODY,
@@ -83,12 +83,11 @@ def create_task(
     if repo is not None:
         check_repo(repo)
         check_positive_int(issue_number, "issue number")
-    task_id = check_id(task_id, "task id") if task_id is not None else new_task_id()
+    task_id = check_task_id(task_id) if task_id is not None else new_task_id()
     knobs = parse_labels(labels, orch.requirement_prefix)
-    problems = tuple(getattr(knobs, "problems", ()))
-    if problems and strict:
-        raise UsageError("; ".join(problems), code="invalid_label")
-    warnings = [*problems, *getattr(knobs, "warnings", ())]
+    if knobs.problems and strict:
+        raise UsageError("; ".join(knobs.problems), code="invalid_label")
+    warnings = [*knobs.problems, *knobs.warnings]
     retries = knobs.max_retries if knobs.max_retries is not None else orch.default_max_retries
     ts = now_or(now)
     with store.write():
