@@ -350,7 +350,17 @@ def _apply_env(cfg: Config, env: Mapping[str, str]) -> Config:
     if env.get("FLEET_DB_PATH"):
         db_path = Path(env["FLEET_DB_PATH"]).expanduser().absolute()
         sections["orchestrator"] = replace(sections["orchestrator"], db_path=db_path)
-    return replace(cfg, **sections)
+    cfg = replace(cfg, **sections)
+    _never_logged(cfg)
+    return cfg
+
+
+def _never_logged(cfg: Config) -> None:
+    """Register every configured secret with the action log, which then never writes it anywhere."""
+    from fleetctl.log import redact
+
+    redact(cfg.server.admin_token, cfg.orchestrator.http_pull_token, cfg.forgejo.token, cfg.forgejo.webhook_secret,
+           cfg.matrix.access_token)  # fmt: skip
 
 
 class _Key:

@@ -251,3 +251,10 @@ def test_create_refuses_ids_git_cannot_branch(refused, bad):
 @pytest.mark.parametrize("label", ["timeout:30x", "retries:-1", "priority:abc", "timeout:0"])
 def test_create_refuses_a_knob_label_that_does_not_parse(refused, label):
     assert label in refused("task", "create", "--title", "t", "--label", label)
+
+
+def test_create_warns_of_a_label_that_looks_like_a_misspelt_requirement(fleet):
+    fleet.configure()
+    done = fleet.run("task", "create", "--title", "t", "--label", "agnet:code:rust")
+    assert done.returncode == 0 and done.stdout.strip()
+    assert "warning:" in done.stderr and "agent:code:rust" in done.stderr

@@ -17,7 +17,19 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "fleetctl"
 
 #: The pure core: decisions and shapes, no I/O (SPEC §13).
-CORE = ("states", "retry", "receipts", "ids", "errors", "prompt", "projections", "matching", "config", "durations")
+CORE = (
+    "states",
+    "retry",
+    "receipts",
+    "ids",
+    "errors",
+    "prompt",
+    "projections",
+    "matching",
+    "config",
+    "durations",
+    "jsondoc",
+)
 #: What the core must not import (network, processes, databases, terminals).
 IO_LIBRARIES = frozenset({
     "sqlite3", "sqlite_utils", "httpx", "fabric", "paramiko", "invoke", "socket", "subprocess", "http",

@@ -52,3 +52,28 @@ def test_quiet_silences_and_restores(capsys):
     fleetlog.set_quiet(False)
     err = capsys.readouterr().err
     assert err == "action=shown a=1\n"
+
+
+def test_configured_secrets_are_never_logged(tmp_path):
+    """Loading a configuration registers its secrets with the log, whatever field a value turns up in."""
+    from fleetctl.config import load_config
+
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[server]\nadmin_token = "adm-0123456789abcdef"\n[orchestrator]\nhttp_pull_token = "reg-secret-42"\n'
+    )
+    path.chmod(0o600)
+    load_config(path)
+    line = fleetlog.format_line("http.internal_error", error="echo adm-0123456789abcdef and reg-secret-42")
+    assert "adm-0123456789abcdef" not in line and "reg-secret-42" not in line
+
+
+def test_the_quiet_switch_silences_the_action_log_of_a_real_pass(fleet):
+    fleet.configure()
+    fleet.create("--title", "t")
+    loud = fleet.run("dispatch")
+    assert loud.returncode == 0 and "action=task.assigned" in loud.stderr
+    fleet.create("--title", "t2")
+    quiet = fleet.run("--quiet", "dispatch")
+    assert quiet.returncode == 0 and "action=" not in quiet.stderr, quiet.stderr
+    assert fleet.run("-q", "task", "list").returncode == 0

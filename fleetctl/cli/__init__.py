@@ -42,8 +42,14 @@ def _root(
         bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
     ] = False,
     config: ConfigOpt = None,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="Write no action log lines (action=…) on stderr; results and errors still print."
+        ),
+    ] = False,
 ) -> None:
-    """Run a fleet of AI coding agents from Forgejo issues.
+    """Run a fleet of AI coding agents from labelled issues (Forgejo integration: not yet).
 
     Exit codes: 0 ok, 1 operational error, 2 usage or config error, 3 not found, 4 conflict (invalid
     state change, lease lost), 5 remote failure, 6 validation failed (receipt), 130 interrupted.
@@ -51,6 +57,10 @@ def _root(
     --config goes before the command (fleetctl --config X task list) or after it; a later one wins.
     """
     set_root_config(config)
+    if quiet:
+        from fleetctl.log import set_quiet
+
+        set_quiet()
 
 
 app.add_typer(config.app, name="config")
@@ -102,10 +112,12 @@ def app_for(argv: list[str], base: typer.Typer = app) -> typer.Typer:
 
 
 def _skip_root_options(argv: list[str]) -> list[str]:
-    """``argv`` without the leading root ``--config X`` / ``-c X`` / ``--config=X`` (any number of them)."""
+    """``argv`` without the leading root options: ``--config X`` / ``-c X`` / ``--config=X``, ``--quiet`` / ``-q``."""
     while argv:
         if argv[0] in ("--config", "-c") and len(argv) > 1:
             argv = argv[2:]
+        elif argv[0] in ("--quiet", "-q"):
+            argv = argv[1:]
         elif argv[0].startswith("--config=") or (argv[0].startswith("-c") and len(argv[0]) > 2):
             argv = argv[1:]
         else:

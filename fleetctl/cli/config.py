@@ -21,7 +21,7 @@ def config_check(
         typer.Option(
             "--webhooks/--no-webhooks",
             help="Check as for a webhook listener (an empty forgejo.webhook_secret is an error). "
-            "Default: when forgejo.url is set.",
+            "Default: off, as serve has no webhook route yet.",
             show_default=False,
         ),
     ] = None,
@@ -37,7 +37,7 @@ def config_check(
     from fleetctl.config import check_config, load_config
 
     cfg = load_config(config_path(config))
-    serving = bool(cfg.forgejo.url) if webhooks is None else webhooks
+    serving = bool(webhooks)  # no webhook route yet (Forgejo integration): an unset secret serves nothing
     for warning in check_config(cfg, serving_webhooks=serving):
         err(f"warning: {warning}")
     print(f"ok: {cfg.path or 'embedded default'}")

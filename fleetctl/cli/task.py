@@ -15,6 +15,7 @@ from fleetctl.cli._common import (
     JsonOpt,
     TokenOpt,
     cli_errors,
+    err,
     load,
     open_store,
     print_json,
@@ -67,7 +68,7 @@ def task_create(
 ) -> None:
     """Create a queued task and print its id (or the task as JSON).
 
-    Labels `agent:X` require capability X; `priority:N`, `retries:N` and `timeout:SECS` tune it.
+    Labels `agent:X` require capability X; `priority:N`, `retries:N` and `timeout:DURATION` (90s, 30m, 2h) tune it.
 
     Example: fleetctl task create --title "Fix the flaky test" --label agent:code:python --label priority:5
     """
@@ -77,7 +78,9 @@ def task_create(
     with open_store(cfg) as store:
         task = services.create_task(store, cfg.orchestrator, title=title, body=body, labels=label or [], repo=repo,
                                     issue_number=issue, task_id=task_id)  # fmt: skip
-    print_json(services.task_view(task)) if json_ else print(task["task_id"])
+    for warning in task["warnings"]:
+        err(f"warning: {warning}")
+    print_json({**services.task_view(task), "warnings": task["warnings"]}) if json_ else print(task["task_id"])
 
 
 @app.command("list")

@@ -10,7 +10,6 @@ queue changes — by this process, or by any other process on the same database 
 from __future__ import annotations
 
 import hmac
-import json
 import queue
 import re
 import threading
@@ -25,6 +24,7 @@ from fleetctl import __version__, services
 from fleetctl.config import Config
 from fleetctl.errors import FleetError, Forbidden, LeaseLost, NotFound, StoreBusy, Unauthorized, UsageError
 from fleetctl.ids import check_id
+from fleetctl.jsondoc import parse_json_object
 from fleetctl.log import log
 from fleetctl.server.http import Response, error_response, json_response
 from fleetctl.server.metrics import Metrics
@@ -84,41 +84,13 @@ class Request:
                     raise UsageError("a JSON object body is required", code="invalid_body")
                 self._json = {}
             else:
-                try:
-                    self._json = json.loads(self.raw, parse_constant=_no_constant, parse_int=_int64,
-                                            parse_float=_finite)  # fmt: skip
-                    # a lone surrogate ("\ud800") parses but cannot be stored: refuse it here, not with a 500
-                    json.dumps(self._json, ensure_ascii=False).encode()
-                except (ValueError, UnicodeError, RecursionError) as exc:
-                    raise UsageError(f"the body is not valid JSON: {exc}", code="invalid_json") from None
-                if not isinstance(self._json, dict):
-                    raise UsageError("the body must be a JSON object", code="invalid_body")
+                self._json = parse_json_object(self.raw)
         return self._json
 
     def q(self, name: str) -> str | None:
         """The last non-empty value of query parameter ``name``; None when absent or empty."""
         values = self.query.get(name)
         return values[-1] if values else None
-
-
-def _no_constant(name: str) -> None:
-    """NaN and Infinity are not JSON (and a NaN ``wait`` would never end)."""
-    raise ValueError(f"{name} is not allowed")
-
-
-def _int64(text: str) -> int:
-    """Integers must fit SQLite's 64 bits."""
-    value = int(text)
-    if not -(2**63) <= value < 2**63:
-        raise ValueError(f"integer {text[:30]} out of range")
-    return value
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"number {text[:30]} out of range")
-    return value
 
 
 class Waker:
