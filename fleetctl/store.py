@@ -51,8 +51,12 @@ BUSY_TIMEOUT_MS = 5000
 
 
 def _in(states: Iterable[str]) -> str:
-    """``('a','b')`` for an SQL ``IN`` over state names (names from the enums, never from input)."""
-    return "(" + ", ".join(f"'{TaskState(s).value}'" for s in states) + ")"
+    """``('a', 'b')`` for an SQL ``IN`` over state names (names from the enums, never from input), always in
+    the enum's order: SQLite uses a partial index (``tasks_active_agent … WHERE state IN ('assigned',
+    'running')``) only when the query's terms match its own term for term, so a set's hash order (it varies
+    with ``PYTHONHASHSEED``) would silently turn an index lookup into a scan."""
+    wanted = {TaskState(s) for s in states}
+    return "(" + ", ".join(f"'{s.value}'" for s in TaskState if s in wanted) + ")"
 
 
 _ACTIVE = _in(ACTIVE)  # holding an agent's capacity
