@@ -111,7 +111,8 @@ class LocalGateway:
 
         reg = services.register_agent(self.store, agent_id, agent_type=agent_type, capabilities=list(capabilities),
                                       max_concurrency=max_concurrency, mode=mode,
-                                      allow_mode_change=True)  # the operator may convert an agent  # fmt: skip
+                                      allow_mode_change=True,  # the operator may convert an agent
+                                      reserved=services.config_agent_ids(self.cfg))  # fmt: skip
         return {"agent": self._agent_view(reg.agent), "token": reg.token, "created": reg.created}
 
     def heartbeat(self, agent_id: str) -> dict:

@@ -29,3 +29,12 @@ def test_an_operator_deregister_revokes_a_pull_agents_token(fleet):
     row = fleet.query("SELECT status, token_hash FROM agents WHERE agent_id='puller'")[0]
     assert row == {"status": "offline", "token_hash": None}
     fleet.check_db()
+
+
+def test_the_cli_cannot_take_over_an_agent_of_the_configuration(fleet):
+    fleet.configure()
+    assert fleet.run("dispatch").returncode == 0
+    done = fleet.run("agent", "register", "local-ok", "--type", "t")
+    assert done.returncode == 4 and "defined in the configuration" in done.stderr, done.stdout + done.stderr
+    row = fleet.query("SELECT mode, token_hash FROM agents WHERE agent_id='local-ok'")[0]
+    assert row == {"mode": "ssh_cli", "token_hash": None}

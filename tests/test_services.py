@@ -515,3 +515,22 @@ def test_knob_labels_parse_with_units_or_refuse_the_task(store, orch):
     assert err.value.code == "invalid_label"
     lenient = services.create_task(store, orch, title="z", labels=["retries:-1"], strict=False)
     assert lenient["max_attempts"] == 1 + orch.default_max_retries and "retries:-1" in lenient["warnings"][0]
+
+
+def test_heartbeat_cancelled_ids_never_name_a_task_the_agent_still_runs(store, orch, agent):
+    """Cancelled, retried and claimed again by the same agent: attempt 1 is to stop, attempt 2 runs on — a client
+    that reads only `cancelled` (task ids) must not be told to stop it."""
+    running(store, orch, "t1")
+    services.heartbeat(store, orch, "a1", now=300.0)
+    services.cancel_task(store, "t1", now=301.0)
+    services.retry_task(store, orch, "t1", now=302.0)
+    store.claim(agent_id="a1", capabilities=["python"], max_concurrency=5, lease_secs=300, ts=303.0)
+    reply = services.heartbeat(store, orch, "a1", now=310.0)
+    assert reply["stop"] == [{"task_id": "t1", "attempt": 1, "reason": "cancelled"}]
+    assert reply["cancelled"] == []
+
+
+def test_registering_an_agent_id_of_the_configuration_is_refused(store, orch):
+    with pytest.raises(Conflict) as err:
+        services.register_agent(store, "local.a", agent_type="x", reserved={"local.a"})
+    assert err.value.code == "agent_in_config" and store.agent("local.a") is None

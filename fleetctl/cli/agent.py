@@ -76,7 +76,7 @@ def agent_heartbeat(
     api_url: ApiUrlOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Record a heartbeat: extends the agent's leases; lists its tasks cancelled meanwhile.
+    """Record a heartbeat: extends the agent's leases; lists the attempts it must stop (cancelled, timed out, lost).
 
     With --api-url or $FLEET_API_URL it goes to that fleetctl serve with the agent's own token
     (--token, $FLEET_AGENT_TOKEN or $FLEET_API_TOKEN).
@@ -88,13 +88,12 @@ def agent_heartbeat(
     with open_gateway(api_url, token, "agent", lambda: load(config)) as gateway:
         result = gateway.heartbeat(agent_id)
     view = result["agent"]
+    stop = result.get("stop") or []
     if json_:
-        print_json({"agent": view, "cancelled": result["cancelled"]})
+        print_json({"agent": view, "stop": stop, "cancelled": result["cancelled"]})
     else:
-        print(
-            f"{agent_id} {view['status']}"
-            + (f"; cancelled: {' '.join(result['cancelled'])}" if result["cancelled"] else "")
-        )
+        runs = ", ".join(f"{s['task_id']} attempt {s['attempt']} ({s['reason']})" for s in stop)
+        print(f"{agent_id} {view['status']}" + (f"; stop: {runs}" if stop else ""))
 
 
 def _set_status(agent_id: str, action: str, json_: bool, config) -> None:

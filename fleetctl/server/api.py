@@ -167,6 +167,7 @@ class Api:
         self.closing = False
         self.admin_tokens = [t for t in (cfg.server.admin_token,) if t]
         self.registration_tokens = [t for t in (cfg.orchestrator.http_pull_token,) if t]
+        self.config_agents = services.config_agent_ids(cfg)  # ids a pull registration may not take
         self._principals: dict[str, tuple[float, Principal]] = {}  # token hash -> (expires, principal)
         self._principals_gen = 0  # bumped by every forget: a lookup that raced with one is not cached
         self._openapi: bytes | None = None
@@ -379,7 +380,9 @@ class Api:
         if kwargs["mode"] != AgentMode.HTTP_PULL.value:
             raise UsageError("only http_pull agents register over the API", code="invalid_field")
         try:
-            reg = self.write(lambda s: services.register_agent(s, agent_id, now=self.clock(), **kwargs))
+            reg = self.write(
+                lambda s: services.register_agent(s, agent_id, now=self.clock(), reserved=self.config_agents, **kwargs)
+            )
         finally:
             self.forget_agent(agent_id)  # its old token stops working now
         view = self._agent_view(reg.agent)

@@ -259,6 +259,7 @@ def content_length(values: list[str]) -> int | None:
             member = member.strip(" \t")
             if not member or not member.isascii() or not member.isdigit():
                 return None
+            member = member.lstrip("0") or "0"  # 1*DIGIT: leading zeros are allowed and mean nothing
             number = int(member) if len(member) <= 18 else 10**18  # past any body cap: a 413 either way
             if length is not None and number != length:
                 return None

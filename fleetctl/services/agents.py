@@ -10,7 +10,7 @@ drained until ``resume``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -45,13 +45,15 @@ def register_agent(
     host_id: str | None = None,
     issue_token: bool = True,
     allow_mode_change: bool = False,
+    reserved: Collection[str] = (),
     now: float | None = None,
 ) -> Registration:
     """Create or update an agent and put it online. Pull agents get a fresh token on every registration.
 
     An existing agent keeps its mode unless ``allow_mode_change`` (the operator's CLI and the config sync):
     a pull agent's registration token must not be able to take over an agent of the configuration. An
-    ``ssh_cli`` agent has no token: turning a pull agent into one revokes its token.
+    ``ssh_cli`` agent has no token: turning a pull agent into one revokes its token. ``reserved`` are the
+    ids the configuration defines (``config_agent_ids``): only the config sync registers those.
     """
     check_id(agent_id, "agent id")
     agent_type = check_text(agent_type, "agent type", MAX_LABEL, required=True)
@@ -71,6 +73,9 @@ def register_agent(
         fields["token_hash"] = hash_token(token)
     elif mode == AgentMode.SSH_CLI:
         fields["token_hash"] = None
+    if agent_id in reserved:
+        raise Conflict(f"agent {agent_id} is defined in the configuration ([[hosts]]); every dispatch pass registers "
+                       "it from there — choose another agent id", code="agent_in_config")  # fmt: skip
     ts = now_or(now)
     with store.write():
         existing = store.agent(agent_id)
@@ -117,7 +122,9 @@ def heartbeat(store: Store, orch: OrchestratorConfig, agent_id: str, *, now: flo
             if (a["task_id"], a["attempt"]) not in held
             and (a["outcome"] == "cancelled" or a["failure_reason"] in _STOP_REASONS)  # not its own failure receipt
         ]  # fmt: skip
-        cancelled = list(dict.fromkeys(s["task_id"] for s in stop))
+        # task ids for clients that read only ``cancelled``: never a task whose current attempt it still holds
+        held_ids = {task_id for task_id, _ in held}
+        cancelled = list(dict.fromkeys(s["task_id"] for s in stop if s["task_id"] not in held_ids))
         return {"agent": store.agent(agent_id), "stop": stop, "cancelled": cancelled}
 
 
