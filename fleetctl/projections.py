@@ -30,7 +30,7 @@ AGENT_COLUMNS = (
 )  # fmt: skip
 ATTEMPT_COLUMNS = (
     "task_id", "attempt", "agent_id", "host_id", "workspace", "token_hash", "assigned_at", "started_at",
-    "ended_at", "outcome", "failure_reason", "failure_detail", "receipt",
+    "ended_at", "outcome", "failure_reason", "failure_detail", "receipt", "receipt_pending",
 )  # fmt: skip
 JSON_COLUMNS = frozenset({"labels", "requirements", "pull_request", "capabilities", "receipt"})
 VOLATILE = {"tasks": frozenset({"lease_expires_at"}), "agents": frozenset({"last_heartbeat_at"})}
@@ -101,7 +101,8 @@ def _attempt(p: Projections, ev: dict) -> dict | None:
 def _end_attempt(p: Projections, ev: dict, outcome: str, reason: str | None = None, detail=None) -> None:
     row = _attempt(p, ev)
     if row is not None and row["ended_at"] is None:
-        row.update(ended_at=ev["ts"], outcome=outcome, failure_reason=reason, failure_detail=detail)
+        row.update(ended_at=ev["ts"], outcome=outcome, failure_reason=reason, failure_detail=detail,
+                   receipt_pending=None)  # fmt: skip
 
 
 def _created(p: Projections, ev: dict, d: dict) -> None:
@@ -204,6 +205,19 @@ def _retried(p: Projections, ev: dict, d: dict) -> None:
     )  # fmt: skip
 
 
+def _pr_linked(p: Projections, ev: dict, d: dict) -> None:
+    """A pull request was found for the task (webhook, sync, or a run's branch): kept in ``pull_request``."""
+    _task(p, ev)["pull_request"] = d["pull_request"]
+
+
+def _receipt_pending(p: Projections, ev: dict, d: dict) -> None:
+    """A receipt came while Forgejo could not be asked: kept on the attempt, validated by a later pass."""
+    _task(p, ev)
+    row = _attempt(p, ev)
+    if row is not None and row["ended_at"] is None:
+        row.update(receipt=d["receipt"], receipt_pending=1)
+
+
 def _agent_registered(p: Projections, ev: dict, d: dict) -> None:
     agent = p.agents.get(ev["agent_id"])
     if agent is None:
@@ -253,6 +267,8 @@ _HANDLERS = {
     "task.failed": _failed,
     "task.cancelled": _cancelled,
     "task.retried": _retried,
+    "task.pr_linked": _pr_linked,
+    "task.receipt_pending": _receipt_pending,
     "agent.registered": _agent_registered,
     "agent.updated": _agent_updated,
     "agent.online": _agent_status("online"),

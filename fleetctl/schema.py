@@ -104,8 +104,62 @@ def m002_token_indexes(db) -> None:
     db.execute("CREATE INDEX attempts_token ON attempts(token_hash) WHERE token_hash IS NOT NULL")
 
 
+def m003_forgejo(db) -> None:
+    """Forgejo: received webhook deliveries, the outbox of side effects, a pending-receipt mark on attempts,
+    and a small key/value table (the outbox cursor, the cached Forgejo account)."""
+    for statement in _M003:
+        db.execute(statement)
+
+
+_M003 = (
+    # One row per received delivery (a log, not a projection): what came in and what was decided.
+    """CREATE TABLE deliveries (
+        delivery_id TEXT PRIMARY KEY,
+        received_at REAL NOT NULL,
+        source TEXT NOT NULL,
+        event TEXT NOT NULL DEFAULT '',
+        event_type TEXT NOT NULL DEFAULT '',
+        action TEXT NOT NULL DEFAULT '',
+        repo TEXT,
+        number INTEGER,
+        sender TEXT,
+        verdict TEXT NOT NULL CHECK (verdict IN ('accepted', 'ignored', 'rejected')),
+        detail TEXT NOT NULL DEFAULT '',
+        task_id TEXT,
+        semantic_key TEXT,
+        body BLOB
+    )""",
+    "CREATE INDEX deliveries_received ON deliveries(received_at)",
+    "CREATE INDEX deliveries_semantic ON deliveries(semantic_key) WHERE semantic_key IS NOT NULL",
+    # Side effects derived from the event log by a cursor (meta 'outbox_cursor'), performed by the passes.
+    """CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id INTEGER NOT NULL,
+        target TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        task_id TEXT,
+        repo TEXT,
+        issue_number INTEGER,
+        payload TEXT NOT NULL DEFAULT '{}',
+        state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'done', 'superseded', 'dead')),
+        tries INTEGER NOT NULL DEFAULT 0,
+        next_try_at REAL NOT NULL,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        done_at REAL,
+        UNIQUE (event_id, target, kind)
+    )""",
+    "CREATE INDEX outbox_due ON outbox(next_try_at) WHERE state = 'pending'",
+    "CREATE INDEX outbox_issue ON outbox(repo, issue_number, kind, id)",
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # 1 while the attempt's receipt waits for Forgejo to be reachable (its lease does not expire meanwhile)
+    "ALTER TABLE attempts ADD COLUMN receipt_pending INTEGER",
+    "CREATE INDEX attempts_receipt_pending ON attempts(task_id) WHERE receipt_pending IS NOT NULL",
+)
+
+
 #: Every migration, in order. Append only.
-MIGRATIONS: tuple[Callable, ...] = (m001_initial, m002_token_indexes)
+MIGRATIONS: tuple[Callable, ...] = (m001_initial, m002_token_indexes, m003_forgejo)
 MIGRATION_NAMES: tuple[str, ...] = tuple(f.__name__ for f in MIGRATIONS)
 
 

@@ -48,6 +48,11 @@ WAKE_EVENTS = frozenset({
     "task.completed", "task.awaiting_review", "agent.registered", "agent.updated", "agent.online",
 })  # fmt: skip
 BUSY_TIMEOUT_MS = 5000
+OUTBOX_CURSOR = "outbox_cursor"
+_DELIVERY_COLUMNS = (
+    "delivery_id", "received_at", "source", "event", "event_type", "action", "repo", "number", "sender",
+    "verdict", "detail", "task_id", "semantic_key", "body",
+)  # fmt: skip
 
 
 def _in(states: Iterable[str]) -> str:
@@ -691,6 +696,125 @@ class Store:
         tasks = dict(self.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall())
         agents = dict(self.execute("SELECT status, count(*) FROM agents GROUP BY status").fetchall())
         return {"tasks": tasks, "agents": agents}
+
+    # ------------------------------------------------------------------ meta (small key/value facts)
+
+    def meta(self, key: str) -> str | None:
+        """A value of the ``meta`` table (the outbox cursor, the cached Forgejo account), or None."""
+        row = self.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Set a ``meta`` value (inside or outside a write: a single statement is its own transaction)."""
+        self.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                     (key, value))  # fmt: skip
+
+    # ------------------------------------------------------------------ webhook deliveries
+
+    def delivery(self, delivery_id: str) -> dict | None:
+        """One recorded delivery (with its raw ``body`` when it was kept), or None."""
+        return self._one("SELECT * FROM deliveries WHERE delivery_id=?", (delivery_id,))
+
+    def record_delivery(self, row: dict[str, Any]) -> bool:
+        """Insert a delivery row; False (and nothing written) when its ``delivery_id`` is already recorded."""
+        cols = [c for c in _DELIVERY_COLUMNS if c in row]
+        cur = self.execute(
+            f"INSERT INTO deliveries ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
+            "ON CONFLICT(delivery_id) DO NOTHING",
+            [row[c] for c in cols],
+        )
+        return cur.rowcount == 1
+
+    def delivery_with_key(self, semantic_key: str) -> str | None:
+        """The id of an accepted delivery with this semantic key (a re-sent copy of the same change)."""
+        row = self.execute(
+            "SELECT delivery_id FROM deliveries WHERE semantic_key=? AND verdict='accepted' LIMIT 1", (semantic_key,)
+        ).fetchone()
+        return row[0] if row else None
+
+    def deliveries(self, *, verdict: str | None = None, before: float | None = None, limit: int = 50) -> list[dict]:
+        """Recorded deliveries, newest first (without their bodies)."""
+        where, params = _where(("verdict = ?", [verdict]) if verdict else None,
+                               ("received_at < ?", [before]) if before is not None else None)  # fmt: skip
+        cols = ", ".join(c for c in _DELIVERY_COLUMNS if c != "body")
+        return self._all(f"SELECT {cols} FROM deliveries{where} ORDER BY received_at DESC, rowid DESC "
+                         f"LIMIT {int(limit)}", params)  # fmt: skip
+
+    # ------------------------------------------------------------------ outbox
+
+    def outbox_cursor(self) -> int:
+        """The id of the last event the outbox has derived its side effects from."""
+        return int(self.meta(OUTBOX_CURSOR) or 0)
+
+    def enqueue_effects(self, rows: Sequence[dict[str, Any]], cursor: int) -> int:
+        """Insert outbox rows (an effect of an event already queued is left as it is) and move the cursor to
+        ``cursor``, in one write. Returns how many rows were new."""
+        new = 0
+        with self.write():
+            if self.outbox_cursor() > cursor:
+                return 0  # another pass got further meanwhile
+            for r in rows:
+                cur = self.execute(
+                    "INSERT INTO outbox (event_id, target, kind, task_id, repo, issue_number, payload, next_try_at, "
+                    "created_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(event_id, target, kind) DO NOTHING",
+                    (r["event_id"], r["target"], r["kind"], r.get("task_id"), r.get("repo"), r.get("issue_number"),
+                     json.dumps(r.get("payload") or {}, sort_keys=True), r["ts"], r["ts"]),
+                )  # fmt: skip
+                new += cur.rowcount
+            self.set_meta(OUTBOX_CURSOR, str(cursor))
+        return new
+
+    def outbox_due(self, ts: float, limit: int = 100) -> list[dict]:
+        """Pending outbox rows whose next try is due, oldest first."""
+        rows = self._all("SELECT * FROM outbox WHERE state='pending' AND next_try_at <= ? ORDER BY id LIMIT ?",
+                         (ts, int(limit)))  # fmt: skip
+        for r in rows:
+            r["payload"] = _loads(r["payload"])
+        return rows
+
+    def outbox_rows(self, *, states: Sequence[str] = (), limit: int = 100) -> list[dict]:
+        """Outbox rows, newest first, filtered by state."""
+        where, params = _where((f"state IN ({', '.join('?' for _ in states)})", list(states)) if states else None)
+        rows = self._all(f"SELECT * FROM outbox{where} ORDER BY id DESC LIMIT {int(limit)}", params)
+        for r in rows:
+            r["payload"] = _loads(r["payload"])
+        return rows
+
+    def newer_outbox_row(self, row: dict) -> bool:
+        """Whether a later row of the same kind exists for the same issue (a newer status label supersedes)."""
+        sql = "SELECT 1 FROM outbox WHERE repo=? AND issue_number=? AND kind=? AND target=? AND id>? LIMIT 1"
+        found = self.execute(sql, (row["repo"], row["issue_number"], row["kind"], row["target"], row["id"]))
+        return found.fetchone() is not None
+
+    def finish_outbox_row(self, row_id: int, state: str, ts: float, *, error: str | None = None) -> None:
+        """Mark a row done / superseded / dead (with the last error, if any)."""
+        self.execute("UPDATE outbox SET state=?, done_at=?, last_error=coalesce(?, last_error) WHERE id=?",
+                     (state, ts, error, row_id))  # fmt: skip
+
+    def retry_outbox_row(self, row_id: int, next_try_at: float, error: str) -> None:
+        """Count a failed try and put the row back for ``next_try_at``."""
+        self.execute("UPDATE outbox SET tries=tries+1, next_try_at=?, last_error=? WHERE id=?",
+                     (next_try_at, error, row_id))  # fmt: skip
+
+    def count_outbox(self) -> dict[str, int]:
+        """Outbox rows by state."""
+        return dict(self.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall())
+
+    # ------------------------------------------------------------------ pending receipts
+
+    def pending_receipts(self) -> list[dict]:
+        """Open attempts whose receipt waits for Forgejo (``task_id, attempt, agent_id, receipt``)."""
+        return self._all(
+            "SELECT a.task_id, a.attempt, a.agent_id, a.receipt FROM attempts a JOIN tasks t ON t.task_id=a.task_id "
+            "AND t.attempt=a.attempt WHERE a.receipt_pending IS NOT NULL AND a.ended_at IS NULL ORDER BY a.assigned_at"
+        )
+
+    def tasks_with_pull_request(self, repo: str, number: int) -> list[dict]:
+        """Open tasks of ``repo`` whose linked pull request is ``number``."""
+        return self._all(
+            f"SELECT * FROM tasks WHERE repo=? AND state IN {_OPEN} AND json_extract(pull_request, '$.number')=?",
+            (repo, number),
+        )
 
     # ------------------------------------------------------------------ maintenance
 
