@@ -102,6 +102,10 @@ class ForgejoConfig:
     webhook_secret: str | None = None
     repositories: tuple[str, ...] = ()
     require_pull_request: bool = True
+    comments: bool = True
+    status_labels: bool = False
+    bot_login: str | None = None
+    timeout_secs: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -395,6 +399,10 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "webhook_secret": _Key("secret"),
         "repositories": _Key("repos"),
         "require_pull_request": _Key("bool"),
+        "comments": _Key("bool"),
+        "status_labels": _Key("bool"),
+        "bot_login": _Key("optstr"),
+        "timeout_secs": _SECS,
     },
     "orchestrator": {
         "db_path": _Key("path"),
