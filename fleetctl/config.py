@@ -920,8 +920,8 @@ def _key_at_line(text: str, line: int) -> str:
 def check_config(cfg: Config, serving_webhooks: bool = False) -> list[str]:
     """Checks that need the whole picture; raises ConfigError for errors, returns warnings.
 
-    ``serving_webhooks``: whether a webhook listener will run (``fleetctl serve`` with Forgejo); an
-    empty ``forgejo.webhook_secret`` is then an error, since unsigned webhooks would be accepted.
+    ``serving_webhooks``: whether a webhook listener will run (``serves_webhooks``: ``fleetctl serve`` with
+    Forgejo configured); an empty ``forgejo.webhook_secret`` is then an error: webhooks cannot be verified.
 
     Example:
         >>> for warning in check_config(load_config(), serving_webhooks=True): print(warning)  # doctest: +SKIP
@@ -951,24 +951,29 @@ def check_config(cfg: Config, serving_webhooks: bool = False) -> list[str]:
 
 
 def not_used_yet(cfg: Config) -> list[str]:
-    """Warnings for configured ``[forgejo]`` / ``[matrix]`` settings that nothing in this version uses.
-
-    Forgejo webhooks, ``sync``, receipt checks against Forgejo and write-back, and Matrix notifications
-    are not built yet; their keys are accepted (they are the contract) but only ``forgejo.url`` (clone
-    URLs in prompts; with it, ``require_pull_request`` applies) and ``forgejo.require_pull_request`` act.
-    """
+    """Warnings for configured settings that nothing in this version uses: ``[matrix]`` (notifications are
+    not built yet), and Forgejo settings that need ``forgejo.url`` (sync, receipt checks, write-back)."""
     where = str(cfg.path) if cfg.path else "embedded default"
     out = []
-    unused = [k for k in ("token", "webhook_secret", "repositories") if getattr(cfg.forgejo, k)]
-    if unused:
-        keys = ", ".join(f"forgejo.{k}" for k in unused)
-        out.append(f"{where}: {keys}: set but not used by anything yet (not yet: webhooks, sync, receipt checks "
-                   "and write-back come with the Forgejo integration)")  # fmt: skip
+    if not cfg.forgejo.url:
+        unused = [k for k in ("token", "repositories") if getattr(cfg.forgejo, k)]
+        if unused:
+            keys = ", ".join(f"forgejo.{k}" for k in unused)
+            out.append(f"{where}: {keys}: set but forgejo.url is not: sync, receipt checks and write-back need it")
+    elif not cfg.forgejo.token:
+        out.append(f"{where}: forgejo.token: not set: receipts cannot be checked against pull requests, and "
+                   "sync and write-back cannot run (set token, token_file or FLEET_FORGEJO_TOKEN)")  # fmt: skip
     matrix = [k for k in ("homeserver", "access_token", "room_id") if getattr(cfg.matrix, k)]
     if matrix or cfg.matrix.events != MatrixConfig().events:
         out.append(f"{where}: [matrix]: configured but not used by anything yet (not yet: notifications come "
                    "with the Matrix integration)")  # fmt: skip
     return out
+
+
+def serves_webhooks(cfg: Config) -> bool:
+    """Whether ``fleetctl serve`` runs the Forgejo webhook route: when Forgejo is configured (a URL or a
+    webhook secret). It then needs a secret: ``check_config(serving_webhooks=True)`` refuses an empty one."""
+    return bool(cfg.forgejo.url or cfg.forgejo.webhook_secret)
 
 
 def _plain(value: Any) -> Any:

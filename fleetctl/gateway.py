@@ -187,12 +187,13 @@ def open_gateway(api_url: str | None, token: str | None, role: str, load_config:
 # ------------------------------------------------------------------------------------------ receipts
 
 
-def read_capped(source: str, cap: int, stdin: IO[bytes] | None = None, what: str = "receipt") -> bytes:
+def read_capped(source: str, cap: int, stdin: IO[bytes] | None = None, what: str = "receipt",
+                cap_key: str = "the API's body cap, server.max_body_bytes") -> bytes:  # fmt: skip
     """The bytes of file ``source`` (``-``: stdin), refused with ``UsageError`` past ``cap`` bytes.
 
     Reads at most ``cap + 1`` bytes, so ``/dev/zero``, a FIFO or a huge file never fill memory.
     """
-    too_big = f"{what} {source} is larger than {cap} bytes (the API's body cap, server.max_body_bytes)"
+    too_big = f"{what} {source} is larger than {cap} bytes ({cap_key})"
     if source == "-":
         stream = stdin if stdin is not None else sys.stdin.buffer
         data = stream.read(cap + 1)

@@ -614,6 +614,17 @@ class Store:
         ).fetchone()
         return row[0] if row else None
 
+    def last_task_for_issue(self, repo: str, issue_number: int) -> dict | None:
+        """The most recent task of ``repo#issue_number``, in any state."""
+        return self._one("SELECT * FROM tasks WHERE repo=? AND issue_number=? ORDER BY seq DESC LIMIT 1",
+                         (repo, issue_number))  # fmt: skip
+
+    def cancel_reason(self, task_id: str) -> str | None:
+        """The reason of the task's last cancellation."""
+        row = self.execute("SELECT data FROM events WHERE task_id=? AND type='task.cancelled' ORDER BY id DESC LIMIT 1",
+                           (task_id,)).fetchone()  # fmt: skip
+        return _loads(row[0]).get("reason") if row else None
+
     def ready_tasks(self, ts: float) -> list[tuple[str, list[str]]]:
         """``(task_id, requirements)`` of the queued tasks past their backoff, best first (for planning)."""
         sql = (

@@ -298,10 +298,13 @@ class LiveServer:
         self.dir = directory
         self.db_path = directory / "fleet.db"
         self.config_path = directory / "server.toml"
+        forgejo = orchestrator.pop("forgejo", None)  # a [forgejo] table, e.g. {"webhook_secret": "…"}
         settings = {"lease_secs": 30, "heartbeat_interval_secs": 60, **orchestrator}
         lines = ["[server]", f'admin_token = "{ADMIN_TOKEN}"', "[orchestrator]", f'db_path = "{self.db_path}"',
                  f'http_pull_token = "{REGISTRATION_TOKEN}"']  # fmt: skip
         lines += [f"{k} = {v!r}" for k, v in settings.items()]
+        if forgejo:
+            lines += ["[forgejo]"] + [f"{k} = {json.dumps(v)}" for k, v in forgejo.items()]
         self.config_path.write_text("\n".join(lines) + "\n")
         os.chmod(self.config_path, 0o600)
         self.proc = None

@@ -430,7 +430,8 @@ def test_all_errors_reported_at_once(tmp_path):
 
 
 def test_webhook_listener_with_empty_secret(tmp_path):
-    path = write(tmp_path / "c.toml", "[forgejo]\nurl = 'https://forge.example.org'\nrequire_pull_request = false\n")
+    path = write(tmp_path / "c.toml", "[forgejo]\nurl = 'https://forge.example.org'\nrequire_pull_request = false\n"
+                 "token = 't'\n")  # fmt: skip
     cfg = C.load_config(path)
     assert C.check_config(cfg, serving_webhooks=False) == []
     with pytest.raises(ConfigError, match="webhook listener with an empty secret"):
@@ -438,20 +439,21 @@ def test_webhook_listener_with_empty_secret(tmp_path):
     result = fleet("config", "check", "-c", str(path), "--webhooks")
     assert result.exit_code == 2
     assert "forgejo.webhook_secret: webhook listener with an empty secret" in result.stderr
-    # serve has no webhook route yet: by default nothing listens, so an unset secret is no error
-    assert fleet("config", "check", "-c", str(path)).exit_code == 0
+    # by default, config check checks as serve would: Forgejo configured means a webhook route
+    assert fleet("config", "check", "-c", str(path)).exit_code == 2
     assert fleet("config", "check", "-c", str(path), "--no-webhooks").exit_code == 0
     assert fleet("config", "check", "-c", str(path), "--webhooks", env={"FLEET_WEBHOOK_SECRET": "w"}).exit_code == 0
 
 
-# issue 6: Forgejo webhooks, sync and Matrix are not built yet; `config check` says so instead of letting a
-# configured section look like it does something
+# Matrix is not built yet, and Forgejo settings that need forgejo.url are said to be idle without it; `config
+# check` says so instead of letting a configured section look like it does something
 @pytest.mark.parametrize(
     ("text", "warning"),
     [
-        ("[forgejo]\nurl = 'https://f.example.org'\ntoken = 't'\nrepositories = ['acme/api']\n",
-         "forgejo.token, forgejo.repositories: set but not used by anything yet (not yet: webhooks, sync"),
-        ("[forgejo]\nwebhook_secret = 'w'\n", "forgejo.webhook_secret: set but not used by anything yet"),
+        ("[forgejo]\ntoken = 't'\nrepositories = ['acme/api']\n",
+         "forgejo.token, forgejo.repositories: set but forgejo.url is not: sync, receipt checks and write-back"),
+        ("[forgejo]\nurl = 'https://f.example.org'\nwebhook_secret = 'w'\n",
+         "forgejo.token: not set: receipts cannot be checked against pull requests"),
         ("[matrix]\nhomeserver = 'https://m.example.org'\naccess_token = 'a'\nroom_id = '!r:m.example.org'\n",
          "[matrix]: configured but not used by anything yet (not yet: notifications come with the Matrix"),
         ("[matrix]\nevents = ['task.failed']\n", "[matrix]: configured but not used by anything yet"),
@@ -466,10 +468,18 @@ def test_check_warns_about_sections_not_used_yet(tmp_path, text, warning):
     assert "'t'" not in result.stderr and "'a'" not in result.stderr
 
 
+def test_config_check_checks_the_webhook_secret_by_default_when_forgejo_is_configured(tmp_path):
+    path = write(tmp_path / "c.toml", "[forgejo]\nurl = 'https://f.example.org'\ntoken = 't'\n")
+    result = fleet("config", "check", "-c", str(path))
+    assert result.exit_code == 2
+    assert "forgejo.webhook_secret: webhook listener with an empty secret" in result.stderr
+    assert fleet("config", "check", "-c", str(path), env={"FLEET_WEBHOOK_SECRET": "w"}).exit_code == 0
+
+
 def test_no_not_yet_warning_for_what_is_used_or_unset(tmp_path):
     # forgejo.url (clone URLs in prompts) and require_pull_request take effect; empty keys are not "configured"
     path = write(tmp_path / "c.toml", "[forgejo]\nurl = 'https://f.example.org'\nrequire_pull_request = false\n"
-                 "token = ''\n[matrix]\nhomeserver = ''\n")  # fmt: skip
+                 "token = 't'\n[matrix]\nhomeserver = ''\n")  # fmt: skip
     assert C.check_config(C.load_config(path), serving_webhooks=False) == []
     assert C.not_used_yet(C.load_config(write(tmp_path / "e.toml", EXAMPLE.read_text()))) == []
     assert C.not_used_yet(C.load_config()) == []

@@ -12,7 +12,7 @@ gc.disable()  # importing typer and the commands makes ~100k long-lived objects 
 
 import typer  # noqa: E402
 
-from fleetctl.cli import agent, config, db, demo, events, passes, serve, task  # noqa: E402
+from fleetctl.cli import agent, config, db, demo, events, passes, serve, task, webhooks  # noqa: E402
 from fleetctl.cli._coerce import install as _install_fast_coercion  # noqa: E402
 from fleetctl.cli._common import ConfigOpt, set_root_config  # noqa: E402
 from fleetctl.cli._help import install as _install_help  # noqa: E402
@@ -49,7 +49,7 @@ def _root(
         ),
     ] = False,
 ) -> None:
-    """Run a fleet of AI coding agents from labelled issues (Forgejo integration: not yet).
+    """Run a fleet of AI coding agents from labelled Forgejo issues.
 
     Exit codes: 0 ok, 1 operational error, 2 usage or config error, 3 not found, 4 conflict (invalid
     state change, lease lost), 5 remote failure, 6 validation failed (receipt), 130 interrupted.
@@ -67,11 +67,14 @@ app.add_typer(config.app, name="config")
 app.add_typer(task.app, name="task")
 app.add_typer(agent.app, name="agent")
 app.add_typer(db.app, name="db")
+app.add_typer(webhooks.app, name="deliveries")
 app.command("init")(config.init)
 app.command("events")(events.events)
 app.command("serve")(serve.serve)
 app.command("dispatch")(passes.dispatch)
 app.command("sweep-timeouts")(passes.sweep_timeouts)
+app.command("sync")(passes.sync)
+app.command("ingest-webhook")(webhooks.ingest_webhook)
 app.command("demo")(demo.demo)
 
 

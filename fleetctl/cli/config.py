@@ -21,7 +21,7 @@ def config_check(
         typer.Option(
             "--webhooks/--no-webhooks",
             help="Check as for a webhook listener (an empty forgejo.webhook_secret is an error). "
-            "Default: off, as serve has no webhook route yet.",
+            "Default: as serve would, i.e. on when Forgejo is configured (forgejo.url or webhook_secret set).",
             show_default=False,
         ),
     ] = None,
@@ -34,10 +34,10 @@ def config_check(
 
         fleetctl config check --config /etc/fleetctl/config.toml
     """
-    from fleetctl.config import check_config, load_config
+    from fleetctl.config import check_config, load_config, serves_webhooks
 
     cfg = load_config(config_path(config))
-    serving = bool(webhooks)  # no webhook route yet (Forgejo integration): an unset secret serves nothing
+    serving = serves_webhooks(cfg) if webhooks is None else webhooks
     for warning in check_config(cfg, serving_webhooks=serving):
         err(f"warning: {warning}")
     print(f"ok: {cfg.path or 'embedded default'}")

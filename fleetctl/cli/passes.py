@@ -1,4 +1,4 @@
-"""``fleetctl dispatch`` and ``fleetctl sweep-timeouts``: the one-shot passes systemd timers fire."""
+"""``fleetctl dispatch``, ``fleetctl sweep-timeouts`` and ``fleetctl sync``: the one-shot passes timers fire."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from fleetctl.cli._common import MAX_LIMIT, ConfigOpt, JsonOpt, cli_errors, load, open_store, print_json
+from fleetctl.cli._common import MAX_LIMIT, ConfigOpt, JsonOpt, cli_errors, err, load, open_store, print_json
 
 
 @cli_errors
@@ -60,3 +60,41 @@ def sweep_timeouts(json_: JsonOpt = False, config: ConfigOpt = None) -> None:
         print(f"{len(report.actions)} actions, {report.backoff_released} retries ready")
         for a in report.actions:
             print("  " + " ".join(f"{k}={v}" for k, v in a.items()))
+
+
+@cli_errors
+def sync(
+    repo: Annotated[
+        list[str] | None, typer.Option("--repo", help="Only this repository (owner/name); repeatable.")
+    ] = None,
+    json_: JsonOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Reconcile with Forgejo: labelled issues, closes and pull request merges that webhooks missed.
+
+    Safe to run every few minutes; a second run changes nothing. Exit 5 when Forgejo failed for a repository
+    (the others are still reconciled).
+
+    Example: fleetctl sync --json
+    """
+    from fleetctl.errors import ExitCode
+    from fleetctl.ids import check_repo
+    from fleetctl.sync import sync as run_sync
+
+    cfg = load(config)
+    repos = [check_repo(r) for r in repo] if repo else None
+    with open_store(cfg) as store:
+        report = run_sync(store, cfg, repos=repos)
+    if json_:
+        print_json(report.to_json())
+    elif report.skipped:
+        print(f"skipped: {report.skipped}")
+    else:
+        print(f"{len(report.repositories)} repositories, {report.issues_seen} open issues, "
+              f"{len(report.changes)} changes, {len(report.errors)} errors")  # fmt: skip
+        for c in report.changes:
+            print(f"  {c['repo']}#{c['number']}: {c['detail']}")
+        for e in report.errors:
+            err(f"error: {e['repo']}: {e['error']}")
+    if report.errors:
+        raise typer.Exit(int(ExitCode.REMOTE))

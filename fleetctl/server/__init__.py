@@ -1,4 +1,4 @@
-"""``fleetctl serve``: the HTTP listener for pull agents (and, later, Forgejo webhooks)."""
+"""``fleetctl serve``: the HTTP listener for pull agents and Forgejo webhooks."""
 
 from __future__ import annotations
 
@@ -28,9 +28,12 @@ def serve(cfg: Config, *, host: str | None = None, port: int | None = None,
     this machine) and ``ListenError`` (exit 1) for a port in use or not permitted — before the database
     is opened.
     """
+    from fleetctl.config import check_config, serves_webhooks
     from fleetctl.server.api import Api
     from fleetctl.server.http import connection_cap
     from fleetctl.wake import Listener
+
+    check_config(cfg, serving_webhooks=serves_webhooks(cfg))  # e.g. a webhook route without a secret: refused
 
     server = listen(cfg.server.bind if host is None else host, cfg.server.port if port is None else port,
                     "server.bind" if host is None else "--bind")  # fmt: skip
@@ -58,7 +61,7 @@ def serve(cfg: Config, *, host: str | None = None, port: int | None = None,
         ready(bound_host, bound_port)
     try:
         while not stop.wait(0.5):
-            pass
+            _drain_spool(api)
     finally:
         log("serve.stopping")
         server.shutdown()  # stop accepting
@@ -71,6 +74,16 @@ def serve(cfg: Config, *, host: str | None = None, port: int | None = None,
             signal.signal(s, h)
         log("serve.stopped", drained=drained)
     return 0
+
+
+def _drain_spool(api) -> None:
+    """Apply webhook deliveries spooled while the database was locked; errors wait for the next round."""
+    from fleetctl.errors import FleetError
+
+    try:
+        api.drain_spool()
+    except FleetError as exc:
+        log("webhook.spool_waiting", error=exc.message)
 
 
 def listen(host: str, port: int, source: str = "--bind") -> FleetHTTPServer:

@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from fleetctl import __version__, services
-from fleetctl.config import Config
+from fleetctl.config import Config, serves_webhooks
 from fleetctl.errors import FleetError, Forbidden, LeaseLost, NotFound, StoreBusy, Unauthorized, UsageError
 from fleetctl.ids import check_id
 from fleetctl.jsondoc import parse_json_object
@@ -33,6 +33,8 @@ from fleetctl.states import AgentMode, AgentStatus
 from fleetctl.store import ClaimRequest, Store
 
 MAX_WAIT_SECS = 30.0
+#: How long a webhook waits for its write before it is spooled instead (Forgejo gives up after 5 s).
+WEBHOOK_WRITE_SECS = 2.0
 READER_POOL = 64
 #: How long a resolved agent/task token is remembered. The cache is a hint, never an authorisation: every
 #: operation made with an agent or task token re-checks the token where the data is — a claim in its
@@ -171,6 +173,7 @@ class Api:
         self._principals: dict[str, tuple[float, Principal]] = {}  # token hash -> (expires, principal)
         self._principals_gen = 0  # bumped by every forget: a lookup that raced with one is not cached
         self._openapi: bytes | None = None
+        self.webhooks = serves_webhooks(cfg)
         self.routes: list[tuple[str, re.Pattern, Callable, str]] = []
         for method, pattern, handler, auth in (
             ("GET", "/healthz", self.healthz, "anyone"),
@@ -189,6 +192,7 @@ class Api:
             ("POST", "/api/v1/tasks/{task_id}/retry", self.tasks_retry, "admin"),
             ("POST", "/api/v1/tasks/{task_id}/cancel", self.tasks_cancel, "admin"),
             ("POST", "/api/v1/receipts", self.receipts, "agent_or_task"),
+            ("POST", "/api/v1/webhooks/forgejo", self.webhooks_forgejo, "anyone"),  # the HMAC is the auth
         ):
             regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
             self.routes.append((method, regex, handler, auth))
@@ -576,6 +580,60 @@ class Api:
         reason = _str_field(req.json(), "reason", default="cancelled over the API") or "cancelled over the API"
         task = self.write(lambda s: services.cancel_task(s, task_id, reason, now=self.clock()))
         return json_response(200, services.task_view(task))
+
+    # ------------------------------------------------------------------ webhooks
+
+    def webhooks_forgejo(self, req: Request) -> Response:
+        """A Forgejo delivery: verified over the raw bytes, then recorded and applied in one short write; if
+        the database stays locked past ``WEBHOOK_WRITE_SECS`` it is spooled to disk and applied later, so
+        Forgejo (which waits 5 s and never retries) always gets its answer in time."""
+        from fleetctl.forgejo.webhooks import BadSignature
+        from fleetctl.services import issues
+
+        if not self.webhooks:
+            raise NotFound("the Forgejo webhook route is off: set forgejo.url and forgejo.webhook_secret",
+                           code="webhooks_disabled")  # fmt: skip
+        if "x-www-form-urlencoded" in (req.headers.get("Content-Type") or "").lower():
+            return error_response(415, "unsupported_media_type",
+                                  "set the webhook's content type to application/json (POST)")  # fmt: skip
+        try:
+            prepared = issues.prepare(self.cfg, req.headers, req.raw)
+        except BadSignature as exc:
+            self._count_webhook("unauthorized")
+            log("webhook.unauthorized", delivery=(req.headers.get("X-Forgejo-Delivery") or "")[:128], why=exc.message)
+            raise
+
+        def op(store: Store) -> issues.IngestResult:
+            return issues.record(store, self.cfg, prepared, source="http", now=self.clock())
+
+        try:
+            result = self.writer.submit(op, timeout=WEBHOOK_WRITE_SECS)
+        except StoreBusy:  # locked by another process: keep it on disk, apply it when the lock is free
+            issues.spool(self.cfg, prepared, _delivery_headers(req.headers))
+            result = issues.IngestResult(202, prepared.delivery_id, "queued",
+                                         "the database is busy: the delivery is kept and applied shortly")  # fmt: skip
+        self._count_webhook(result.verdict)
+        log("webhook." + result.verdict, delivery=result.delivery_id, task=result.task_id, detail=result.detail[:200])
+        return json_response(result.status, result.to_json())
+
+    def _count_webhook(self, verdict: str) -> None:
+        with self.metrics.lock:
+            self.metrics.webhooks[verdict] = self.metrics.webhooks.get(verdict, 0) + 1
+
+    def drain_spool(self) -> int:
+        """Apply deliveries spooled while the database was locked (the serve loop calls this)."""
+        from fleetctl.services import issues
+
+        if not self.webhooks or not issues.spool_dir(self.cfg).is_dir():
+            return 0
+        return issues.drain_spool(self.cfg, self.write)
+
+
+def _delivery_headers(headers: Any) -> dict[str, str]:
+    """The headers a spooled delivery needs to be read again (its id and event names)."""
+    from fleetctl.forgejo.webhooks import DELIVERY_HEADERS, EVENT_HEADERS, EVENT_TYPE_HEADERS
+
+    return {n: v for n in (*DELIVERY_HEADERS, *EVENT_HEADERS, *EVENT_TYPE_HEADERS) if (v := headers.get(n))}
 
 
 def _query_int(req: Request, name: str, default: int | None, lo: int, hi: int) -> int | None:

@@ -27,10 +27,17 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from fleetctl.errors import FleetError, StoreError
+from fleetctl.errors import FleetError, StoreBusy, StoreError
 from fleetctl.store import ClaimRequest, Store, connect_raw, translate_error, wal_checkpoint
 
 MAX_BATCH = 64
+
+
+class WriteTimeout(StoreBusy):
+    """A write given a timeout (``Writer.submit``) has not committed yet; it is still queued."""
+
+    code = "write_timeout"
+
 #: How often the checkpointer thread copies the WAL back into the database file.
 CHECKPOINT_SECS = 0.2
 #: A WAL longer than this (in pages, 32 MB) is brought to a restart by the writer between two batches: a
@@ -68,22 +75,27 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="fleetctl-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[Store], Any]) -> Any:
-        """Run ``fn(store)`` inside the next batch transaction; its result, or its exception re-raised."""
-        return self._wait(_Job(fn))
+    def submit(self, fn: Callable[[Store], Any], *, timeout: float | None = None) -> Any:
+        """Run ``fn(store)`` inside the next batch transaction; its result, or its exception re-raised.
+
+        With ``timeout``: ``WriteTimeout`` when it has not committed by then (the database is locked by another
+        process). The write stays queued and may still run later, so only an idempotent ``fn`` may be given one.
+        """
+        return self._wait(_Job(fn), timeout)
 
     def claim(self, request: Callable[[], ClaimRequest]) -> dict | None:
         """Claim in the next batch, together with the batch's other claims (``Store.claim_many``); the task
         or None. ``request()`` is called in the writer thread, so that its ``ts`` is the time of the claim."""
         return self._wait(_Job(claim=request))
 
-    def _wait(self, job: _Job) -> Any:
+    def _wait(self, job: _Job, timeout: float | None = None) -> Any:
         with self._cond:
             if self._closed:
                 raise StoreError("the server is shutting down", code="shutting_down")
             self._pending.append(job)
             self._cond.notify()
-        job.done.acquire()
+        if not job.done.acquire(timeout=-1 if timeout is None else timeout):
+            raise WriteTimeout(f"the write did not commit within {timeout:g}s: the database is locked")
         if job.error is not None:
             raise job.error
         return job.result
