@@ -131,9 +131,26 @@ def _sync_repo(store: Store, cfg: Config, client: Any, repo: str, report: SyncRe
         if task["issue_number"] in listed:
             continue
         raw = client.get_issue(repo, task["issue_number"])
-        change = _change(repo, issue=raw) if raw is not None else None
+        if raw is None:  # deleted (or moved): nothing will ever close it
+            _cancel_orphan(store, task, report, now)
+            continue
+        change = _change(repo, issue=raw)
         if change is not None:
             _apply(store, cfg, change, report, now)
+
+
+def _cancel_orphan(store: Store, task: dict, report: SyncReport, now: Callable[[], float]) -> None:
+    from fleetctl.services import cancel_task
+
+    why = "the issue no longer exists in Forgejo"
+    try:
+        cancel_task(store, task["task_id"], why, now=now())
+    except FleetError as exc:
+        report.errors.append({"repo": task["repo"], "number": task["issue_number"], "error": exc.message})
+        return
+    entry = {"repo": task["repo"], "number": task["issue_number"], "task_id": task["task_id"], "detail": why}
+    report.changes.append(entry)
+    log("sync.applied", **entry)
 
 
 def _change(repo: str, *, issue: dict | None = None, pull: dict | None = None) -> Change | None:

@@ -134,3 +134,20 @@ def test_sync_needs_repositories_and_a_token(tmp_path):
     result = subprocess.run([sys.executable, "-m", "fleetctl", "--config", str(path), "sync", "--repo", "a/b"],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 2 and "forgejo.token" in result.stderr
+
+
+def test_a_task_whose_issue_was_deleted_is_cancelled(db, cfg, forgejo):
+    n = forgejo.open_issue(REPO, "Soon gone", labels=["agent:x"])
+    sync(db, cfg)
+    with forgejo.lock:
+        del forgejo.repos[REPO].issues[n]  # Forgejo lets an admin delete an issue: GET answers 404 then
+    report = sync(db, cfg)
+    assert state_of(db) == [(n, "cancelled")] and "no longer exists" in report.changes[0]["detail"]
+    assert sync(db, cfg).changes == []
+
+
+def test_long_titles_and_odd_labels_are_cut_to_fit_a_task(db, cfg, forgejo):
+    n = forgejo.open_issue(REPO, "T" * 1500, labels=["agent:x", "L" * 300])
+    sync(db, cfg)
+    [task] = db.tasks()
+    assert task["issue_number"] == n and len(task["title"]) == 1000 and task["labels"] == ["agent:x"]

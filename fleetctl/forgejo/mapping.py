@@ -29,6 +29,7 @@ from typing import Any
 from fleetctl.forgejo.webhooks import Change, Issue, Pull
 from fleetctl.matching import parse_labels
 
+MAX_TITLE, MAX_LABEL, MAX_LABELS = 1000, 200, 100  # a task's limits (services refuse more): an issue is cut to fit
 STATUS_LABEL_PREFIX = "fleet/"
 """fleetctl's own status labels (``fleet/queued`` …): never part of a task's labels."""
 BRANCH_PREFIX = "fleet/"
@@ -54,16 +55,18 @@ def task_labels(labels: tuple[str, ...] | list[str]) -> list[str]:
     out: list[str] = []
     for label in labels:
         label = label.strip()
-        if label and not label.startswith(STATUS_LABEL_PREFIX) and label not in out:
+        if not label or label.startswith(STATUS_LABEL_PREFIX) or label in out:
+            continue
+        if len(label) <= MAX_LABEL and not any(c in label for c in "\0\n\r"):  # what a task may keep
             out.append(label)
-    return out
+    return out[:MAX_LABELS]
 
 
 def issue_fields(issue: Issue, prefix: str) -> dict[str, Any]:
     """The task fields an issue determines: title, body, labels and what the labels say."""
     labels = task_labels(issue.labels)
     knobs = parse_labels(labels, prefix)
-    return {"title": issue.title.strip() or f"issue #{issue.number}", "body": issue.body, "labels": labels,
+    return {"title": issue.title.strip()[:MAX_TITLE] or f"issue #{issue.number}", "body": issue.body, "labels": labels,
             "requirements": list(knobs.requirements), "priority": knobs.priority,
             "max_retries": knobs.max_retries, "timeout_secs": knobs.timeout_secs}  # fmt: skip
 

@@ -609,7 +609,12 @@ class Api:
         try:
             result = self.writer.submit(op, timeout=WEBHOOK_WRITE_SECS)
         except StoreBusy:  # locked by another process: keep it on disk, apply it when the lock is free
-            issues.spool(self.cfg, prepared, _delivery_headers(req.headers))
+            try:
+                issues.spool(self.cfg, prepared, _delivery_headers(req.headers))
+            except OSError as exc:
+                log("webhook.spool_failed", delivery=prepared.delivery_id, error=exc.strerror or str(exc))
+                return error_response(503, "store_busy", "the database is busy and the delivery cannot be kept "
+                                      "on disk; send it again", {"Retry-After": "5"})  # fmt: skip
             result = issues.IngestResult(202, prepared.delivery_id, "queued",
                                          "the database is busy: the delivery is kept and applied shortly")  # fmt: skip
         self._count_webhook(result.verdict)
