@@ -291,6 +291,9 @@ def test_every_operation_answers_as_documented_on_its_main_paths(served):
     # deregister: offline; its running attempts fail agent_lost
     assert w.call("POST", "/api/v1/agents/deregister", 200, token=other, json_body={}).json()["status"] == "offline"
 
+    # the webhook route is off without Forgejo (tests/test_webhooks.py drives it with a secret)
+    w.call("POST", "/api/v1/webhooks/forgejo", 404, json_body={"action": "opened"})
+
     answered = {(m, p) for m, p, _s in w.seen}
     documented = {(m.upper(), p) for p, item in w.doc["paths"].items() for m in item}
     assert documented <= answered, documented - answered

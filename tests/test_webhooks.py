@@ -380,10 +380,21 @@ def test_a_pr_closed_unmerged_fails_the_task_pr_closed(db, cfg):
 
 
 def _post(port: int, path: str, body: bytes, headers: dict[str, str], timeout: float = 10.0) -> tuple[int, dict]:
+    """POST to the live server; the answer must be one docs/openapi.json documents, in its schema."""
     import httpx
+    import jsonschema
 
     r = httpx.post(f"http://127.0.0.1:{port}{path}", content=body, headers=headers, timeout=timeout)
-    return r.status_code, (r.json() if r.content else {})
+    doc = r.json() if r.content else {}
+    op = OPENAPI["paths"][path]["post"]
+    response = op["responses"][str(r.status_code)]  # KeyError: an undocumented status
+    response = OPENAPI["components"]["responses"].get(response.get("$ref", "").rsplit("/", 1)[-1], response)
+    schema = {**response["content"]["application/json"]["schema"], "components": OPENAPI["components"]}
+    jsonschema.validate(doc, schema)
+    return r.status_code, doc
+
+
+OPENAPI = json.loads((Path(__file__).resolve().parent.parent / "docs" / "openapi.json").read_text())
 
 
 @pytest.fixture
