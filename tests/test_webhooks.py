@@ -394,7 +394,17 @@ def _post(port: int, path: str, body: bytes, headers: dict[str, str], timeout: f
     return r.status_code, doc
 
 
-OPENAPI = json.loads((Path(__file__).resolve().parent.parent / "docs" / "openapi.json").read_text())
+def _json_schema(node):
+    """OpenAPI 3.0's ``nullable: true`` as JSON Schema's ``type: [T, "null"]`` (for jsonschema)."""
+    if isinstance(node, dict):
+        out = {k: _json_schema(v) for k, v in node.items() if k != "nullable"}
+        if node.get("nullable") and isinstance(node.get("type"), str):
+            out["type"] = [node["type"], "null"]
+        return out
+    return [_json_schema(v) for v in node] if isinstance(node, list) else node
+
+
+OPENAPI = _json_schema(json.loads((Path(__file__).resolve().parent.parent / "docs" / "openapi.json").read_text()))
 
 
 @pytest.fixture
