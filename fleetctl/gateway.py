@@ -6,8 +6,9 @@ those commands call; ``LocalGateway`` runs the services on the store, ``RemoteGa
 through ``fleetctl.remote.Client``. Both return the same shapes and raise the same ``FleetError`` for
 the same case (tests/test_gateway_contract.py runs one suite against both):
 
-- ``complete`` → the task view plus ``"repeated"``; ``LeaseLost`` (exit 4) when the attempt is no
-  longer the caller's; ``ValidationFailed`` (exit 6) for a refused receipt (the attempt then failed).
+- ``complete`` → the task view plus ``"repeated"`` and ``"pending"`` (true when Forgejo could not be asked:
+  the receipt is stored and validated by a later pass; HTTP 202); ``LeaseLost`` (exit 4) when the attempt
+  is no longer the caller's; ``ValidationFailed`` (exit 6) for a refused receipt (the attempt then failed).
 - ``status`` → the task view; ``running`` and a message are one change or none.
 - ``register`` → ``{"agent": view, "token": str | None, "created": bool}``.
 - ``heartbeat`` → ``{"agent": view, "stop": [{"task_id", "attempt", "reason"}], "cancelled": [task ids],
@@ -93,8 +94,11 @@ class LocalGateway:
                  agent_id: str | None = None) -> dict:  # fmt: skip
         from fleetctl import services
 
-        result = services.complete_task(self.store, self.cfg, task_id, receipt, agent_id=agent_id, attempt=attempt)
-        return {**services.task_view(result.task), "repeated": result.repeated}
+        # Forgejo is asked before the write (never under the write lock), the same way the server does it
+        _, verdict = services.prepare_receipt(self.store, self.cfg, task_id, receipt, attempt=attempt)
+        result = services.hand_in_receipt(self.store, self.cfg, task_id, receipt, agent_id=agent_id, attempt=attempt,
+                                          verdict=verdict).raise_if_rejected()  # fmt: skip
+        return {**services.task_view(result.task), "repeated": result.repeated, "pending": result.pending}
 
     def status(self, task_id: str, status: str, message: str = "", *, attempt: int | None = None,
                agent_id: str | None = None) -> dict:  # fmt: skip

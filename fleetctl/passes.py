@@ -137,6 +137,7 @@ def dispatch(
         t0 = now()
         if not dry_run:
             services.sync_config_agents(store, cfg, t0)
+            _validate_pending(store, cfg, None, t0)
         usable = {h.host_id for h in cfg.hosts if h.is_local or ssh_available()}
         for host in cfg.hosts:
             if host.host_id not in usable and host.agents:
@@ -278,15 +279,20 @@ def sweep(
             log("sweep.skipped", reason=report.skipped)
             return report
         t = now()
-        _sweep_agents(store, cfg, report, t)
-        hosts = {h.host_id: h for h in cfg.hosts}
-        executors: dict[str, Executor] = {}
-        for att in store.open_attempts():
-            t = now()
-            host = hosts.get(att["host_id"]) if att["agent_mode"] == AgentMode.SSH_CLI else None
-            if host is not None and host.host_id not in executors:
-                executors[host.host_id] = executor_for(host)
-            _sweep_attempt(store, cfg, report, att, host, executors.get(att["host_id"]), t)
+        link = services.ForgejoLink(cfg)  # one Forgejo client per pass, made only if a receipt needs it
+        try:
+            report.actions += _validate_pending(store, cfg, link, t)
+            _sweep_agents(store, cfg, report, t)
+            hosts = {h.host_id: h for h in cfg.hosts}
+            executors: dict[str, Executor] = {}
+            for att in store.open_attempts():
+                t = now()
+                host = hosts.get(att["host_id"]) if att["agent_mode"] == AgentMode.SSH_CLI else None
+                if host is not None and host.host_id not in executors:
+                    executors[host.host_id] = executor_for(host)
+                _sweep_attempt(store, cfg, report, att, host, executors.get(att["host_id"]), t, link)
+        finally:
+            link.close()
         _stop_cancelled_runs(store, cfg, report, hosts, executors, executor_for, now())
         report.backoff_released = store.count_backoff_released(now())
     return report
@@ -311,6 +317,15 @@ def _stop_cancelled_runs(store: Store, cfg: Config, report: SweepReport, hosts: 
             log("task.kill_failed", task=task_id, attempt=attempt, error=exc.message)
 
 
+def _validate_pending(store: Store, cfg: Config, link: services.ForgejoLink | None, t: float) -> list[dict]:
+    """Pending receipts validated now that a pass runs (SPEC §7.4); a failure here never fails the pass."""
+    try:
+        return services.validate_pending(store, cfg, link, now=t)
+    except FleetError as exc:
+        log("receipts.pending_failed", error=exc.message)
+        return []
+
+
 def _sweep_agents(store: Store, cfg: Config, report: SweepReport, t: float) -> None:
     orch = cfg.orchestrator
     limit = orch.heartbeat_interval_secs * orch.heartbeat_timeout_threshold
@@ -323,9 +338,11 @@ def _sweep_agents(store: Store, cfg: Config, report: SweepReport, t: float) -> N
 
 
 def _sweep_attempt(store: Store, cfg: Config, report: SweepReport, att: dict, host: HostConfig | None,
-                   executor: Executor | None, t: float) -> None:  # fmt: skip
+                   executor: Executor | None, t: float, link: services.ForgejoLink | None = None) -> None:  # fmt: skip
     from fleetctl.executors import workspace_path
 
+    if att.get("receipt_pending"):  # it handed in a receipt that waits for Forgejo: no timeout, no lease expiry
+        return
     orch = cfg.orchestrator
     task = {"task_id": att["task_id"], "attempt": att["attempt"], "agent_id": att["agent_id"]}
     ids = {"task": att["task_id"], "attempt": att["attempt"], "agent": att["agent_id"]}
@@ -353,8 +370,8 @@ def _sweep_attempt(store: Store, cfg: Config, report: SweepReport, att: dict, ho
         log("host.unreachable", host=host.host_id, error=exc.message)
         return
     if status.ended:
-        settled = services.settle_run(store, orch, att["task_id"], att["attempt"], status.exit_code,
-                                      status.stderr_tail[-500:], now=t)  # fmt: skip
+        settled = services.settle_ended_run(store, cfg, att["task_id"], att["attempt"], status.exit_code,
+                                            status.stderr_tail[-500:], link=link, now=t)  # fmt: skip
         if settled:
             report.add("task.run_ended", **ids, exit_code=status.exit_code, state=settled["state"])
     elif status.vanished:

@@ -201,14 +201,16 @@ def test_6_receipt_without_a_required_pull_request(fleet):
     (requeued,) = [e for e in fleet.events(task_id) if e["type"] == "task.requeued"]
     assert requeued["data"]["reason"] == "receipt_invalid"
     assert requeued["ts"] < task["not_before"] <= requeued["ts"] + 0.2  # backoff 0.2 s, with jitter
-    # the next attempt (after its backoff) names the pull request: accepted, awaiting the merge
+    # the next attempt (after its backoff) names the pull request; this Forgejo (port 9) cannot be asked, so
+    # the receipt is stored as pending (exit 0, said on stderr) and the task keeps its state (SPEC §7.4)
     time.sleep(max(0.0, task["not_before"] - time.time()) + 0.01)
     fleet.claim(task_id, "puller")
     ok = fleet.run("task", "complete", task_id, "--attempt", "2", "--agent", "puller", "--pr", "12")
     assert ok.returncode == 0, ok.stderr
+    assert "the receipt is stored and will be validated when Forgejo answers" in ok.stderr
     task = fleet.task(task_id)
-    assert task["state"] == "awaiting_review"
-    assert task["pull_request"] == {"kind": "pull_request", "number": 12, "repo": "owner/name"}
+    assert task["state"] == "assigned" and task["pull_request"] is None
+    assert fleet.attempts(task_id)[1]["receipt_pending"] == 1
 
 
 def test_1_db_check_finds_a_tampered_projection(puller):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Annotated
 
 import typer
@@ -222,6 +223,9 @@ def task_complete(
     with open_gateway(api_url, token, "task", lambda: load(config)) as gateway:
         doc = _receipt_doc(receipt, outcome, summary, pr or [], pr_url or [], branch, _receipt_cap(gateway))
         out = gateway.complete(task_id, doc, attempt=attempt, agent_id=agent)
+    if out.get("pending"):
+        print(f"{task_id}: Forgejo could not be reached; the receipt is stored and will be validated when "
+              "Forgejo answers (the task keeps its state and lease)", file=sys.stderr)  # fmt: skip
     if json_:
         print_json(out)
     else:
@@ -304,6 +308,6 @@ def task_run_ended(
     from fleetctl import services
 
     cfg = load(config)
-    with open_store(cfg) as store:
-        task = services.settle_run(store, cfg.orchestrator, task_id, attempt, exit_code)
-    print(f"{task_id} {task['state']}" if task else f"{task_id} already settled")
+    with open_store(cfg) as store:  # a Forgejo task's pull request is looked up by branch first, as the sweep does
+        task = services.settle_ended_run(store, cfg, task_id, attempt, exit_code)
+    print(f"{task_id} {task['state']}" if task else f"{task_id} not settled (already settled, or left to the sweep)")

@@ -559,14 +559,20 @@ class Api:
         if token_attempt is not None and attempt != token_attempt:
             raise LeaseLost("this task token is for another attempt")
 
+        with self.reader() as store:  # Forgejo is asked here, in the request thread: never in the writer
+            _, verdict = services.prepare_receipt(store, self.cfg, task_id, doc, attempt=attempt)
+
         def op(s: Store):
             return services.hand_in_receipt(s, self.cfg, task_id, doc, agent_id=agent_id, attempt=attempt,
-                                            now=self.clock())  # fmt: skip
+                                            now=self.clock(), verdict=verdict)  # fmt: skip
 
         result = self._write_as(
             req.principal, op
         ).raise_if_rejected()  # a refused receipt's failed attempt is committed first
-        return json_response(200, {**services.task_view(result.task), "repeated": result.repeated})
+        body = {**services.task_view(result.task), "repeated": result.repeated, "pending": result.pending}
+        if result.pending:  # stored; validated by a later pass when Forgejo answers (SPEC §7.4)
+            return json_response(202, {**body, "receipt": "pending"})
+        return json_response(200, body)
 
     def tasks_retry(self, req: Request) -> Response:
         task_id = req.params["task_id"]

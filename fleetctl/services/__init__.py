@@ -5,7 +5,9 @@ pure core (``states``, ``retry``, ``matching``, ``receipts``) and writes events 
 inside one ``Store.write()`` transaction. Time is injected (``now=``), never read from a patched clock.
 
 The rooms: ``tasks`` (create, cancel, retry), ``runs`` (claim, start, status, receipts, how an attempt
-ends), ``agents`` (the registry), ``views`` (the JSON shapes and the read services every caller renders).
+ends), ``receipts`` (receipts checked against Forgejo: the verdict computed before the write, pending
+receipts, runs that ended without one), ``agents`` (the registry), ``views`` (the JSON shapes and the read
+services every caller renders).
 Callers use the names re-exported here.
 """
 
@@ -22,6 +24,13 @@ from fleetctl.services.agents import (
     resume_agent,
     set_agent_status,
     sync_config_agents,
+)
+from fleetctl.services.receipts import (
+    ForgejoLink,
+    Verdict,
+    prepare_receipt,
+    settle_ended_run,
+    validate_pending,
 )
 from fleetctl.services.runs import (
     Claim,
@@ -55,10 +64,10 @@ from fleetctl.services.views import (
 )
 
 __all__ = [
-    "MAX_MESSAGE", "Claim", "CompletionResult", "Registration", "agent_detail", "agent_view", "attempt_view",
+    "MAX_MESSAGE", "Claim", "CompletionResult", "ForgejoLink", "Registration", "Verdict", "agent_detail", "agent_view", "attempt_view",
     "cancel_task", "claim_request", "claim_task", "claimed", "complete_task", "config_agent_ids", "create_task",
     "deregister_agent", "drain_agent", "event_view", "expire_or_time_out", "fail_attempt", "get_agent", "get_task",
-    "hand_in_receipt", "hash_token", "heartbeat", "iso", "list_agents", "list_tasks", "new_claim_token",
+    "hand_in_receipt", "hash_token", "prepare_receipt", "settle_ended_run", "validate_pending", "heartbeat", "iso", "list_agents", "list_tasks", "new_claim_token",
     "register_agent", "release_claim", "report_progress", "report_status", "requires_pull_request", "resume_agent",
     "retry_task", "set_agent_status", "settle_run", "sync_config_agents", "start_task", "task_detail", "task_view", "token_matches",
 ]  # fmt: skip

@@ -129,9 +129,11 @@ def heartbeat(store: Store, orch: OrchestratorConfig, agent_id: str, *, now: flo
 
 
 def _fail_held(store: Store, orch: OrchestratorConfig, agent_id: str, why: str, ts: float) -> None:
-    from fleetctl.services.runs import fail_attempt
+    from fleetctl.services.runs import _receipt_pending, fail_attempt
 
     for task in store.tasks(states=tuple(ACTIVE), agent_id=agent_id):
+        if _receipt_pending(store, task):  # its receipt is in: it waits for Forgejo, not for the agent
+            continue
         fail_attempt(store, orch, task["task_id"], FailureReason.AGENT_LOST, f"agent {agent_id} {why}",
                      attempt=task["attempt"], now=ts, states=ACTIVE)  # fmt: skip
 

@@ -25,6 +25,7 @@ from fleetctl.store import ClaimRequest, Store
 if TYPE_CHECKING:
     from fleetctl.receipts import Receipt
     from fleetctl.retry import RetryPolicy
+    from fleetctl.services.receipts import Verdict
 
 STATUSES = ("running", "progress")
 
@@ -225,6 +226,7 @@ class CompletionResult:
     task: dict
     repeated: bool = False
     rejected: str | None = None  # why the receipt was refused (the attempt then failed receipt_invalid)
+    pending: bool = False  # stored, to be validated when Forgejo answers (HTTP 202, CLI exit 0)
 
     def raise_if_rejected(self) -> CompletionResult:
         """``ValidationFailed`` for a refused receipt (call it after the transaction committed)."""
@@ -257,21 +259,28 @@ def hand_in_receipt(
     agent_id: str | None = None,
     attempt: int | None = None,
     now: float | None = None,
+    verdict: Verdict | None = None,
 ) -> CompletionResult:
     """Hand in a receipt for the current attempt (SPEC §7.4); never raises for a refused receipt.
 
-    Success naming a pull request → awaiting_review (the pull request is followed to its merge); on a task
-    with no repository there is no issue and no pull request to follow, so such a receipt completes the task
-    and the pull request is kept as its record. Success without one → completed (or, when the completion
-    policy requires one, the attempt fails ``receipt_invalid``); failure → the attempt fails ``agent_error``.
-    A repeat of an already accepted identical receipt returns the stored result and records nothing; any
-    other late write raises ``LeaseLost``. A refused receipt fails the attempt (``receipt_invalid``) and
-    comes back as ``result.rejected``: committing that failure and telling the caller are separate steps,
-    so that a batch of writes (the server) commits it before answering 422.
+    ``verdict`` is Forgejo's answer about the pull requests the receipt names, computed beforehand by
+    ``services.receipts.prepare_receipt`` (never inside this transaction: no network call under the write
+    lock); None means only the checks on the receipt's face are made.
+
+    Success naming a pull request → awaiting_review (the pull request is followed to its merge), or completed
+    when Forgejo says it is already merged; on a task with no repository there is no issue and no pull
+    request to follow, so such a receipt completes the task and the pull request is kept as its record.
+    Success without one → completed (or, when the completion policy requires one, the attempt fails
+    ``receipt_invalid``); failure → the attempt fails ``agent_error``. A verdict that Forgejo could not be
+    reached stores the receipt as pending (``task.receipt_pending``; the attempt keeps its state and lease)
+    and comes back as ``result.pending``. A repeat of an already accepted (or still pending) identical
+    receipt returns the stored result and records nothing; any other late write raises ``LeaseLost``. A
+    refused receipt fails the attempt (``receipt_invalid``) and comes back as ``result.rejected``:
+    committing that failure and telling the caller are separate steps, so that a batch of writes (the
+    server) commits it before answering 422.
     """
     from fleetctl.receipts import parse_receipt
 
-    orch = cfg.orchestrator
     receipt = parse_receipt(receipt_doc)
     ts = now_or(now)
     with store.write():
@@ -279,27 +288,45 @@ def hand_in_receipt(
         n = attempt if attempt is not None else task["attempt"]
         prior = store.attempt(task_id, n) if isinstance(n, int) and n > 0 else None
         if prior is not None and prior["receipt"] == receipt.to_json() and agent_id in (None, prior["agent_id"]):
-            return CompletionResult(task, repeated=True)
+            pending = bool(prior["receipt_pending"]) and prior["ended_at"] is None
+            # a pending receipt is applied once Forgejo answers; until then a repeat records nothing
+            if not pending or verdict is None or verdict.unreachable:
+                return CompletionResult(task, repeated=True, pending=pending)
         task = _fenced(store, task_id, agent_id, attempt)  # not ``n``: a never-claimed task has attempt 0
-        if receipt.outcome == "failure":
-            result = fail_attempt(store, orch, task_id, FailureReason.AGENT_ERROR, receipt.summary or "failure receipt",
-                                  receipt=receipt.to_json(), now=ts)  # fmt: skip
-            return CompletionResult(result)
-        problem = _receipt_problem(task, receipt, requires_pull_request(cfg, task))
-        if problem:
-            rejected = fail_attempt(store, orch, task_id, FailureReason.RECEIPT_INVALID, problem,
-                                    receipt=receipt.to_json(), now=ts)  # fmt: skip
-            return CompletionResult(rejected, rejected=problem)
-        prs = receipt.pull_requests()
-        data: dict[str, Any] = {"receipt": receipt.to_json()}
-        if prs:
-            pr = dict(prs[0])
-            if task["repo"]:
-                pr.setdefault("repo", task["repo"])
-            data["pull_request"] = pr
-        if prs and task["repo"]:
-            return CompletionResult(transition(store, task, Transition.AWAITING_REVIEW, ts, data=data))
-        return CompletionResult(transition(store, task, Transition.COMPLETED, ts, data=data))
+        return _apply_receipt(store, cfg, task, receipt, verdict, ts)
+
+
+def _apply_receipt(store: Store, cfg: Config, task: dict, receipt: Receipt, verdict: Verdict | None,
+                   ts: float) -> CompletionResult:  # fmt: skip
+    """The one write of a receipt for the fenced ``task`` (inside the caller's transaction)."""
+    orch, task_id = cfg.orchestrator, task["task_id"]
+    if receipt.outcome == "failure":
+        result = fail_attempt(store, orch, task_id, FailureReason.AGENT_ERROR, receipt.summary or "failure receipt",
+                              receipt=receipt.to_json(), now=ts)  # fmt: skip
+        return CompletionResult(result)
+    problem = _receipt_problem(task, receipt, requires_pull_request(cfg, task))
+    if problem is None and verdict is not None and verdict.unreachable:
+        store.emit("task.receipt_pending", ts=ts, task_id=task_id, data={"receipt": receipt.to_json()})
+        return CompletionResult(store.task(task_id), pending=True)
+    if problem is None and verdict is not None and not verdict.ok:
+        problem = verdict.reason
+    if problem:
+        rejected = fail_attempt(store, orch, task_id, FailureReason.RECEIPT_INVALID, problem,
+                                receipt=receipt.to_json(), now=ts)  # fmt: skip
+        return CompletionResult(rejected, rejected=problem)
+    prs = receipt.pull_requests()
+    data: dict[str, Any] = {"receipt": receipt.to_json()}
+    if verdict is not None and verdict.pull_request is not None:
+        data["pull_request"] = verdict.pull_request
+    elif prs:
+        pr = dict(prs[0])
+        if task["repo"]:
+            pr.setdefault("repo", task["repo"])
+        data["pull_request"] = pr
+    merged = bool(data.get("pull_request", {}).get("merged"))  # nothing left to review
+    if prs and task["repo"] and not merged:
+        return CompletionResult(transition(store, task, Transition.AWAITING_REVIEW, ts, data=data))
+    return CompletionResult(transition(store, task, Transition.COMPLETED, ts, data=data))
 
 
 def _receipt_problem(task: dict, receipt: Receipt, require_pull_request: bool) -> str | None:
@@ -315,10 +342,13 @@ def _receipt_problem(task: dict, receipt: Receipt, require_pull_request: bool) -
 
 def settle_run(store: Store, orch: OrchestratorConfig, task_id: str, attempt: int, exit_code: int | None,
                detail: str = "", *, now: float | None = None) -> dict | None:  # fmt: skip
-    """A run ended. If its attempt is still open (no receipt came), fail it by exit status; else no-op."""
+    """A run ended. If its attempt is still open (no receipt came), fail it by exit status; else no-op.
+
+    An attempt whose receipt is pending (Forgejo could not be asked) is not settled: it did hand one in.
+    """
     with store.write():
         task = get_task(store, task_id)
-        if task["attempt"] != attempt or task["state"] not in ACTIVE:
+        if task["attempt"] != attempt or task["state"] not in ACTIVE or _receipt_pending(store, task):
             return None
         if exit_code in (126, 127):  # the shell's "not executable" / "command not found": it never ran
             reason, why = FailureReason.LAUNCH_FAILED, f"the agent command could not be started (exit {exit_code})"
@@ -334,9 +364,19 @@ def settle_run(store: Store, orch: OrchestratorConfig, task_id: str, attempt: in
 
 def expire_or_time_out(store: Store, orch: OrchestratorConfig, task: dict, reason: FailureReason, detail: str,
                        *, now: float | None = None) -> dict | None:  # fmt: skip
-    """Fail the current attempt of ``task`` (as read by a sweep) unless it moved on meanwhile."""
+    """Fail the current attempt of ``task`` (as read by a sweep) unless it moved on meanwhile, or its receipt
+    is pending (it waits for Forgejo, not for the agent: its lease does not expire)."""
     try:
-        return fail_attempt(store, orch, task["task_id"], reason, detail, attempt=task["attempt"],
-                            agent_id=task["agent_id"], now=now, states=ACTIVE)  # fmt: skip
+        with store.write():
+            if _receipt_pending(store, task):
+                return None
+            return fail_attempt(store, orch, task["task_id"], reason, detail, attempt=task["attempt"],
+                                agent_id=task["agent_id"], now=now, states=ACTIVE)  # fmt: skip
     except LeaseLost:
         return None
+
+
+def _receipt_pending(store: Store, task: dict) -> bool:
+    """Whether the current attempt of ``task`` handed in a receipt that waits for Forgejo."""
+    row = store.attempt(task["task_id"], task["attempt"]) if task.get("attempt") else None
+    return bool(row and row["receipt_pending"] and row["ended_at"] is None)
