@@ -408,3 +408,23 @@ def config_of(orch, **forgejo) -> Any:
 
     return Config(server=ServerConfig(), forgejo=ForgejoConfig(**forgejo), orchestrator=orch, hosts=(),
                   agent_types={}, matrix=MatrixConfig())  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------
+# A fake Forgejo (tests/fakes/forgejo.py; tests/test_forgejo_client.py)
+
+
+@pytest.fixture
+def forgejo():
+    """A started ``FakeForgejo`` with the repository ``acme/widgets`` (branch ``main``); stopped at teardown.
+
+    Its bot user ``fleet-bot`` has the token ``forgejo.bot_token``; ``alice`` is the human who files issues.
+    """
+    from fakes.forgejo import FakeForgejo
+
+    fake = FakeForgejo().start()
+    fake.add_repo("acme/widgets", default_branch="main")
+    try:
+        yield fake
+    finally:
+        fake.stop()
