@@ -83,10 +83,10 @@ def comment_body(event: dict, task: dict, forgejo_url: str) -> str | None:
     if kind == "task.assigned":
         return f"**fleetctl**: assigned to agent `{_code(event.get('agent_id'))}` (attempt {attempt})."
     if kind == "task.requeued" and data.get("reason") and data["reason"] not in _NOT_ATTENTION:
-        return (f"**fleetctl** needs attention: attempt {attempt} failed ({_code(data['reason'])})"
+        return (f"**fleetctl**: needs attention: attempt {attempt} failed (`{_code(data['reason'])}`)"
                 f"{_detail(data)}; retrying after backoff.")  # fmt: skip
     if kind == "task.failed":
-        return f"**fleetctl**: the task failed on attempt {attempt} ({_code(data.get('reason'))}){_detail(data)}."
+        return f"**fleetctl**: the task failed on attempt {attempt} (`{_code(data.get('reason'))}`){_detail(data)}."
     if kind == "task.awaiting_review":
         return (f"**fleetctl**: attempt {attempt} opened {_pr_link(data.get('pull_request'), task, forgejo_url)}; "
                 "waiting for review and merge.")  # fmt: skip
