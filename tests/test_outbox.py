@@ -350,6 +350,20 @@ def test_a_row_dies_after_max_tries(store, orch, cfg, forgejo):
     assert row["tries"] == MAX_TRIES - 1 and "503" in row["last_error"]
 
 
+def test_re_deriving_after_a_crash_adds_nothing(store, orch, cfg, forgejo, agent):
+    """A flush that died after inserting rows but before (say) a later batch: the same events give the same rows."""
+    from fleetctl.outbox import derive
+
+    n = new_task(store, orch, forgejo)
+    claim(store, cfg, agent)
+    assert derive(store, cfg.forgejo) == 3
+    flush(store, cfg)
+    store.set_meta("outbox_cursor", "0")  # as if the cursor had never moved
+    assert derive(store, cfg.forgejo, batch=2) == 0
+    assert flush(store, cfg).sent == 0 and len(bodies(forgejo, n)) == 1
+    assert store.outbox_cursor() == store.max_event_id()
+
+
 def test_without_forgejo_the_cursor_moves_and_nothing_is_queued(store, orch, forgejo):
     new_task(store, orch, forgejo)
     report = flush(store, config_of(orch))
