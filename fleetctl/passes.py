@@ -111,10 +111,11 @@ class DispatchReport:
     failed: list[dict] = field(default_factory=list)
     lost_races: int = 0
     queued_ready: int = 0
+    outbox: dict | None = None
 
     def to_json(self) -> dict:
         return {"skipped": self.skipped, "planned": self.planned, "launched": self.launched, "failed": self.failed,
-                "lost_races": self.lost_races, "queued_ready": self.queued_ready}  # fmt: skip
+                "lost_races": self.lost_races, "queued_ready": self.queued_ready, "outbox": self.outbox}  # fmt: skip
 
 
 @_closing_executors
@@ -166,7 +167,25 @@ def dispatch(
             log("task.assigned", task=task_id, agent=agent_id, attempt=claim.attempt, host=host.host_id)
             outcome = launch(store, cfg, host, spec.agent_type, claim, executor_for(host), now)
             (report.launched if outcome.get("ok") else report.failed).append(outcome)
+    if not dry_run:  # after the pass lock: a slow Forgejo never holds up the next dispatch
+        report.outbox = flush_outbox(store, cfg, now)
     return report
+
+
+def flush_outbox(store: Store, cfg: Config, now: Callable[[], float] = time.time) -> dict:
+    """Flush the outbox at the end of a pass (``fleetctl.outbox.flush``); its report as JSON.
+
+    A failure to flush (the store busy, a bug) is logged and reported, never the pass's failure: the
+    rows wait in the outbox for the next pass.
+    """
+    from fleetctl.outbox import flush  # a pass with nothing to flush should not pay for more imports
+
+    try:
+        return flush(store, cfg, now=now).to_json()
+    except Exception as exc:
+        error = exc.message if isinstance(exc, FleetError) else f"{type(exc).__name__}: {exc}"
+        log("outbox.flush_failed", error=error)
+        return {"error": error}
 
 
 def plan_dispatch(
@@ -254,13 +273,15 @@ class SweepReport:
     skipped: str | None = None
     actions: list[dict] = field(default_factory=list)
     backoff_released: int = 0
+    outbox: dict | None = None
 
     def add(self, action: str, **fields: object) -> None:
         self.actions.append({"action": action, **fields})
         log(action, **fields)
 
     def to_json(self) -> dict:
-        return {"skipped": self.skipped, "actions": self.actions, "backoff_released": self.backoff_released}
+        return {"skipped": self.skipped, "actions": self.actions, "backoff_released": self.backoff_released,
+                "outbox": self.outbox}  # fmt: skip
 
 
 @_closing_executors
@@ -295,6 +316,7 @@ def sweep(
             link.close()
         _stop_cancelled_runs(store, cfg, report, hosts, executors, executor_for, now())
         report.backoff_released = store.count_backoff_released(now())
+    report.outbox = flush_outbox(store, cfg, now)
     return report
 
 

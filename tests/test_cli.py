@@ -192,7 +192,9 @@ def test_data_on_stdout_messages_on_stderr(cli):
     check = cli("db", "check")
     assert check.stdout.startswith("ok: ") and check.stderr == ""
     sweep = json.loads(cli("sweep-timeouts", "--json").stdout)
+    outbox = sweep.pop("outbox")
     assert sweep == {"skipped": None, "actions": [], "backoff_released": 0}
+    assert outbox["skipped"] is None and outbox["sent"] == outbox["enqueued"] == 0
 
 
 def _run_in_terminal(args: list[str], env: dict[str, str]) -> bytes:

@@ -29,6 +29,7 @@ CORE = (
     "config",
     "durations",
     "jsondoc",
+    "effects",
 )
 #: What the core must not import (network, processes, databases, terminals).
 IO_LIBRARIES = frozenset({

@@ -259,9 +259,8 @@ def test_a_local_run_that_ended_without_a_receipt_gets_its_pull_request_by_branc
 
 
 def _served(make_server, forgejo):
-    server = make_server(lease_secs=30)
-    with open(server.config_path, "a") as fh:
-        fh.write(f'[forgejo]\nurl = "{forgejo.url}"\ntoken = "{forgejo.bot_token}"\n')
+    server = make_server(lease_secs=30, forgejo={"url": forgejo.url, "token": forgejo.bot_token,
+                                                 "webhook_secret": "test-secret"})  # fmt: skip
     return server.start()
 
 

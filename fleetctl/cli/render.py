@@ -206,3 +206,33 @@ def render_agents(items: Sequence[dict]) -> None:
           a["capabilities"], a.get("host_id"), ago(a.get("last_heartbeat_at"), now)] for a in items),
         _cell_style,
     )  # fmt: skip
+
+
+OUTBOX_STYLE = {"pending": "yellow", "done": "green", "superseded": "dim", "dead": "red"}
+MAX_ERROR_CELL = 80
+"""``outbox list`` cuts a last error to this many characters even when piped (the whole one is in --json)."""
+
+
+def render_outbox(doc: dict) -> None:
+    """``outbox list``: rows newest first, then the count of every state."""
+    now = time.time()
+
+    def style(column: str, value: str) -> str | None:
+        return OUTBOX_STYLE.get(value) if column == "STATE" else None
+
+    def next_try(row: dict) -> str:
+        return ago(row["next_try_at"], now) if row["state"] == "pending" else ""
+
+    def error(row: dict) -> str:
+        text = " ".join((row.get("last_error") or "").split())
+        return text if len(text) <= MAX_ERROR_CELL else text[: MAX_ERROR_CELL - 1] + "…"
+
+    print_table(
+        None,
+        [Col("ID", "id"), Col("STATE"), Col("KIND"), Col("ISSUE", "id"), Col("TASK", "id", drop=3),
+         Col("TRIES", drop=2), Col("NEXT TRY", drop=1), Col("LAST ERROR", "text", min=16)],
+        ([r["id"], r["state"], r["kind"], f"{r['repo']}#{r['issue_number']}", r["task_id"], r["tries"], next_try(r),
+          error(r)] for r in doc["items"]),
+        style,
+    )  # fmt: skip
+    print(", ".join(f"{state} {n}" for state, n in doc["counts"].items()))
