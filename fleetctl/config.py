@@ -107,6 +107,12 @@ class ForgejoConfig:
     bot_login: str | None = None
     timeout_secs: float = 10.0
 
+    @property
+    def api_ready(self) -> bool:
+        """Whether Forgejo's API can be used from this process: a URL and a token (systemd gives the token to
+        the units that need it; elsewhere receipts wait as pending and the outbox waits)."""
+        return bool(self.url and self.token)
+
 
 @dataclass(frozen=True)
 class OrchestratorConfig:

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from fleetctl import effects
-from fleetctl.errors import RemoteError
+from fleetctl.errors import ConfigError, RemoteError
 from fleetctl.log import log
 
 if TYPE_CHECKING:
@@ -109,13 +109,13 @@ def _perform_due(store: Store, forgejo: ForgejoConfig, report: FlushReport, clie
     rows = store.outbox_due(now(), limit)
     if not rows:
         return
-    if client is None and not forgejo.url:
-        report.deferred = len(rows)  # Forgejo was configured when they were derived; keep them for when it is again
+    if client is None and not forgejo.api_ready:
+        report.deferred = len(rows)  # no Forgejo (or no token in this process): keep them for a pass that has one
         return
     own = client is None
     try:
         client = client or _client(forgejo)
-    except RemoteError as exc:  # a bad URL: the configuration's problem, not the rows'
+    except (RemoteError, ConfigError) as exc:  # a bad URL: the configuration's problem, not the rows'
         report.error, report.deferred = exc.message, len(rows)
         log("outbox.error", error=exc.message)
         return
@@ -130,11 +130,10 @@ def _perform_due(store: Store, forgejo: ForgejoConfig, report: FlushReport, clie
 
 
 def _client(forgejo: ForgejoConfig) -> ForgejoClient:
-    from fleetctl.forgejo.client import ForgejoClient
+    from fleetctl.forgejo.client import client_for
 
     # few and short in-client retries: the outbox has its own backoff, and a pass must stay short
-    return ForgejoClient(forgejo.url or "", forgejo.token, timeout=forgejo.timeout_secs, retries=1, backoff=0.5,
-                         max_backoff=5.0)  # fmt: skip
+    return client_for(forgejo, retries=1, backoff=0.5, max_backoff=5.0)
 
 
 def _perform_row(store: Store, client: ForgejoClient, row: dict, report: FlushReport,

@@ -50,14 +50,9 @@ class SyncReport:
 
 def open_client(cfg: Config) -> Any:
     """A ``ForgejoClient`` for the configured Forgejo; ``ConfigError`` when there is no URL or token."""
-    if not cfg.forgejo.url:
-        raise ConfigError("no Forgejo configured: set forgejo.url (and forgejo.token)", code="forgejo_not_configured")
-    if not cfg.forgejo.token:
-        raise ConfigError("forgejo.token is not set (token, token_file or FLEET_FORGEJO_TOKEN)",
-                          code="forgejo_not_configured")  # fmt: skip
-    from fleetctl.forgejo.client import ForgejoClient
+    from fleetctl.forgejo.client import client_for
 
-    return ForgejoClient(cfg.forgejo.url, cfg.forgejo.token, timeout=cfg.forgejo.timeout_secs)
+    return client_for(cfg.forgejo)
 
 
 def sync(store: Store, cfg: Config, *, client: Any = None, repos: list[str] | None = None,

@@ -35,10 +35,13 @@ import email.utils
 import json
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from fleetctl.errors import RemoteError
+
+if TYPE_CHECKING:
+    from fleetctl.config import ForgejoConfig
 
 ROUTES: dict[str, tuple[str, str]] = {
     "whoami": ("GET", "/user"),
@@ -390,3 +393,15 @@ def _expect_list(doc: Any, op: str) -> list[dict]:
     if not isinstance(doc, list) or not all(isinstance(item, dict) for item in doc):
         raise ForgejoError(f"Forgejo's answer to {op} is not a JSON list of objects")
     return doc
+
+
+def client_for(forgejo: ForgejoConfig, **options: Any) -> ForgejoClient:
+    """The client of the configured Forgejo (``url``, ``token``, ``timeout_secs``; ``options`` override the
+    client's retry settings). ``ConfigError`` when the URL or the token is not set."""
+    from fleetctl.errors import ConfigError
+
+    if not forgejo.api_ready:
+        missing = "forgejo.url" if not forgejo.url else "forgejo.token (token, token_file or FLEET_FORGEJO_TOKEN)"
+        raise ConfigError(f"Forgejo's API cannot be used: {missing} is not set", code="forgejo_not_configured")
+    options.setdefault("connect_timeout", min(5.0, forgejo.timeout_secs))
+    return ForgejoClient(forgejo.url, forgejo.token, timeout=forgejo.timeout_secs, **options)

@@ -147,11 +147,10 @@ def validate(task: dict, receipt: Receipt, cfg: Config, client: ForgejoClient | 
 
 
 def make_client(cfg: Config) -> ForgejoClient:
-    """A Forgejo client from the configuration (``forgejo.url``, ``forgejo.token``, ``forgejo.timeout_secs``)."""
-    from fleetctl.forgejo.client import ForgejoClient
+    """A Forgejo client from the configuration (``forgejo.client_for``)."""
+    from fleetctl.forgejo.client import client_for
 
-    return ForgejoClient(cfg.forgejo.url, cfg.forgejo.token, timeout=cfg.forgejo.timeout_secs,
-                         connect_timeout=min(5.0, cfg.forgejo.timeout_secs))  # fmt: skip
+    return client_for(cfg.forgejo)
 
 
 def _asks_forgejo(store: Store, cfg: Config, task: dict, receipt: Receipt, attempt: int | None) -> bool:
@@ -177,6 +176,8 @@ def prepare_receipt(store: Store, cfg: Config, task_id: str, doc: Any, *, attemp
         needed = _asks_forgejo(store, cfg, task, receipt, attempt)
     if not needed:
         return receipt, None
+    if client is None and not cfg.forgejo.api_ready:  # e.g. a local run without the token: a pass with it decides
+        return receipt, Verdict.down("this process has no forgejo.token to check the pull request with")
     own = client is None
     client = client or make_client(cfg)
     try:
@@ -231,7 +232,7 @@ def validate_pending(store: Store, cfg: Config, client: ForgejoClient | ForgejoL
     the same write as a fresh receipt: accepted → awaiting_review/completed, refused → ``receipt_invalid``.
     Forgejo still unreachable → they stay pending (logged once, never an error). What was decided, per receipt."""
     rows = store.pending_receipts()
-    if not rows or not cfg.forgejo.url:
+    if not rows or (client is None and not cfg.forgejo.api_ready):
         return []
     link = _link(cfg, client)
     done = []
@@ -298,7 +299,8 @@ def settle_ended_run(store: Store, cfg: Config, task_id: str, attempt: int, exit
 
     task = store.task(task_id)
     open_attempt = task is not None and task["attempt"] == attempt and task["state"] in ACTIVE
-    if open_attempt and checks_forgejo(cfg, task) and not _receipt_pending(store, task):
+    usable = link is not None or cfg.forgejo.api_ready  # without a token: settled as before, no lookup
+    if open_attempt and usable and checks_forgejo(cfg, task) and not _receipt_pending(store, task):
         own, found = link is None, None
         link = link or ForgejoLink(cfg)
         try:
