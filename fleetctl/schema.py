@@ -155,6 +155,10 @@ _M003 = (
     # 1 while the attempt's receipt waits for Forgejo to be reachable (its lease does not expire meanwhile)
     "ALTER TABLE attempts ADD COLUMN receipt_pending INTEGER",
     "CREATE INDEX attempts_receipt_pending ON attempts(task_id) WHERE receipt_pending IS NOT NULL",
+    # an issue's tasks (the mapping asks for the active one and the last one on every delivery and sync)
+    "CREATE INDEX tasks_issue ON tasks(repo, issue_number, seq) WHERE repo IS NOT NULL",
+    # an upgraded database starts its outbox at its newest event: past events are not announced now
+    "INSERT INTO meta (key, value) SELECT 'outbox_cursor', coalesce(max(id), 0) FROM events",
 )
 
 
