@@ -600,7 +600,7 @@ def verify(db: Path, load: Load, served_200: int, accepted_metric: int) -> dict:
     created = q("SELECT count(*) FROM events WHERE type='task.created'")
     deliveries = q("SELECT count(*) FROM deliveries")
     accepted = q(
-        "SELECT count(*) FROM deliveries WHERE verdict='accepted' AND body IS NOT NULL AND task_id IS NOT NULL"
+        "SELECT count(*) FROM deliveries WHERE verdict='accepted' AND body_zlib IS NOT NULL AND task_id IS NOT NULL"
     )
     distinct_tasks = q("SELECT count(DISTINCT task_id) FROM deliveries WHERE verdict='accepted'")
     matched = q("SELECT count(*) FROM deliveries d JOIN tasks t ON t.task_id = d.task_id AND t.repo = d.repo "

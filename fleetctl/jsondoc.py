@@ -8,8 +8,11 @@ NaN or Infinity, an object at the top. A document refused on one path is refused
 from __future__ import annotations
 
 import json
+import re
 
 from fleetctl.errors import UsageError
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _int64(text: str) -> int:
@@ -44,7 +47,8 @@ def parse_json_object(raw: bytes, what: str = "the body") -> dict:
     except (ValueError, RecursionError) as exc:
         raise UsageError(f"{what} is not valid JSON: {exc}", code="invalid_json") from None
     try:
-        json.dumps(doc, ensure_ascii=False).encode()  # "\ud800" parses, but is not text: refuse it
+        if _SURROGATE_ESCAPE.search(text):  # strict UTF-8 has none raw: only an escape can make one
+            json.dumps(doc, ensure_ascii=False).encode()  # "\ud800" parses, but is not text: refuse it
     except UnicodeEncodeError:
         raise UsageError(f"{what} is not valid JSON text: it escapes a lone surrogate (\\ud800-\\udfff)",
                          code="invalid_json") from None  # fmt: skip

@@ -23,6 +23,7 @@ _secrets: set[str] = set()
 SECRET_FIELD_WORDS = ("token", "secret", "password", "authorization", "credential")
 """A field whose name contains one of these is never written, whatever its value."""
 
+_QUOTE = str.maketrans({'"': '\\"', "\\": "\\\\"})
 MAX_VALUE = 2000
 """Longer values are cut (with a note of how much was left out): one action, one readable line."""
 
@@ -61,6 +62,8 @@ def escape(text: str) -> str:
         text = text[:MAX_VALUE] + f"…(+{len(text) - MAX_VALUE} chars)"
     if text and not any(c in text for c in " \"'=\\") and text.isprintable():
         return text
+    if text.isprintable():  # the common case (a sentence): only quotes and backslashes need escaping
+        return '"' + text.translate(_QUOTE) + '"'
     out = []
     for c in text:
         if c in '"\\':

@@ -112,7 +112,8 @@ def m003_forgejo(db) -> None:
 
 
 _M003 = (
-    # One row per received delivery (a log, not a projection): what came in and what was decided.
+    # One row per received delivery (a log, not a projection): what came in and what was decided; an accepted
+    # one keeps its raw body, zlib-compressed (a third of the size: fewer pages for every commit to write).
     """CREATE TABLE deliveries (
         delivery_id TEXT PRIMARY KEY,
         received_at REAL NOT NULL,
@@ -127,9 +128,8 @@ _M003 = (
         detail TEXT NOT NULL DEFAULT '',
         task_id TEXT,
         semantic_key TEXT,
-        body BLOB
+        body_zlib BLOB
     )""",
-    "CREATE INDEX deliveries_received ON deliveries(received_at)",
     "CREATE INDEX deliveries_semantic ON deliveries(semantic_key) WHERE semantic_key IS NOT NULL",
     # Side effects derived from the event log by a cursor (meta 'outbox_cursor'), performed by the passes.
     """CREATE TABLE outbox (

@@ -13,6 +13,7 @@ complete``) use the stdlib connection directly, which keeps their start-up insid
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -51,7 +52,7 @@ BUSY_TIMEOUT_MS = 5000
 OUTBOX_CURSOR = "outbox_cursor"
 _DELIVERY_COLUMNS = (
     "delivery_id", "received_at", "source", "event", "event_type", "action", "repo", "number", "sender",
-    "verdict", "detail", "task_id", "semantic_key", "body",
+    "verdict", "detail", "task_id", "semantic_key", "body_zlib",
 )  # fmt: skip
 
 
@@ -120,6 +121,14 @@ def _multi_insert(table: str, columns: Sequence[str], n: int, returning: str = "
     row = "(" + ", ".join("?" for _ in columns) + ")"
     sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES " + ", ".join(row for _ in range(n))
     return sql + (f" RETURNING {returning}" if returning else "")
+
+
+@functools.lru_cache(maxsize=8)
+def _upsert_sql(table: str, columns: tuple[str, ...], pk: tuple[str, ...]) -> str:
+    """``INSERT … ON CONFLICT DO UPDATE`` of a projection row (built once per table: every write uses it)."""
+    updates = ", ".join(f"{c}=excluded.{c}" for c in columns if c not in pk)
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
+            f"ON CONFLICT({', '.join(pk)}) DO UPDATE SET {updates}")  # fmt: skip
 
 
 def _encode(col: str, value: Any) -> Any:
@@ -424,13 +433,7 @@ class Store:
         for key, row in after.items():
             if before.get(key) == row:
                 continue
-            cols = ", ".join(columns)
-            marks = ", ".join("?" for _ in columns)
-            updates = ", ".join(f"{c}=excluded.{c}" for c in columns if c not in pk)
-            self.execute(
-                f"INSERT INTO {table} ({cols}) VALUES ({marks}) ON CONFLICT({', '.join(pk)}) DO UPDATE SET {updates}",
-                [_encode(c, row.get(c)) for c in columns],
-            )
+            self.execute(_upsert_sql(table, columns, pk), [_encode(c, row.get(c)) for c in columns])
 
     def _row(self, table: str, pk: str, value: str) -> dict | None:
         return self._one(f"SELECT * FROM {table} WHERE {pk}=?", (value,))
@@ -723,7 +726,7 @@ class Store:
     # ------------------------------------------------------------------ webhook deliveries
 
     def delivery(self, delivery_id: str) -> dict | None:
-        """One recorded delivery (with its raw ``body`` when it was kept), or None."""
+        """One recorded delivery (with its compressed raw body ``body_zlib`` when it was kept), or None."""
         return self._one("SELECT * FROM deliveries WHERE delivery_id=?", (delivery_id,))
 
     def record_delivery(self, row: dict[str, Any]) -> bool:
@@ -743,13 +746,12 @@ class Store:
         ).fetchone()
         return row[0] if row else None
 
-    def deliveries(self, *, verdict: str | None = None, before: float | None = None, limit: int = 50) -> list[dict]:
-        """Recorded deliveries, newest first (without their bodies)."""
-        where, params = _where(("verdict = ?", [verdict]) if verdict else None,
-                               ("received_at < ?", [before]) if before is not None else None)  # fmt: skip
-        cols = ", ".join(c for c in _DELIVERY_COLUMNS if c != "body")
-        return self._all(f"SELECT {cols} FROM deliveries{where} ORDER BY received_at DESC, rowid DESC "
-                         f"LIMIT {int(limit)}", params)  # fmt: skip
+    def deliveries(self, *, verdict: str | None = None, limit: int = 50) -> list[dict]:
+        """Recorded deliveries, newest first (in the order they were recorded: no index on the time to keep up
+        on every delivery), without their bodies."""
+        where, params = _where(("verdict = ?", [verdict]) if verdict else None)
+        cols = ", ".join(c for c in _DELIVERY_COLUMNS if c != "body_zlib")
+        return self._all(f"SELECT {cols} FROM deliveries{where} ORDER BY rowid DESC LIMIT {int(limit)}", params)
 
     # ------------------------------------------------------------------ outbox
 

@@ -8,6 +8,7 @@ costs a few microseconds. The datagram carries nothing: a stray one only trigger
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import socket
@@ -15,8 +16,10 @@ import threading
 from pathlib import Path
 
 
+@functools.lru_cache(maxsize=16)
 def address(db_path: str | Path) -> bytes:
-    """The abstract socket address for a database file (independent of path length)."""
+    """The abstract socket address for a database file (independent of path length); remembered, since every
+    commit that can free work sends one (a ``realpath`` and a digest each time were measurable in serve)."""
     digest = hashlib.sha256(os.path.realpath(db_path).encode()).hexdigest()[:40]
     return b"\0fleetctl-wake-" + digest.encode()
 

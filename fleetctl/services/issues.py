@@ -16,8 +16,10 @@ A delivery whose signature fails is never recorded: unauthenticated input writes
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ from fleetctl.log import log
 from fleetctl.services._common import now_or
 from fleetctl.services.runs import fail_attempt
 from fleetctl.services.tasks import cancel_task, create_task, retry_task, transition
-from fleetctl.states import LEASED, FailureReason, Transition
+from fleetctl.states import LEASED, TERMINAL, FailureReason, Transition
 from fleetctl.store import Store
 
 LOGIN_KEY = "forgejo_login"
@@ -72,9 +74,13 @@ def apply_change(store: Store, cfg: Config, change: Change, *, now: float | None
 
 def _apply_issue(store: Store, cfg: Config, change: Change, ts: float) -> Applied:
     repo, number = change.repo, change.issue.number
-    active_id = store.active_task_for_issue(repo, number)
-    active = store.task(active_id) if active_id else None
-    last = active or store.last_task_for_issue(repo, number)
+    last = store.last_task_for_issue(repo, number)
+    if last is None or last["state"] not in TERMINAL:
+        active = last  # the newest task is the active one (one at most per issue), or there is none
+    else:  # an older task re-queued by an operator after a newer one ended
+        active_id = store.active_task_for_issue(repo, number)
+        active = store.task(active_id) if active_id else None
+    last = active or last
     if last is not None and last["state"] == "cancelled":
         last = {**last, "cancel_reason": store.cancel_reason(last["task_id"])}
     op = mapping.issue_op(change, active, last, prefix=cfg.orchestrator.requirement_prefix,
@@ -167,6 +173,11 @@ class Prepared:
     delivery: Delivery | None = None
     error: BadPayload | None = None
 
+    @functools.cached_property
+    def packed(self) -> bytes:
+        """The body as it is kept (zlib): compressed by ``prepare``, in the request's thread, not the writer's."""
+        return zlib.compress(self.body, 1)
+
 
 @dataclass(frozen=True)
 class IngestResult:
@@ -195,9 +206,11 @@ def prepare(cfg: Config, headers: Any, body: bytes, *, verified: bool = False) -
         verify(cfg.forgejo.webhook_secret or "", body, headers)
     delivery_id, event, event_type = read_headers(headers)
     try:
-        return Prepared(delivery_id, event, event_type, body, delivery=read_delivery(headers, body))
+        prepared = Prepared(delivery_id, event, event_type, body, delivery=read_delivery(headers, body))
     except BadPayload as exc:
         return Prepared(delivery_id, event, event_type, body, error=exc)
+    prepared.packed  # noqa: B018 - computed here, outside the single writer
+    return prepared
 
 
 def record(store: Store, cfg: Config, prepared: Prepared, *, source: str, now: float | None = None) -> IngestResult:
@@ -216,17 +229,17 @@ def record(store: Store, cfg: Config, prepared: Prepared, *, source: str, now: f
             return IngestResult(400, did, "rejected", prepared.error.message, error_code=prepared.error.code)
         change = prepared.delivery.change
         row.update(action=prepared.delivery.action, repo=change.repo, number=change.number, sender=change.sender)
-        result = _apply_once(store, cfg, change, did, ts)
-        key = change.semantic_key() if result.verdict == "accepted" else None
+        key = change.semantic_key()
+        result = _apply_once(store, cfg, change, key, did, ts)
         store.record_delivery({**row, "verdict": result.verdict, "detail": result.detail[:1000],
-                               "task_id": result.task_id, "semantic_key": key,
-                               "body": prepared.body if result.verdict == "accepted" else None})  # fmt: skip
+                               "task_id": result.task_id, "semantic_key": key if result.verdict == "accepted" else None,
+                               "body_zlib": prepared.packed if result.verdict == "accepted" else None})  # fmt: skip
     return result
 
 
-def _apply_once(store: Store, cfg: Config, change: Change, did: str, ts: float) -> IngestResult:
-    """``apply_change`` in a savepoint: a change the state machine refuses rolls back alone and is recorded."""
-    key = change.semantic_key()
+def _apply_once(store: Store, cfg: Config, change: Change, key: str | None, did: str, ts: float) -> IngestResult:
+    """``apply_change`` in a savepoint: a change the state machine refuses rolls back alone and is recorded.
+    ``key``: the change's semantic key (a copy of an accepted change is ignored)."""
     if key and not change.ignored:
         same = store.delivery_with_key(key)
         if same:
@@ -278,7 +291,7 @@ def get_delivery(store: Store, delivery_id: str) -> tuple[dict, bytes | None]:
     row = store.delivery(delivery_id)
     if row is None:
         raise NotFound(f"no delivery {delivery_id!r}", code="delivery_not_found")
-    return delivery_view(row), row["body"]
+    return delivery_view(row), (zlib.decompress(row["body_zlib"]) if row["body_zlib"] is not None else None)
 
 
 VERDICTS = ("accepted", "ignored", "rejected")
