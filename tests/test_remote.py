@@ -70,7 +70,9 @@ def same(local: subprocess.CompletedProcess, remote: subprocess.CompletedProcess
 @pytest.fixture
 def twins(make_server):
     server = make_server()
-    server.config_path.write_text(server.config_path.read_text() + '[forgejo]\nurl = "http://127.0.0.1:9"\nwebhook_secret = "w"\n')
+    server.config_path.write_text(
+        server.config_path.read_text() + '[forgejo]\nurl = "http://127.0.0.1:9"\nwebhook_secret = "w"\n'
+    )
     return Twins(server.start())
 
 

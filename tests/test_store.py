@@ -71,8 +71,16 @@ def fill(store: Store, orch, n: int = 3) -> list[str]:
 
 def test_fresh_database_has_exactly_the_expected_schema(store):
     tables = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables - {"sqlite_sequence"} == {"events", "tasks", "agents", "attempts", "deliveries", "outbox", "meta",
-                                            MIGRATIONS_TABLE}
+    assert tables - {"sqlite_sequence"} == {
+        "events",
+        "tasks",
+        "agents",
+        "attempts",
+        "deliveries",
+        "outbox",
+        "meta",
+        MIGRATIONS_TABLE,
+    }
     for table, expected in EXPECTED_COLUMNS.items():
         assert columns(store.conn, table) == expected, table
     # the reducer knows every stored column, so db check compares all of them

@@ -38,6 +38,7 @@ class WriteTimeout(StoreBusy):
 
     code = "write_timeout"
 
+
 #: How often the checkpointer thread copies the WAL back into the database file.
 CHECKPOINT_SECS = 0.2
 #: A WAL longer than this (in pages, 32 MB) is brought to a restart by the writer between two batches: a
