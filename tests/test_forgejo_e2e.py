@@ -57,8 +57,10 @@ def test_issue_to_merged_pull_request(make_server, forgejo):
         pr = forgejo.open_pull(REPO, f"fleet/{tid}", title="Retry the HTTP client", body=f"Closes #{n}",
                                user="fleet-bot")  # fmt: skip
         # 3. the receipt names the pull request: Forgejo confirms it → awaiting review
-        r = agent.post(f"/api/v1/tasks/{tid}/complete", json={"attempt": job["attempt"], "summary": "done",
-                                                               "artifacts": [{"kind": "pull_request", "number": pr}]})
+        r = agent.post(
+            f"/api/v1/tasks/{tid}/complete",
+            json={"attempt": job["attempt"], "summary": "done", "artifacts": [{"kind": "pull_request", "number": pr}]},
+        )
         assert r.status_code == 200, r.text
         assert r.json()["state"] == "awaiting_review" and r.json()["pull_request"]["number"] == pr
 

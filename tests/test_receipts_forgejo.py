@@ -308,3 +308,36 @@ def test_http_answers_202_pending_while_forgejo_is_down_then_a_sweep_validates(m
         passes.sweep(store, cfg)
         assert store.task(task_id)["state"] == "awaiting_review"
         assert store.check().ok
+
+
+# ---------------------------------------------------------------------------------------------- without the token
+
+
+def test_a_process_without_the_token_keeps_the_receipt_pending_for_a_pass_that_has_it(store, orch, task, forgejo):
+    """systemd gives the Forgejo token to the passes, not to local runs: their receipts wait, asking nothing."""
+    n = forgejo.open_pull(REPO, head="fleet/t1", title="Parser fix")
+    asked = len(forgejo.requests)
+    tokenless = config_of(orch, url=forgejo.url)
+    out = complete(store, tokenless, {**OK, "artifacts": [pr_artifact(n)]})
+    assert out["pending"] and store.task("t1")["state"] == "running" and len(forgejo.requests) == asked
+    assert services.validate_pending(store, tokenless) == []  # a pass without it leaves it pending too
+    done = services.validate_pending(store, config_of(orch, url=forgejo.url, token=forgejo.bot_token))
+    assert [d["state"] for d in done] == ["awaiting_review"]
+
+
+def test_a_run_ended_without_the_token_is_left_to_the_sweep_which_looks_the_pr_up(store, orch, task, forgejo):
+    n = forgejo.open_pull(REPO, head="fleet/t1", title="Parser fix")
+    tokenless = config_of(orch, url=forgejo.url)
+    assert services.settle_ended_run(store, tokenless, "t1", 1, 0) is None  # `task run-ended` in a local run
+    assert store.task("t1")["state"] == "running"
+    link = services.ForgejoLink(config_of(orch, url=forgejo.url, token=forgejo.bot_token))
+    try:
+        settled = services.settle_ended_run(store, link.cfg, "t1", 1, 0, link=link)
+    finally:
+        link.close()
+    assert settled["state"] == "awaiting_review" and settled["pull_request"]["number"] == n
+    # and a sweep with no token anywhere settles as before instead of waiting for ever
+    services.create_task(store, orch, title="Other", task_id="t2", repo=REPO, issue_number=n + 100)
+    assert store.claim(agent_id="a1", capabilities=(), max_concurrency=3, lease_secs=300, ts=300.0, task_id="t2")
+    link = services.ForgejoLink(tokenless)
+    assert services.settle_ended_run(store, tokenless, "t2", 1, 0, link=link)["failure_reason"] == "no_receipt"

@@ -299,8 +299,12 @@ def settle_ended_run(store: Store, cfg: Config, task_id: str, attempt: int, exit
 
     task = store.task(task_id)
     open_attempt = task is not None and task["attempt"] == attempt and task["state"] in ACTIVE
-    usable = link is not None or cfg.forgejo.api_ready  # without a token: settled as before, no lookup
-    if open_attempt and usable and checks_forgejo(cfg, task) and not _receipt_pending(store, task):
+    lookup = open_attempt and checks_forgejo(cfg, task) and not _receipt_pending(store, task)
+    if lookup and not cfg.forgejo.api_ready:
+        if link is None:  # the run's own report, in a process without the token: the sweep looks it up
+            return None
+        lookup = False  # a pass without the token: nobody could look, settle as before
+    if lookup:
         own, found = link is None, None
         link = link or ForgejoLink(cfg)
         try:
