@@ -106,6 +106,7 @@ class ForgejoConfig:
     status_labels: bool = False
     bot_login: str | None = None
     timeout_secs: float = 10.0
+    delivery_retention_secs: float = 30 * 86400
 
     @property
     def api_ready(self) -> bool:
@@ -409,6 +410,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "status_labels": _Key("bool"),
         "bot_login": _Key("optstr"),
         "timeout_secs": _SECS,
+        "delivery_retention_secs": _Key("secs", ge=0),
     },
     "orchestrator": {
         "db_path": _Key("path"),

@@ -316,8 +316,16 @@ def sweep(
             link.close()
         _stop_cancelled_runs(store, cfg, report, hosts, executors, executor_for, now())
         report.backoff_released = store.count_backoff_released(now())
+        _prune_deliveries(store, cfg, report, now())
     report.outbox = flush_outbox(store, cfg, now)
     return report
+
+
+def _prune_deliveries(store: Store, cfg: Config, report: SweepReport, t: float) -> None:
+    """Forget webhook deliveries past ``forgejo.delivery_retention_secs`` (a bounded batch per pass)."""
+    keep = cfg.forgejo.delivery_retention_secs
+    if keep and (removed := store.prune_deliveries(t - keep)):
+        report.add("deliveries.pruned", removed=removed, older_than_secs=round(keep))
 
 
 def _stop_cancelled_runs(store: Store, cfg: Config, report: SweepReport, hosts: dict[str, HostConfig],

@@ -753,6 +753,14 @@ class Store:
         cols = ", ".join(c for c in _DELIVERY_COLUMNS if c != "body_zlib")
         return self._all(f"SELECT {cols} FROM deliveries{where} ORDER BY rowid DESC LIMIT {int(limit)}", params)
 
+    def prune_deliveries(self, before: float, limit: int = 1000) -> int:
+        """Remove up to ``limit`` of the oldest deliveries received before ``before`` (oldest by rowid: they are
+        recorded in time order, and no index on the time is kept up for this); how many were removed."""
+        with self.write():
+            return self.execute(
+                "DELETE FROM deliveries WHERE rowid IN (SELECT rowid FROM (SELECT rowid, received_at FROM deliveries "
+                "ORDER BY rowid LIMIT ?) WHERE received_at < ?)", (int(limit), before)).rowcount  # fmt: skip
+
     # ------------------------------------------------------------------ outbox
 
     def outbox_cursor(self) -> int:

@@ -54,7 +54,7 @@ def forgejo_bytes(doc: dict) -> bytes:
 
 CONFIG = f"""
 [forgejo]
-url = "https://forgejo.example.com"
+url = "http://127.0.0.1:9"  # loopback, nothing listens: these tests never call Forgejo
 token = "forgejo-token"
 webhook_secret = "{SECRET}"
 [orchestrator]
@@ -529,3 +529,22 @@ def test_ingest_webhook_cli(tmp_path, cfg):
     assert r.returncode == 2 and json.loads(r.stdout)["error"]["code"] == "invalid_body"
     with Store.open(cfg.orchestrator.db_path) as store:
         assert len(store.tasks()) == 1 and store.check().ok
+
+
+def test_the_sweep_forgets_deliveries_past_their_retention(db, cfg):
+    from dataclasses import replace
+
+    from fleetctl import passes
+
+    send(db, cfg, "issues-opened-with-labels.json", delivery="old-1")
+    issues.ingest(db, cfg, headers_for("issue_comment-created.json", b"{}", delivery="old-2"), b"{}", now=1000.0)
+    issues.ingest(db, cfg, headers_for("issue_comment-created.json", b"{}", delivery="old-3"), b"{}", now=2000.0)
+    db.conn.execute("UPDATE deliveries SET received_at = 500.0 WHERE delivery_id = 'old-1'")
+    cfg = replace(cfg, forgejo=replace(cfg.forgejo, token=None, delivery_retention_secs=3600.0))
+    report = passes.sweep(db, cfg, now=lambda: 1500.0 + 3600)
+    assert [d["delivery_id"] for d in db.deliveries()] == ["old-3"]
+    assert {"action": "deliveries.pruned", "removed": 2, "older_than_secs": 3600} in report.actions
+    assert db.tasks() and db.check().ok  # deliveries are a log: forgetting them changes no task
+    keep_all = replace(cfg, forgejo=replace(cfg.forgejo, delivery_retention_secs=0))
+    passes.sweep(db, keep_all, now=lambda: 10**10)
+    assert len(db.deliveries()) == 1
