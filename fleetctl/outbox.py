@@ -124,9 +124,24 @@ def _perform_due(store: Store, forgejo: ForgejoConfig, report: FlushReport, clie
             if not _perform_row(store, client, row, report, now):
                 report.deferred += len(rows) - i - 1
                 break
+        if report.sent:  # Forgejo answers: now is the time to ask who fleetctl is, once
+            _learn_login(store, forgejo, client)
     finally:
         if own:
             client.close()
+
+
+def _learn_login(store: Store, forgejo: ForgejoConfig, client: ForgejoClient) -> None:
+    """Learn fleetctl's own login (``GET /user``, once: remembered in the store), so that the webhook route
+    recognises as its own the label changes Forgejo echoes back from this write-back."""
+    from fleetctl.services.issues import LOGIN_KEY, remember_login
+
+    if forgejo.bot_login or store.meta(LOGIN_KEY):
+        return
+    try:
+        remember_login(store, client.whoami().get("login"))
+    except RemoteError as exc:
+        log("forgejo.whoami_failed", error=exc.message)
 
 
 def _client(forgejo: ForgejoConfig) -> ForgejoClient:

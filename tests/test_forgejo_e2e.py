@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -101,6 +102,11 @@ def test_issue_to_merged_pull_request(make_server, forgejo):
                                                               "task.completed")]  # fmt: skip
     assert len(announced) == 3 and markers(forgejo, n) == announced
     assert "fleet/done" in forgejo.labels_of(REPO, n)
+    conn = sqlite3.connect(server.db_path)
+    try:  # the flush learned fleetctl's own login, for the webhook route to know its echoes
+        assert conn.execute("SELECT value FROM meta WHERE key='forgejo_login'").fetchone() == ("fleet-bot",)
+    finally:
+        conn.close()
     # fleetctl's own comments and labels came back as webhooks: they changed nothing
     assert json.loads(fleet(server, "task", "list", "--json").stdout)["items"][0]["state"] == "completed"
     assert fleet(server, "outbox", "list", "--state", "pending", "--json").stdout.count('"id"') == 0
