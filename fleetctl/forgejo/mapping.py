@@ -28,13 +28,13 @@ from typing import Any
 
 from fleetctl.forgejo.webhooks import Change, Issue, Pull
 from fleetctl.matching import parse_labels
+from fleetctl.states import TERMINAL
 
 MAX_TITLE, MAX_LABEL, MAX_LABELS = 1000, 200, 100  # a task's limits (services refuse more): an issue is cut to fit
 STATUS_LABEL_PREFIX = "fleet/"
 """fleetctl's own status labels (``fleet/queued`` …): never part of a task's labels."""
 BRANCH_PREFIX = "fleet/"
 _CLOSES = re.compile(r"\b(?:close[sd]?|fix(?:e[sd])?|resolve[sd]?)\s*:?\s+#(\d{1,9})\b", re.IGNORECASE)
-_TERMINAL = ("completed", "failed", "cancelled")
 SYNC = "sync"
 """The event type of the changes ``fleetctl sync`` reads from the API (an issue's or pull request's state now)."""
 CLOSED_REASON = "the issue was closed"
@@ -159,7 +159,7 @@ def pull_op(change: Change, task: dict) -> Op:
     pull = change.pull
     assert pull is not None
     tid = task["task_id"]
-    if task["state"] in _TERMINAL:
+    if task["state"] in TERMINAL:
         return Op("none", f"the task is {task['state']}", tid)
     link = pull.link(change.repo or task.get("repo") or "")
     own = _is_tasks_pull(pull, task)
