@@ -128,9 +128,13 @@ _M003 = (
         detail TEXT NOT NULL DEFAULT '',
         task_id TEXT,
         semantic_key TEXT,
+        item_updated REAL,
         body_zlib BLOB
     )""",
     "CREATE INDEX deliveries_semantic ON deliveries(semantic_key) WHERE semantic_key IS NOT NULL",
+    # the newest change applied to an issue or pull request (an older one arriving late is stale)
+    """CREATE INDEX deliveries_item ON deliveries(repo COLLATE NOCASE, number, item_updated)
+        WHERE verdict = 'accepted' AND item_updated IS NOT NULL""",
     # Side effects derived from the event log by a cursor (meta 'outbox_cursor'), performed by the passes.
     """CREATE TABLE outbox (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -156,7 +160,11 @@ _M003 = (
     "ALTER TABLE attempts ADD COLUMN receipt_pending INTEGER",
     "CREATE INDEX attempts_receipt_pending ON attempts(task_id) WHERE receipt_pending IS NOT NULL",
     # an issue's tasks (the mapping asks for the active one and the last one on every delivery and sync)
-    "CREATE INDEX tasks_issue ON tasks(repo, issue_number, seq) WHERE repo IS NOT NULL",
+    # Forgejo's owner/name are case-insensitive: an issue's tasks are found, and kept to one active, whatever the case
+    "CREATE INDEX tasks_issue ON tasks(repo COLLATE NOCASE, issue_number, seq) WHERE repo IS NOT NULL",
+    """CREATE UNIQUE INDEX tasks_one_active_per_issue_nocase ON tasks(repo COLLATE NOCASE, issue_number)
+        WHERE repo IS NOT NULL AND issue_number IS NOT NULL
+          AND state NOT IN ('completed', 'failed', 'cancelled')""",
     # an upgraded database starts its outbox at its newest event: past events are not announced now
     "INSERT INTO meta (key, value) SELECT 'outbox_cursor', coalesce(max(id), 0) FROM events",
 )

@@ -52,7 +52,7 @@ BUSY_TIMEOUT_MS = 5000
 OUTBOX_CURSOR = "outbox_cursor"
 _DELIVERY_COLUMNS = (
     "delivery_id", "received_at", "source", "event", "event_type", "action", "repo", "number", "sender",
-    "verdict", "detail", "task_id", "semantic_key", "body_zlib",
+    "verdict", "detail", "task_id", "semantic_key", "item_updated", "body_zlib",
 )  # fmt: skip
 
 
@@ -548,7 +548,7 @@ class Store:
         where, params = _where(
             (f"state IN ({', '.join('?' for _ in states)})", list(states)) if states else None,
             ("agent_id = ?", [agent_id]) if agent_id is not None else None,
-            ("repo = ?", [repo]) if repo is not None else None,
+            ("repo = ? COLLATE NOCASE", [repo]) if repo is not None else None,
             ("issue_number = ?", [issue_number]) if issue_number is not None else None,
             ("seq > ?", [after_seq]) if after_seq is not None else None,
         )
@@ -612,15 +612,16 @@ class Store:
     def active_task_for_issue(self, repo: str, issue_number: int, *, exclude: str | None = None) -> str | None:
         """The id of the task for ``repo#issue_number`` that is not terminal (other than ``exclude``), if any."""
         row = self.execute(
-            f"SELECT task_id FROM tasks WHERE repo=? AND issue_number=? AND state IN {_OPEN} AND task_id IS NOT ?",
+            f"SELECT task_id FROM tasks WHERE repo=? COLLATE NOCASE AND issue_number=? AND state IN {_OPEN} "
+            "AND task_id IS NOT ?",
             (repo, issue_number, exclude),
         ).fetchone()
         return row[0] if row else None
 
     def last_task_for_issue(self, repo: str, issue_number: int) -> dict | None:
         """The most recent task of ``repo#issue_number``, in any state."""
-        return self._one("SELECT * FROM tasks WHERE repo=? AND issue_number=? ORDER BY seq DESC LIMIT 1",
-                         (repo, issue_number))  # fmt: skip
+        return self._one("SELECT * FROM tasks WHERE repo=? COLLATE NOCASE AND issue_number=? ORDER BY seq DESC "
+                         "LIMIT 1", (repo, issue_number))  # fmt: skip
 
     def cancel_reason(self, task_id: str) -> str | None:
         """The reason of the task's last cancellation."""
@@ -746,6 +747,12 @@ class Store:
         ).fetchone()
         return row[0] if row else None
 
+    def last_item_update(self, repo: str, number: int) -> float | None:
+        """When the newest change applied to ``repo#number`` (an issue or a pull request) was made in Forgejo."""
+        return self.execute(
+            "SELECT max(item_updated) FROM deliveries WHERE repo=? COLLATE NOCASE AND number=? "
+            "AND verdict='accepted' AND item_updated IS NOT NULL", (repo, number)).fetchone()[0]  # fmt: skip
+
     def deliveries(self, *, verdict: str | None = None, limit: int = 50) -> list[dict]:
         """Recorded deliveries, newest first (in the order they were recorded: no index on the time to keep up
         on every delivery), without their bodies."""
@@ -833,7 +840,8 @@ class Store:
     def tasks_with_pull_request(self, repo: str, number: int) -> list[dict]:
         """Open tasks of ``repo`` whose linked pull request is ``number``."""
         return self._all(
-            f"SELECT * FROM tasks WHERE repo=? AND state IN {_OPEN} AND json_extract(pull_request, '$.number')=?",
+            f"SELECT * FROM tasks WHERE repo=? COLLATE NOCASE AND state IN {_OPEN} "
+            "AND json_extract(pull_request, '$.number')=?",
             (repo, number),
         )
 

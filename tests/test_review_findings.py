@@ -1,4 +1,4 @@
-"""Regression tests for defects found in the review of the Forgejo integration (each xfail until fixed).
+"""Regression tests for defects found in the review of the Forgejo integration (all fixed).
 
 Every test drives the real ingest path (``services.issues.ingest``: signature, headers, payload, mapping,
 store) with signed copies of the shared Forgejo payloads, as the webhook route and ``ingest-webhook`` do.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from test_webhooks import SHARED, cfg, db, forgejo_bytes, send  # noqa: F401 - fixtures
 
 from fleetctl import services
@@ -27,8 +26,6 @@ def _running(db, cfg) -> str:  # noqa: F811
     return tid
 
 
-@pytest.mark.xfail(strict=True, reason="a stale delivery (older issue.updated_at than one already applied for the "
-                   "same issue) is applied: out-of-order label changes re-queue a task whose label is gone")
 def test_an_out_of_order_label_change_does_not_undo_a_newer_one(db, cfg):  # noqa: F811
     tid = send(db, cfg, "issues-opened-with-labels.json").task_id
     added = _doc("issue_label-label_updated.json")  # the agent- label (re)added at :01 ...
@@ -43,9 +40,6 @@ def test_an_out_of_order_label_change_does_not_undo_a_newer_one(db, cfg):  # noq
     assert db.task(tid)["state"] == "cancelled", late
 
 
-@pytest.mark.xfail(strict=True, reason="repo names are compared case-sensitively when finding an issue's task: "
-                   "'ACME/widgets' and 'acme/widgets' (the same Forgejo repo) get two active tasks for issue #42, "
-                   "and db check does not notice")
 def test_one_active_task_per_issue_whatever_the_case_of_the_repository_name(db, cfg):  # noqa: F811
     send(db, cfg, "issues-opened-with-labels.json")
     doc = _doc("issues-opened-with-labels.json")
@@ -56,9 +50,6 @@ def test_one_active_task_per_issue_whatever_the_case_of_the_repository_name(db, 
     assert len(active) == 1, [(t["task_id"], t["repo"], t["issue_number"], t["state"]) for t in active]
 
 
-@pytest.mark.xfail(strict=True, reason="a pull request from a fork whose branch is named fleet/<task-id> is taken "
-                   "for the task's own: anyone who can open a PR can fail a running task (pr_closed, never retried) "
-                   "by opening and closing one")
 def test_a_fork_pull_request_on_a_fleet_branch_is_not_the_tasks_own(db, cfg):  # noqa: F811
     tid = _running(db, cfg)
     doc = _doc("pull_request-closed.json")
@@ -73,9 +64,6 @@ def test_a_fork_pull_request_on_a_fleet_branch_is_not_the_tasks_own(db, cfg):  #
     assert (task["state"], task["failure_reason"]) == ("assigned", None), result
 
 
-@pytest.mark.xfail(strict=True, reason="the semantic key (dedupe of Forgejo 'Replay') leaves out title and body: "
-                   "a second edit within the same second (updated_at has 1 s resolution) is dropped as "
-                   "'the same change'")
 def test_two_different_edits_in_the_same_second_are_both_applied(db, cfg):  # noqa: F811
     tid = send(db, cfg, "issues-opened-with-labels.json").task_id
     first = _doc("issues-edited.json")
@@ -88,9 +76,6 @@ def test_two_different_edits_in_the_same_second_are_both_applied(db, cfg):  # no
     assert db.task(tid)["body"] == "A new body, edited in the same second", result
 
 
-@pytest.mark.xfail(strict=True, reason="every issue_label delivery sent by fleetctl's own account is ignored, not "
-                   "only one that reflects its own write-back (SPEC §7.1): removing the last agent- label with the "
-                   "bot's token (a script, the agent) leaves the task active")
 def test_a_bot_label_change_that_is_not_write_back_is_applied(db, cfg):  # noqa: F811
     tid = send(db, cfg, "issues-opened-with-labels.json").task_id
     issues.remember_login(db, "fleet-bot")

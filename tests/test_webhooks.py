@@ -197,10 +197,10 @@ def test_the_bot_payload_changes_nothing(db, cfg, tmp_path):
     result = send(db, cfg, "issue_label-label_updated-bot.json")  # the bot added a status label
     assert result.status in (200, 202)
     assert snapshot(db)[:2] == before
-    # with the bot known, any label change it sends is its own write-back
+    # with the bot known, a label change it sends that only touches fleet/ labels is said to be its own
     issues.remember_login(db, "fleet-bot")
     doc = json.loads((SHARED / "issue_label-label_updated-bot.json").read_bytes())
-    doc["issue"]["labels"] = []  # even one that would cancel the task
+    doc["issue"]["labels"].append({"id": 99, "name": "fleet/running"})
     doc["issue"]["updated_at"] = "2025-06-02T10:20:00Z"
     result = send(db, cfg, "issue_label-label_updated-bot.json", forgejo_bytes(doc))
     assert result.verdict == "ignored" and "own write-back" in result.detail
@@ -303,7 +303,10 @@ def _task(state="queued", **kw):
          _task("failed"), "requeue"),  # re-labelled
         (_issue_change("label_updated", ("agent-task", "bug"), event_type="issue_label"), None,
          _task("cancelled"), "none"),  # a metadata label is no re-label
-        (_issue_change("label_updated", (), event_type="issue_label", sender="fleet-bot"), _task(), None, "none"),
+        (_issue_change("label_updated", ("agent-task", "fleet/running"), event_type="issue_label",
+                       sender="fleet-bot"), _task(), None, "none"),  # its own write-back
+        (_issue_change("label_updated", (), event_type="issue_label", sender="fleet-bot"), _task(), None,
+         "cancel"),  # the bot's account removing the last agent- label (a script): not write-back
     ],
 )  # fmt: skip
 def test_issue_mapping(change, active, last, kind):

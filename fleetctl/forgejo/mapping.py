@@ -90,9 +90,10 @@ def issue_op(change: Change, active: dict | None, last: dict | None, *, prefix: 
     ``cancel_reason`` when it was cancelled."""
     issue = change.issue
     assert issue is not None
-    if bot and change.sender == bot and change.event_type == "issue_label":
-        return Op("none", f"a label change by fleetctl's own account ({bot}): its own write-back")
     fields = issue_fields(issue, prefix)
+    own = bool(bot) and change.sender == bot and change.event_type == "issue_label"
+    if own and active is not None and not _differs(active, fields):  # it changed fleet/… labels only
+        return Op("none", f"a label change by fleetctl's own account ({bot}): its own write-back")
     wanted = bool(fields["requirements"])
     if issue.state == "closed":
         if active is None:
@@ -148,8 +149,9 @@ def closing_refs(pull: Pull) -> list[int]:
 
 
 def references_task(pull: Pull, task: dict) -> bool:
-    """Whether a pull request points at ``task``: its branch, or a closing reference to the task's issue."""
-    if branch_task_id(pull.head_branch) == task["task_id"]:
+    """Whether a pull request points at ``task``: its branch (in the task's repository, not a fork's), or a
+    closing reference to the task's issue."""
+    if branch_task_id(pull.head_branch) == task["task_id"] and not pull.from_fork(task.get("repo") or ""):
         return True
     return task.get("issue_number") is not None and task["issue_number"] in closing_refs(pull)
 
@@ -182,8 +184,12 @@ def pull_op(change: Change, task: dict) -> Op:
 
 
 def _is_tasks_pull(pull: Pull, task: dict) -> bool:
+    """The task's own pull request: on its branch ``fleet/<task-id>`` in its repository, or the one its
+    accepted receipt named (the task awaits its review). A person's ``Fixes #N`` linked on the way is not."""
+    if branch_task_id(pull.head_branch) == task["task_id"] and not pull.from_fork(task.get("repo") or ""):
+        return True
     linked = task.get("pull_request") or {}
-    return branch_task_id(pull.head_branch) == task["task_id"] or linked.get("number") == pull.number
+    return task["state"] == "awaiting_review" and linked.get("number") == pull.number
 
 
 def _same_link(current: dict | None, link: dict) -> bool:

@@ -20,6 +20,7 @@ import hmac
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from fleetctl.errors import ExitCode, Unauthorized, UsageError
@@ -148,6 +149,11 @@ class Pull:
     html_url: str | None = None
     updated_at: str | None = None
     merge_commit_sha: str | None = None
+    head_repo: str | None = None  # head.repo.full_name: another repository for a pull request from a fork
+
+    def from_fork(self, repo: str) -> bool:
+        """Whether the head branch lives in another repository than ``repo`` (a fork's ``fleet/…`` is not ours)."""
+        return bool(self.head_repo) and self.head_repo.lower() != repo.lower()
 
     def link(self, repo: str) -> dict:
         """The task's ``pull_request`` record of this pull request."""
@@ -174,17 +180,37 @@ class Change:
         item = self.issue or self.pull
         return item.number if item else None
 
+    @property
+    def updated_ts(self) -> float | None:
+        """When Forgejo says the issue or pull request last changed (its ``updated_at``), as epoch seconds."""
+        item = self.issue or self.pull
+        if item is None or not item.updated_at:
+            return None
+        try:
+            return datetime.fromisoformat(item.updated_at).timestamp()
+        except ValueError:
+            return None
+
     def semantic_key(self) -> str | None:
         """A digest of what changed (not of who sent it or when): a re-sent copy of the same change — Forgejo's
         "Replay" makes a new delivery id with an identical body — has the same key."""
         item = self.issue or self.pull
         if item is None or not item.updated_at:
             return None
-        parts = [self.event_type, self.action, self.repo or "", str(item.number), item.updated_at, item.state]
+        parts = [
+            self.event_type,
+            self.action,
+            (self.repo or "").lower(),
+            str(item.number),
+            item.updated_at,
+            item.state,
+            item.title,
+            item.body,
+        ]  # updated_at has whole seconds: two edits may share one
         if self.issue:
             parts += sorted(self.issue.labels)
         if self.pull:
-            parts += [str(self.pull.merged), self.pull.head_sha or ""]
+            parts += [str(self.pull.merged), self.pull.head_sha or "", self.pull.head_branch, self.pull.head_repo or ""]
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
@@ -310,6 +336,7 @@ def pull_from(raw: dict) -> Pull:
     branch = _opt_str(head, "label") or _opt_str(head, "ref") or ""
     if branch.startswith("refs/pull/"):
         branch = ""
+    head_repo = head.get("repo") if isinstance(head.get("repo"), dict) else {}
     return Pull(_number(raw), _text(raw, "title"), _text(raw, "body"), branch, _opt_str(head, "sha"), _state(raw),
                 raw.get("merged") is True, _opt_str(raw, "html_url"), _opt_str(raw, "updated_at"),
-                _opt_str(raw, "merge_commit_sha"))  # fmt: skip
+                _opt_str(raw, "merge_commit_sha"), _opt_str(head_repo, "full_name"))  # fmt: skip

@@ -101,7 +101,7 @@ def tasks_of_pull(store: Store, repo: str, pull: Any) -> list[dict]:
     """The tasks a pull request references: its branch ``fleet/<task-id>``, the task it is linked to, and the
     active tasks of the issues it closes — each once."""
     found: dict[str, dict] = {}
-    tid = mapping.branch_task_id(pull.head_branch)
+    tid = None if pull.from_fork(repo) else mapping.branch_task_id(pull.head_branch)
     if tid:
         task = store.task(tid)
         if task is not None and (task["repo"] or "").lower() == repo.lower():
@@ -233,6 +233,7 @@ def record(store: Store, cfg: Config, prepared: Prepared, *, source: str, now: f
         result = _apply_once(store, cfg, change, key, did, ts)
         store.record_delivery({**row, "verdict": result.verdict, "detail": result.detail[:1000],
                                "task_id": result.task_id, "semantic_key": key if result.verdict == "accepted" else None,
+                               "item_updated": change.updated_ts if result.verdict == "accepted" else None,
                                "body_zlib": prepared.packed if result.verdict == "accepted" else None})  # fmt: skip
     return result
 
@@ -244,6 +245,12 @@ def _apply_once(store: Store, cfg: Config, change: Change, key: str | None, did:
         same = store.delivery_with_key(key)
         if same:
             return IngestResult(202, did, "ignored", f"the same change as delivery {same}")
+    stamp = change.updated_ts
+    if stamp is not None and not change.ignored:
+        newest = store.last_item_update(change.repo, change.number)
+        if newest is not None and stamp < newest:  # late: a newer state of it was applied already
+            return IngestResult(202, did, "ignored", "stale: a newer change of "
+                                f"{change.repo}#{change.number} was applied already (sync repairs any gap)")  # fmt: skip
     store.savepoint("apply_change")
     try:
         applied = apply_change(store, cfg, change, now=ts)

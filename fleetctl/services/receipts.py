@@ -63,30 +63,28 @@ def branch_of(task_id: str) -> str:
     return f"fleet/{task_id}"
 
 
-def _head_branch(pr: dict) -> str | None:
-    head = pr.get("head") or {}
-    ref = head.get("ref") or ""
-    return ref if ref and not ref.startswith("refs/pull/") else None  # refs/pull/…: the branch was deleted
+def _pull(pr: dict):
+    """Forgejo's pull request object as the mapping's ``Pull`` (one reading of a pull request everywhere)."""
+    from fleetctl.forgejo.webhooks import pull_from
+
+    return pull_from(pr)
 
 
 def references_task(pr: dict, task: dict) -> bool:
-    """Whether ``pr`` is the task's: its head branch is ``fleet/<task-id>``, or its title or body says
-    ``Closes|Fixes|Resolves #N`` for the task's issue (case-insensitive, as Forgejo's keywords)."""
-    branch = branch_of(task["task_id"])
-    if (pr.get("head") or {}).get("label") == branch or _head_branch(pr) == branch:
-        return True
-    if not task.get("issue_number"):
+    """Whether ``pr`` is the task's (``forgejo.mapping.references_task``: its head branch is ``fleet/<task-id>``
+    in the task's repository, or its title or body says ``Closes|Fixes|Resolves #N`` for the task's issue)."""
+    from fleetctl.forgejo import mapping
+    from fleetctl.forgejo.webhooks import BadPayload
+
+    try:
+        return mapping.references_task(_pull(pr), task)
+    except BadPayload:
         return False
-    keyword = re.compile(rf"\b(?:close[sd]?|fix(?:e[sd])?|resolve[sd]?)\s+#{int(task['issue_number'])}(?!\d)\b",
-                         re.IGNORECASE)  # fmt: skip
-    return bool(keyword.search(f"{pr.get('title') or ''}\n{pr.get('body') or ''}"))
 
 
 def pull_request_record(repo: str, pr: dict) -> dict:
-    """What the task keeps of an accepted pull request (its ``pull_request`` field)."""
-    head = pr.get("head") or {}
-    return {"repo": repo, "number": pr["number"], "url": pr.get("html_url"), "head": _head_branch(pr) or head.get("label"),
-            "head_sha": head.get("sha"), "state": pr.get("state"), "merged": bool(pr.get("merged"))}  # fmt: skip
+    """What the task keeps of an accepted pull request (its ``pull_request`` field), as the webhooks keep it."""
+    return _pull(pr).link(repo)
 
 
 def _pr_problem(task: dict, named: dict, pr: dict | None) -> str | None:
