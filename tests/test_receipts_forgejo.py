@@ -341,3 +341,14 @@ def test_a_run_ended_without_the_token_is_left_to_the_sweep_which_looks_the_pr_u
     assert store.claim(agent_id="a1", capabilities=(), max_concurrency=3, lease_secs=300, ts=300.0, task_id="t2")
     link = services.ForgejoLink(tokenless)
     assert services.settle_ended_run(store, tokenless, "t2", 1, 0, link=link)["failure_reason"] == "no_receipt"
+
+
+def test_a_run_that_never_started_is_settled_at_once_even_with_forgejo_down(store, cfg, task, forgejo):
+    forgejo.down()
+    try:
+        link = services.ForgejoLink(cfg)
+        settled = services.settle_ended_run(store, cfg, "t1", 1, 127, link=link)
+        link.close()
+    finally:
+        forgejo.up()
+    assert settled["failure_reason"] == "launch_failed"  # no pull request to look for: nothing to wait for

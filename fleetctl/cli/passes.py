@@ -18,9 +18,10 @@ def dispatch(
     json_: JsonOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """One pass: assign queued tasks to ssh_cli agents with free capacity and launch them.
+    """One pass: assign queued tasks to the configured hosts' agents with free capacity and launch them.
 
-    Safe to run from overlapping timers: a pass lock plus conditional claims.
+    Then flushes the outbox (comments and labels for Forgejo). Safe to run from overlapping timers: a pass
+    lock plus conditional claims.
 
     Example: fleetctl dispatch --dry-run
     """
@@ -44,6 +45,8 @@ def dispatch(
 @cli_errors
 def sweep_timeouts(json_: JsonOpt = False, config: ConfigOpt = None) -> None:
     """One pass: hard timeouts, lost agents, ended or dead runs, expired leases, released backoff.
+
+    Also checks pending receipts against Forgejo, forgets old webhook deliveries and flushes the outbox.
 
     Example: fleetctl sweep-timeouts --json
     """

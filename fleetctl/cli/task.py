@@ -201,7 +201,8 @@ def task_complete(
     pr_url: Annotated[list[str] | None, typer.Option("--pr-url", help="Pull request URL; repeatable.")] = None,
     branch: Annotated[str | None, typer.Option("--branch", help="Branch the work is on.")] = None,
     receipt: Annotated[
-        str | None, typer.Option("--receipt", help="Receipt JSON file (SPEC §7.4), or - for stdin.")
+        str | None,
+        typer.Option("--receipt", help="Receipt JSON file, or - for stdin (shape: skill/SKILL.md, docs/agent-api.md)."),
     ] = None,
     agent: AgentOpt = None,
     json_: JsonOpt = False,

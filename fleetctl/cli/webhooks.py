@@ -47,8 +47,7 @@ def ingest_webhook(
     signature (nothing recorded); 2 for an unreadable delivery (recorded as rejected); 4 when the state
     machine refused the change (recorded).
 
-    Example: fleetctl ingest-webhook --file body.json --event issues --event-type issue_label \\
-        --delivery 0b6f…e1 --signature 9c1f…
+    Example: fleetctl ingest-webhook --file body.json --event issues --delivery 0b6f2c1e --signature 9c1f…
     """
     from fleetctl.errors import ExitCode, UsageError
     from fleetctl.forgejo.webhooks import parse_header_block
@@ -105,7 +104,8 @@ def deliveries_list(
         print_json({"items": items, "next": None})
         return
     rows = [(d["delivery_id"], ago(d["received_at"]), f"{d['event_type']}/{d['action']}".rstrip("/"),
-             f"{d['repo']}#{d['number']}" if d["repo"] else "", d["verdict"], d["task_id"] or "", d["detail"])
+             f"{d['repo']}#{d['number']}" if d["number"] else (d["repo"] or ""), d["verdict"], d["task_id"] or "",
+             d["detail"])
             for d in items]  # fmt: skip
     print_table(None, [Col("DELIVERY", "id"), Col("RECEIVED", drop=2), Col("EVENT"), Col("ISSUE", drop=3),
                        Col("VERDICT"), Col("TASK", "id", drop=1), Col("DETAIL", "text")], rows)  # fmt: skip

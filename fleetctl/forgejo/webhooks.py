@@ -258,7 +258,8 @@ def to_change(event_type: str, action: str, payload: dict) -> Change:
     """A payload as a ``Change`` (see ``read_delivery``)."""
     repo, sender = _repo(payload), _login(payload.get("sender"))
     if action not in HANDLED.get(event_type, ()):
-        return Change(event_type, action, repo, sender, ignored=f"fleetctl does not act on {event_type}/{action}")
+        what = f"{event_type}/{action}" if action else event_type
+        return Change(event_type, action, repo, sender, ignored=f"fleetctl does not act on {what}")
     if repo is None:
         raise BadPayload("the payload has no repository.full_name of the form owner/name")
     if event_type in ("issues", "issue_label"):

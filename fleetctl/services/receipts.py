@@ -297,7 +297,8 @@ def settle_ended_run(store: Store, cfg: Config, task_id: str, attempt: int, exit
 
     task = store.task(task_id)
     open_attempt = task is not None and task["attempt"] == attempt and task["state"] in ACTIVE
-    lookup = open_attempt and checks_forgejo(cfg, task) and not _receipt_pending(store, task)
+    never_ran = exit_code in (126, 127)  # the shell could not start the agent: it opened no pull request
+    lookup = open_attempt and not never_ran and checks_forgejo(cfg, task) and not _receipt_pending(store, task)
     if lookup and not cfg.forgejo.api_ready:
         if link is None:  # the run's own report, in a process without the token: the sweep looks it up
             return None
