@@ -165,6 +165,8 @@ _M003 = (
     """CREATE UNIQUE INDEX tasks_one_active_per_issue_nocase ON tasks(repo COLLATE NOCASE, issue_number)
         WHERE repo IS NOT NULL AND issue_number IS NOT NULL
           AND state NOT IN ('completed', 'failed', 'cancelled')""",
+    # ... which holds whatever the case, so m001's case-sensitive one is only a cost on every task write
+    "DROP INDEX tasks_one_active_per_issue",
     # an upgraded database starts its outbox at its newest event: past events are not announced now
     "INSERT INTO meta (key, value) SELECT 'outbox_cursor', coalesce(max(id), 0) FROM events",
 )
