@@ -551,3 +551,13 @@ def test_the_sweep_forgets_deliveries_past_their_retention(db, cfg):
     keep_all = replace(cfg, forgejo=replace(cfg.forgejo, delivery_retention_secs=0))
     passes.sweep(db, keep_all, now=lambda: 10**10)
     assert len(db.deliveries()) == 1
+
+
+def test_without_the_event_type_header_the_action_says_what_changed(db, cfg):
+    tid = send(db, cfg, "issues-opened-with-labels.json").task_id
+    doc = json.loads((SHARED / "issue_label-label_cleared.json").read_bytes())
+    body = forgejo_bytes(doc)
+    headers = {k: v for k, v in headers_for("issue_label-label_cleared.json", body).items()
+               if k != "X-Forgejo-Event-Type"}  # only X-Forgejo-Event: issues  # fmt: skip
+    result = issues.ingest(db, cfg, headers, body)
+    assert result.verdict == "accepted" and db.task(tid)["state"] == "cancelled"

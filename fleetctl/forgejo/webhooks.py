@@ -46,6 +46,14 @@ HANDLED = {
 }
 
 
+#: (coarse event, action) → the fine event type Forgejo names in X-Forgejo-Event-Type.
+_FINE_TYPE = {
+    ("issues", "label_updated"): "issue_label",
+    ("issues", "label_cleared"): "issue_label",
+    ("pull_request", "synchronized"): "pull_request_sync",
+}
+
+
 class BadSignature(Unauthorized):
     """The delivery's signature is missing or does not match: 401 (exit 6), nothing recorded or changed."""
 
@@ -257,6 +265,8 @@ def read_delivery(headers: Any, body: bytes) -> Delivery:
 def to_change(event_type: str, action: str, payload: dict) -> Change:
     """A payload as a ``Change`` (see ``read_delivery``)."""
     repo, sender = _repo(payload), _login(payload.get("sender"))
+    # without X-Forgejo-Event-Type (an older Gitea, a relay that kept only X-Forgejo-Event) the action tells
+    event_type = _FINE_TYPE.get((event_type, action), event_type)
     if action not in HANDLED.get(event_type, ()):
         what = f"{event_type}/{action}" if action else event_type
         return Change(event_type, action, repo, sender, ignored=f"fleetctl does not act on {what}")
