@@ -68,9 +68,11 @@ LAUNCHER = '. ./.fleet/env || exit 98; rm -f ./.fleet/env; exec "$@" < /dev/null
 
 def _quiet_paramiko() -> None:
     # paramiko logs every failed handshake at ERROR with a traceback; our RemoteError says it once
-    logger = logging.getLogger("paramiko")
-    if logger.level < logging.CRITICAL:
-        logger.setLevel(logging.CRITICAL)
+    # (and fabric's invoke logs its configuration merges at DEBUG)
+    for name, level in (("paramiko", logging.CRITICAL), ("invoke", logging.WARNING)):
+        logger = logging.getLogger(name)
+        if logger.level < level:
+            logger.setLevel(level)
 
 
 def env_file(env: Mapping[str, str]) -> bytes:
@@ -167,6 +169,8 @@ class SshExecutor:
             raise self._error("cannot connect", text, code) from None
         except (OSError, EOFError) as exc:
             conn.close()
+            # paramiko's NoValidConnectionsError wraps the socket errors of every address it tried
+            exc = next(iter((getattr(exc, "errors", None) or {}).values()), exc)
             raise self._error("cannot connect", getattr(exc, "strerror", None) or str(exc) or repr(exc),
                               code) from None  # fmt: skip
         self._conn = conn
