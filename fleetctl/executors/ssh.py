@@ -15,9 +15,9 @@ it starts the wrapper with ``env -i`` (so nothing of sshd's session environment 
 
 Every remote command is argv joined with ``shlex.quote``; paths and ids are arguments, never script text.
 
-Security: host keys are checked against ``host.known_hosts`` (``RejectPolicy``: an unknown host is
-refused, a changed key always is); only with ``accept_new_host_keys`` is an unknown host's key accepted
-and recorded in that file. Only ``ssh_key_path`` is offered (no agent, no ``~/.ssh`` keys, no
+Security: host keys are checked against ``host.known_hosts`` (``~/.ssh/known_hosts`` when unset) with
+``RejectPolicy``: an unknown host is refused, a changed key always is; only with ``accept_new_host_keys``
+is an unknown host's key accepted and recorded in that file. Only ``ssh_key_path`` is offered (no agent, no ``~/.ssh`` keys, no
 ``ssh_config``). The connect, banner and auth timeouts are ``connect_timeout_secs``. Every failure is a
 ``RemoteError`` naming the host; paramiko's own logging is silenced (our error says what happened).
 
@@ -272,6 +272,9 @@ class SshExecutor:
                 pass
             sftp.chmod(path, 0o600)
             sftp.putfo(io.BytesIO(data), path, confirm=False)
+        except TimeoutError:
+            self._drop()
+            raise self._error(f"cannot write {path}", "timed out", code) from None
         except OSError as exc:
             raise self._error(f"cannot write {path}", exc.strerror or str(exc), code) from None
         except Exception as exc:  # noqa: BLE001 - paramiko's SSHException, EOFError
@@ -302,7 +305,10 @@ class SshExecutor:
 
     def _clear_previous_run(self, ws: str) -> None:
         """As ``LocalExecutor``: refuse a workspace whose run still lives, else drop the old run's bookkeeping."""
-        previous = self.probe(ws)
+        try:
+            previous = self.probe(ws)
+        except RemoteError as exc:
+            raise RemoteError(exc.message, code="launch_failed") from None
         if previous.alive:
             raise RemoteError(f"the workspace {ws} on {self.where} already has a live run (pid {previous.pid})",
                               code="launch_failed")  # fmt: skip
