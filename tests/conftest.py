@@ -431,3 +431,33 @@ def forgejo():
         yield fake
     finally:
         fake.stop()
+
+
+# ------------------------------------------------------------------------------------------------------
+# A real sshd on 127.0.0.1 (tests/sshd.py; the SSH executor in tests/test_executor_contract.py and
+# tests/test_ssh_executor.py)
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A started ``tests.sshd.Sshd`` (one for the session); stopped by its pid at the end.
+
+    Without ``/usr/sbin/sshd`` it is installed in CI (as root); elsewhere the tests skip with the command to
+    install it. In CI a failure to install or start sshd fails the tests, never skips them.
+    """
+    from sshd import Sshd, ensure_installed
+
+    try:
+        missing = ensure_installed()
+    except RuntimeError as exc:
+        pytest.fail(f"cannot install sshd: {exc}")
+    if missing:
+        pytest.skip(missing)
+    try:
+        server = Sshd.start(tmp_path_factory.mktemp("sshd"))
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        pytest.fail(f"cannot start sshd: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,7 +1,7 @@
 """The contract every executor keeps (fleetctl/executors/base.py), run against each implementation.
 
-``TestExecutorContract`` is one suite parametrised over executor factories: today the local executor;
-the SSH executor joins the same ``FACTORIES`` list. Runs are small ``sh``/python commands that wait for
+``TestExecutorContract`` is one suite parametrised over executor factories: the local executor and the
+SSH executor (against a real sshd on 127.0.0.1, the ``sshd`` fixture; skipped locally without sshd). Runs are small ``sh``/python commands that wait for
 a gate file, never for a fixed time; every run a test starts is reaped by process group at teardown
 (``reap_runs``), and nothing is stopped but processes the test started, by pid.
 """
@@ -50,15 +50,33 @@ class Factory:
     source: str
 
 
+def ssh_factory(sshd, work_dir: Path) -> Factory:
+    """An ``SshExecutor`` logging in to the test sshd on 127.0.0.1 (same filesystem and pids as the test)."""
+    from fleetctl.config import HostConfig
+    from fleetctl.executors.ssh import SshExecutor
+
+    fields = dict(host_id="test-sshd", hostname=sshd.host, ssh_user=sshd.user, ssh_port=sshd.port,
+                  ssh_key_path=sshd.key_path, known_hosts=sshd.known_hosts, connect_timeout_secs=10.0,
+                  work_dir=str(work_dir))  # fmt: skip
+    source = (f"__import__('fleetctl.executors.ssh', fromlist=['x']).SshExecutor("
+              f"__import__('fleetctl.config', fromlist=['x']).HostConfig(**{fields!r}))")  # fmt: skip
+    return Factory("ssh", lambda: SshExecutor(HostConfig(**fields)), source)
+
+
+#: The SSH factory is a placeholder here: the ``factory`` fixture builds it around the ``sshd`` fixture.
 FACTORIES = [
     Factory("local", LocalExecutor, "__import__('fleetctl.executors', fromlist=['x']).LocalExecutor()"),
+    Factory("ssh", lambda: None, ""),
 ]
 
 
 @pytest.fixture(params=FACTORIES, ids=lambda f: f.name)
 def factory(request, tmp_path):
     try:
-        yield request.param
+        if request.param.name == "ssh":
+            yield ssh_factory(request.getfixturevalue("sshd"), tmp_path)
+        else:
+            yield request.param
     finally:
         reap_runs(tmp_path)
 

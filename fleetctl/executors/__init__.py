@@ -7,10 +7,12 @@ One interface (``base.Executor``: ``launch``, ``probe``, ``kill``, ``close``) ov
 - ``workspace``: the workspace layout, the POSIX-sh run wrapper and the probe and kill scripts that run
   in the workspace, and the run's environment (``run_env``, ``INHERITED_ENV``, ``fleet_env``);
 - ``local``: ``LocalExecutor``, which runs those scripts by subprocess on this machine. The pull agent
-  (``fleetctl agent run``) launches, caps and kills its commands through it as well.
+  (``fleetctl agent run``) launches, caps and kills its commands through it as well;
+- ``ssh``: ``SshExecutor``, which runs the same scripts over one SSH connection per host (fabric and
+  paramiko are imported inside its functions; it is not re-exported here).
 
-An SSH executor runs the same scripts over SSH behind the same interface. Every executor passes the
-contract suite in ``tests/test_executor_contract.py``. Only the standard library is imported here.
+Every executor passes the contract suite in ``tests/test_executor_contract.py``. Only the standard
+library is imported here.
 """
 
 from __future__ import annotations
