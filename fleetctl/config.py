@@ -66,7 +66,7 @@ class HostConfig:
     ssh_port: int = 22
     ssh_key_path: str | None = None
     known_hosts: str | None = None
-    accept_new_host_keys: bool = False
+    host_key_policy: str = "strict"  # strict | accept-new
     connect_timeout_secs: float = 10.0
     work_dir: str = "/tmp/agent-workspace"
     agents: tuple[AgentSpec, ...] = ()
@@ -76,6 +76,11 @@ class HostConfig:
         """A host runs by subprocess (no SSH) when marked local or named ``local``."""
         return self.local or self.host_id == "local"
 
+    @property
+    def accept_new_host_keys(self) -> bool:
+        """``host_key_policy = "accept-new"``: a host seen for the first time has its key recorded."""
+        return self.host_key_policy == "accept-new"
+
 
 @dataclass(frozen=True)
 class AgentTypeConfig:
@@ -83,6 +88,7 @@ class AgentTypeConfig:
     command: tuple[str, ...]
     prompt: str = "stdin"  # stdin | file | arg
     env: Mapping[str, str] = field(default_factory=dict)
+    timeout_secs: float | None = None  # a run's hard timeout for this type (else the task's, else the default)
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,7 @@ class ServerConfig:
     max_body_bytes: int = 1048576
     webhook_max_body_bytes: int = 5 * 1048576
     metrics_public: bool = True
+    public_url: str | None = None  # how runs on SSH hosts reach this serve (their FLEET_API_URL)
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,7 @@ class OrchestratorConfig:
     lease_secs: float = 300
     output_cap_bytes: int = 1048576
     prompt_template: str | None = None
+    workspace_retention_secs: float = 3 * 86400  # 0 keeps workspaces
 
 
 @dataclass(frozen=True)
@@ -163,15 +171,6 @@ class Config:
 
 
 EXAMPLE_AGENT_TYPE = "example"
-
-
-def ssh_available() -> bool:
-    """Whether this fleetctl has the SSH executor (``fleetctl.ssh``); without it only local hosts run work."""
-    from importlib.util import find_spec
-
-    return find_spec("fleetctl.ssh") is not None
-
-
 """The built-in agent type: usable from any config file without an ``[agent_types.example]`` section."""
 
 PYTHON_PLACEHOLDER = "{python}"
@@ -399,6 +398,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "max_body_bytes": _POS_INT,
         "webhook_max_body_bytes": _POS_INT,
         "metrics_public": _Key("bool"),
+        "public_url": _Key("url"),
     },
     "forgejo": {
         "url": _Key("url"),
@@ -426,6 +426,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "lease_secs": _SECS,
         "output_cap_bytes": _POS_INT,
         "prompt_template": _Key("optstr"),
+        "workspace_retention_secs": _Key("secs", ge=0),
     },
     "matrix": {
         "homeserver": _Key("url"),
@@ -442,7 +443,7 @@ _HOST_KEYS: dict[str, _Key] = {
     "ssh_port": _Key("int", ge=1, le=65535),
     "ssh_key_path": _Key("optstr"),
     "known_hosts": _Key("optstr"),
-    "accept_new_host_keys": _Key("bool"),
+    "host_key_policy": _Key("choice", choices=("strict", "accept-new")),
     "connect_timeout_secs": _SECS,
     "work_dir": _Key("str"),
     "agents": _Key("tables"),
@@ -457,6 +458,7 @@ _AGENT_TYPE_KEYS: dict[str, _Key] = {
     "command": _Key("argv", required=True),
     "prompt": _Key("choice", choices=("stdin", "file", "arg")),
     "env": _Key("strmap"),
+    "timeout_secs": _SECS,
 }
 _TOP_KEYS = (*_SCHEMA, "hosts", "agent_types")
 _EVENT_RE = re.compile(r"^[a-z][a-z_]*\.[a-z][a-z_]*\Z")
@@ -657,7 +659,11 @@ class _Loader:
                 continue
             command = tuple(arg.replace(PYTHON_PLACEHOLDER, sys.executable) for arg in values["command"])
             types[name] = AgentTypeConfig(
-                name=name, command=command, prompt=values.get("prompt", "stdin"), env=values.get("env", {})
+                name=name,
+                command=command,
+                prompt=values.get("prompt", "stdin"),
+                env=values.get("env", {}),
+                timeout_secs=values.get("timeout_secs"),
             )
         return types
 
@@ -925,11 +931,13 @@ def _key_at_line(text: str, line: int) -> str:
 # ----------------------------------------------------------------------------------- checks and output
 
 
-def check_config(cfg: Config, serving_webhooks: bool = False) -> list[str]:
+def check_config(cfg: Config, serving_webhooks: bool = False, *, check_files: bool = False) -> list[str]:
     """Checks that need the whole picture; raises ConfigError for errors, returns warnings.
 
     ``serving_webhooks``: whether a webhook listener will run (``serves_webhooks``: ``fleetctl serve`` with
     Forgejo configured); an empty ``forgejo.webhook_secret`` is then an error: webhooks cannot be verified.
+    ``check_files``: also check each SSH host's key and known_hosts files (``ssh_host_problems``;
+    ``fleetctl config check`` does, a command that does not use SSH need not).
 
     Example:
         >>> for warning in check_config(load_config(), serving_webhooks=True): print(warning)  # doctest: +SKIP
@@ -949,13 +957,45 @@ def check_config(cfg: Config, serving_webhooks: bool = False) -> list[str]:
     for host in cfg.hosts:
         if not host.agents:
             warnings.append(f"{where}: hosts.{host.host_id}: has no agents")
-        elif not host.is_local and not ssh_available():
-            warnings.append(f"{where}: hosts.{host.host_id}: SSH execution is not available in this version of "
-                            "fleetctl; dispatch gives this host's agents no work (use a local host or pull agents)")  # fmt: skip
+        if check_files and not host.is_local:
+            problems, notes = ssh_host_problems(host)
+            errors += [f"{where}: hosts.{host.host_id}.{p}" for p in problems]
+            warnings += [f"{where}: hosts.{host.host_id}.{n}" for n in notes]
     if errors:
         msg = errors[0] if len(errors) == 1 else f"{len(errors)} configuration errors:\n  " + "\n  ".join(errors)
         raise ConfigError(msg, details={"errors": errors})
     return warnings
+
+
+def ssh_host_problems(host: HostConfig) -> tuple[list[str], list[str]]:
+    """What is wrong with an SSH host's files, as ``key: problem`` (errors, warnings): the key file must be
+    given, a regular file and readable (a warning if others may read it); ``known_hosts`` must be readable,
+    unless ``host_key_policy = "accept-new"`` may create it. Checked by ``config check`` and ``serve``, not
+    by every load: a key given as a systemd credential exists only inside the units that load it."""
+    errors, warnings = [], []
+    if not host.ssh_key_path:
+        errors.append("ssh_key_path: an SSH host needs a private key file (only that key is offered)")
+    else:
+        key = Path(host.ssh_key_path)
+        try:
+            st = key.stat()
+            if not stat.S_ISREG(st.st_mode):
+                errors.append(f"ssh_key_path: {key} is not a regular file")
+            elif not os.access(key, os.R_OK):
+                errors.append(f"ssh_key_path: {key} is not readable by this user")
+            elif st.st_mode & 0o077:
+                warnings.append(f"ssh_key_path: {key} is readable by group/others (mode "
+                                f"{stat.S_IMODE(st.st_mode):04o}); chmod 600 it")  # fmt: skip
+        except OSError as exc:
+            errors.append(f"ssh_key_path: cannot read {key}: {exc.strerror or exc}")
+    known = Path(host.known_hosts or "~/.ssh/known_hosts").expanduser()
+    if not known.exists():
+        if not host.accept_new_host_keys:
+            errors.append(f"known_hosts: {known} does not exist: with host_key_policy = \"strict\" every host key "
+                          "must be in it (ssh-keyscan, see docs/ssh-hosts.md)")  # fmt: skip
+    elif not os.access(known, os.R_OK):
+        errors.append(f"known_hosts: {known} is not readable by this user")
+    return errors, warnings
 
 
 def not_used_yet(cfg: Config) -> list[str]:

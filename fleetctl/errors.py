@@ -107,6 +107,11 @@ class RemoteError(FleetError):
     code = "remote_error"
 
 
+class HostUnreachable(RemoteError):
+    """An SSH host could not be reached or logged in to (refused, timed out, wrong key, changed host key):
+    the host is marked down, not only the one operation failed."""
+
+
 class StoreBusy(FleetError):
     """The database stayed locked past busy_timeout; nothing was written."""
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from fleetctl import services
-from fleetctl.config import Config, HostConfig, ssh_available
-from fleetctl.errors import ConfigError, FleetError, RemoteError
+from fleetctl.config import Config, HostConfig
+from fleetctl.errors import ConfigError, FleetError, HostUnreachable, RemoteError
 from fleetctl.log import log, quiet  # noqa: F401  (quiet: the demo silences the passes)
 from fleetctl.matching import AgentSlot, QueuedTask, plan
 from fleetctl.states import AgentMode, AgentStatus, FailureReason
@@ -59,7 +59,7 @@ def default_executor(host: HostConfig) -> Executor:
         from fleetctl.executors import LocalExecutor
 
         return LocalExecutor()
-    from fleetctl.ssh import SshExecutor  # imported only when an SSH host is used (fabric is slow to import)
+    from fleetctl.executors.ssh import SshExecutor  # only when an SSH host is used (fabric is slow to import)
 
     return SshExecutor(host)
 
@@ -109,13 +109,15 @@ class DispatchReport:
     planned: list[dict] = field(default_factory=list)
     launched: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
+    skipped_down: list[dict] = field(default_factory=list)
     lost_races: int = 0
     queued_ready: int = 0
     outbox: dict | None = None
 
     def to_json(self) -> dict:
         return {"skipped": self.skipped, "planned": self.planned, "launched": self.launched, "failed": self.failed,
-                "lost_races": self.lost_races, "queued_ready": self.queued_ready, "outbox": self.outbox}  # fmt: skip
+                "skipped_down": self.skipped_down, "lost_races": self.lost_races, "queued_ready": self.queued_ready,
+                "outbox": self.outbox}  # fmt: skip
 
 
 @_closing_executors
@@ -139,10 +141,11 @@ def dispatch(
         if not dry_run:
             services.sync_config_agents(store, cfg, t0)
             _validate_pending(store, cfg, None, t0)
-        usable = {h.host_id for h in cfg.hosts if h.is_local or ssh_available()}
-        for host in cfg.hosts:
-            if host.host_id not in usable and host.agents:
-                log("host.unsupported", host=host.host_id, reason="SSH execution is not available in this version")
+        with store.read():
+            down = store.down_hosts()
+        for host_id, row in down.items():
+            log("host.skipped", host=host_id, reason="down", since=round(row["since"]), error=row["error"])
+        usable = {h.host_id for h in cfg.hosts if h.host_id not in down}
         pairs, slots = plan_dispatch(store, t0, limit, hosts=usable)
         report.queued_ready = store.count_ready(t0)
         by_agent = {s.agent_id: s for s in slots}
@@ -152,6 +155,9 @@ def dispatch(
             if dry_run:
                 continue
             host, spec = specs[agent_id]
+            if host.host_id in down:  # it went down earlier in this pass: no more claims for it
+                report.skipped_down.append({"task_id": task_id, "agent_id": agent_id, "host_id": host.host_id})
+                continue
             slot = by_agent[agent_id]
             agent = {"agent_id": agent_id, "capabilities": slot.capabilities, "max_concurrency": spec.max_concurrency}
             try:
@@ -167,6 +173,8 @@ def dispatch(
             log("task.assigned", task=task_id, agent=agent_id, attempt=claim.attempt, host=host.host_id)
             outcome = launch(store, cfg, host, spec.agent_type, claim, executor_for(host), now)
             (report.launched if outcome.get("ok") else report.failed).append(outcome)
+            if outcome.get("host_down"):
+                down[host.host_id] = {"since": now(), "error": outcome["error"]}
     if not dry_run:  # after the pass lock: a slow Forgejo never holds up the next dispatch
         report.outbox = flush_outbox(store, cfg, now)
     return report
@@ -239,6 +247,10 @@ def launch(store: Store, cfg: Config, host: HostConfig, agent_type: str, claim: 
         services.fail_attempt(store, orch, task_id, FailureReason.LAUNCH_FAILED, exc.message, attempt=attempt,
                               agent_id=agent_id, now=now())  # fmt: skip
         log("task.launch_failed", task=task_id, attempt=attempt, error=exc.message)
+        if isinstance(exc, HostUnreachable):
+            if services.mark_host_down(store, host.host_id, exc.message, now=now()):
+                log("host.down", host=host.host_id, error=exc.message)
+            return {**result, "ok": False, "error": exc.message, "host_down": True}
         return {**result, "ok": False, "error": exc.message}
     try:
         services.start_task(store, task_id, agent_id=agent_id, attempt=attempt, workspace=ws, now=now())
@@ -253,7 +265,8 @@ def task_env(cfg: Config, task: dict, token: str, ws: str, host: HostConfig) -> 
     pull agent's run gets) — never the Forgejo admin token; on a local host also how to reach this database."""
     from fleetctl.executors import fleet_env
 
-    env = fleet_env(task, task["attempt"], task["agent_id"], token, ws, api_url=os.environ.get("FLEET_API_URL"))
+    api_url = os.environ.get("FLEET_API_URL") or cfg.server.public_url
+    env = fleet_env(task, task["attempt"], task["agent_id"], token, ws, api_url=api_url)
     if host.is_local:
         # a local run reports straight into this database with this fleetctl
         env["FLEET_DB_PATH"] = str(cfg.orchestrator.db_path)
@@ -301,20 +314,32 @@ def sweep(
             return report
         t = now()
         link = services.ForgejoLink(cfg)  # one Forgejo client per pass, made only if a receipt needs it
+        hosts = {h.host_id: h for h in cfg.hosts}
+        executors: dict[str, Executor] = {}
+
+        def executor(host: HostConfig) -> Executor:
+            if host.host_id not in executors:
+                executors[host.host_id] = executor_for(host)
+            return executors[host.host_id]
+
         try:
             report.actions += _validate_pending(store, cfg, link, t)
             _sweep_agents(store, cfg, report, t)
-            hosts = {h.host_id: h for h in cfg.hosts}
-            executors: dict[str, Executor] = {}
+            down = _check_down_hosts(store, cfg, report, hosts, executor, now)
             for att in store.open_attempts():
                 t = now()
                 host = hosts.get(att["host_id"]) if att["agent_mode"] == AgentMode.SSH_CLI else None
-                if host is not None and host.host_id not in executors:
-                    executors[host.host_id] = executor_for(host)
-                _sweep_attempt(store, cfg, report, att, host, executors.get(att["host_id"]), t, link)
+                if host is not None and host.host_id in down:
+                    continue  # its attempts wait (and fail agent_lost past the threshold: _check_down_hosts)
+                try:
+                    _sweep_attempt(store, cfg, report, att, host, executor(host) if host else None, t, link)
+                except HostUnreachable as exc:
+                    if services.mark_host_down(store, host.host_id, exc.message, now=now()):
+                        report.add("host.down", host=host.host_id, error=exc.message)
+                    down.add(host.host_id)
         finally:
             link.close()
-        _stop_cancelled_runs(store, cfg, report, hosts, executors, executor_for, now())
+        _stop_cancelled_runs(store, cfg, report, {k: v for k, v in hosts.items() if k not in down}, executor, now())
         report.backoff_released = store.count_backoff_released(now())
         _prune_deliveries(store, cfg, report, now())
     report.outbox = flush_outbox(store, cfg, now)
@@ -328,21 +353,46 @@ def _prune_deliveries(store: Store, cfg: Config, report: SweepReport, t: float) 
         report.add("deliveries.pruned", removed=removed, older_than_secs=round(keep))
 
 
+def _check_down_hosts(store: Store, cfg: Config, report: SweepReport, hosts: dict[str, HostConfig],
+                      executor: Callable[[HostConfig], Executor], now: Callable[[], float]) -> set[str]:  # fmt: skip
+    """Try each host marked down once (one login, bounded by its ``connect_timeout_secs``): up again → event;
+    still down past the heartbeat threshold → its open attempts fail ``agent_lost``. The hosts still down."""
+    still_down = set()
+    for host_id, row in store.down_hosts().items():
+        host = hosts.get(host_id)
+        if host is None:  # no longer configured: nothing to reach; its attempts go by their leases
+            continue
+        try:
+            executor(host).check()
+        except RemoteError as exc:
+            still_down.add(host_id)
+            log("host.still_down", host=host_id, error=exc.message)
+            for lost in services.lose_attempts_of_down_host(store, cfg.orchestrator, host_id, row, now=now()):
+                report.add("task.agent_lost", **lost, host=host_id)
+            continue
+        if services.mark_host_up(store, host_id, now=now()):
+            report.add("host.up", host=host_id, down_secs=round(now() - row["since"]))
+    return still_down
+
+
 def _stop_cancelled_runs(store: Store, cfg: Config, report: SweepReport, hosts: dict[str, HostConfig],
-                         executors: dict[str, Executor], executor_for: ExecutorFactory, t: float) -> None:  # fmt: skip
-    """Kill the runs of attempts that were cancelled while running on a host (their process may live on)."""
+                         executor: Callable[[HostConfig], Executor], t: float) -> None:  # fmt: skip
+    """Kill the runs of attempts that were cancelled, or lost with their host, while running on a host
+    (their process may live on)."""
     window = 2 * cfg.orchestrator.task_timeout_secs
-    for run in store.cancelled_runs_since(t - window):
+    for run in store.runs_to_stop_since(t - window):
         task_id, attempt, agent_id, host_id, ws = (run[k] for k in ("task_id", "attempt", "agent_id", "host_id",
                                                                     "workspace"))  # fmt: skip
         host = hosts.get(host_id)
         if host is None:
             continue
-        if host_id not in executors:
-            executors[host_id] = executor_for(host)
+        why = "cancelled" if run["outcome"] == "cancelled" else run["failure_reason"]
         try:
-            if executors[host_id].kill(ws):
-                report.add("task.run_killed", task=task_id, attempt=attempt, agent=agent_id, why="cancelled")
+            if executor(host).kill(ws):
+                report.add("task.run_killed", task=task_id, attempt=attempt, agent=agent_id, why=why)
+        except HostUnreachable as exc:
+            log("task.kill_failed", task=task_id, attempt=attempt, error=exc.message)
+            hosts = {k: v for k, v in hosts.items() if k != host_id}  # not again in this pass
         except RemoteError as exc:
             log("task.kill_failed", task=task_id, attempt=attempt, error=exc.message)
 
@@ -376,13 +426,16 @@ def _sweep_attempt(store: Store, cfg: Config, report: SweepReport, att: dict, ho
     orch = cfg.orchestrator
     task = {"task_id": att["task_id"], "attempt": att["attempt"], "agent_id": att["agent_id"]}
     ids = {"task": att["task_id"], "attempt": att["attempt"], "agent": att["agent_id"]}
-    timeout = att["timeout_secs"] or orch.task_timeout_secs
+    atype = cfg.agent_types.get(att.get("agent_type") or "")
+    timeout = att["timeout_secs"] or (atype.timeout_secs if atype else None) or orch.task_timeout_secs
     ws = att["workspace"] or (workspace_path(host.work_dir, att["task_id"], att["attempt"]) if host else None)
     if t - att["attempt_started_at"] > timeout:
         killed = False
         if executor is not None and ws:
             try:
                 killed = executor.kill(ws)
+            except HostUnreachable:
+                raise  # the host is marked down; the attempt waits for it (agent_lost past the threshold)
             except RemoteError as exc:
                 log("task.kill_failed", **ids, error=exc.message)
         if services.expire_or_time_out(store, orch, task, FailureReason.TIMEOUT,
@@ -396,8 +449,10 @@ def _sweep_attempt(store: Store, cfg: Config, report: SweepReport, att: dict, ho
         return
     try:
         status = executor.probe(ws)
+    except HostUnreachable:
+        raise  # the host is marked down by the caller
     except RemoteError as exc:
-        log("host.unreachable", host=host.host_id, error=exc.message)
+        log("task.probe_failed", **ids, host=host.host_id, error=exc.message)
         return
     if status.ended:
         settled = services.settle_ended_run(store, cfg, att["task_id"], att["attempt"], status.exit_code,

@@ -30,8 +30,9 @@ AGENT_COLUMNS = (
 )  # fmt: skip
 ATTEMPT_COLUMNS = (
     "task_id", "attempt", "agent_id", "host_id", "workspace", "token_hash", "assigned_at", "started_at",
-    "ended_at", "outcome", "failure_reason", "failure_detail", "receipt", "receipt_pending",
+    "ended_at", "outcome", "failure_reason", "failure_detail", "receipt", "receipt_pending", "workspace_cleaned_at",
 )  # fmt: skip
+HOST_COLUMNS = ("host_id", "status", "since", "error", "updated_at")
 JSON_COLUMNS = frozenset({"labels", "requirements", "pull_request", "capabilities", "receipt"})
 VOLATILE = {"tasks": frozenset({"lease_expires_at"}), "agents": frozenset({"last_heartbeat_at"})}
 
@@ -55,6 +56,7 @@ class Projections:
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     agents: dict[str, dict[str, Any]] = field(default_factory=dict)
     attempts: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    hosts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _blank(columns: tuple[str, ...]) -> dict[str, Any]:
@@ -256,6 +258,27 @@ def _agent_status(status: str, *, fields: bool = False):
     return handler
 
 
+def _workspace_cleaned(p: Projections, ev: dict, d: dict) -> None:
+    """The sweep removed a settled attempt's workspace (after ``orchestrator.workspace_retention_secs``)."""
+    row = _attempt(p, ev)
+    if row is None:
+        raise ReplayError(f"event {ev.get('id')}: unknown attempt {ev['task_id']!r} #{ev['attempt']}")
+    row["workspace_cleaned_at"] = ev["ts"]
+
+
+def _host_status(status: str):
+    def handler(p: Projections, ev: dict, d: dict) -> None:
+        host_id = d.get("host_id")
+        if not isinstance(host_id, str):
+            raise ReplayError(f"event {ev.get('id')} ({ev['type']}) names no host")
+        row = p.hosts.setdefault(host_id, _blank(HOST_COLUMNS))
+        if row["status"] != status:
+            row["since"] = ev["ts"]
+        row.update(host_id=host_id, status=status, error=d.get("error"), updated_at=ev["ts"])
+
+    return handler
+
+
 _HANDLERS = {
     "task.created": _created,
     "task.updated": _updated,
@@ -275,6 +298,9 @@ _HANDLERS = {
     "agent.offline": _agent_status("offline"),
     "agent.draining": _agent_status("draining"),
     "agent.deregistered": _agent_status("offline", fields=True),
+    "attempt.workspace_cleaned": _workspace_cleaned,
+    "host.down": _host_status("down"),
+    "host.up": _host_status("up"),
 }
 
 #: Event types that are task state transitions (``task.<transition>``), checked against the table.

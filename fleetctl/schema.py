@@ -172,8 +172,30 @@ _M003 = (
 )
 
 
+def m004_hosts(db) -> None:
+    """SSH hosts: whether each is up or down (a projection of ``host.up`` / ``host.down`` events), and when
+    an attempt's workspace was removed (``attempt.workspace_cleaned``)."""
+    for statement in _M004:
+        db.execute(statement)
+
+
+_M004 = (
+    """CREATE TABLE hosts (
+        host_id TEXT PRIMARY KEY,
+        status TEXT NOT NULL CHECK (status IN ('up', 'down')),
+        since REAL NOT NULL,
+        error TEXT,
+        updated_at REAL NOT NULL
+    )""",
+    "ALTER TABLE attempts ADD COLUMN workspace_cleaned_at REAL",
+    # the sweep's cleanup, oldest settled attempt first
+    """CREATE INDEX attempts_to_clean ON attempts(ended_at)
+        WHERE ended_at IS NOT NULL AND workspace IS NOT NULL AND workspace_cleaned_at IS NULL""",
+)
+
+
 #: Every migration, in order. Append only.
-MIGRATIONS: tuple[Callable, ...] = (m001_initial, m002_token_indexes, m003_forgejo)
+MIGRATIONS: tuple[Callable, ...] = (m001_initial, m002_token_indexes, m003_forgejo, m004_hosts)
 MIGRATION_NAMES: tuple[str, ...] = tuple(f.__name__ for f in MIGRATIONS)
 
 

@@ -29,6 +29,7 @@ from fleetctl.errors import FleetError, InvalidTransition, StoreBusy, StoreError
 from fleetctl.projections import (
     AGENT_COLUMNS,
     ATTEMPT_COLUMNS,
+    HOST_COLUMNS,
     JSON_COLUMNS,
     STATEFUL_EVENT_TYPES,
     TASK_COLUMNS,
@@ -406,10 +407,14 @@ class Store:
             row = self._one("SELECT * FROM attempts WHERE task_id=? AND attempt=?", (task_id, attempt))
             if row is not None:
                 p.attempts[(task_id, attempt)] = row
+        host_id = (data or {}).get("host_id") if type.startswith("host.") else None
+        if isinstance(host_id, str) and (host := self._row("hosts", "host_id", host_id)) is not None:
+            p.hosts[host_id] = host
         before = (
             {k: dict(v) for k, v in p.tasks.items()},
             {k: dict(v) for k, v in p.agents.items()},
             {k: dict(v) for k, v in p.attempts.items()},
+            {k: dict(v) for k, v in p.hosts.items()},
         )
         if type in WAKE_EVENTS:
             self._wake = True
@@ -427,6 +432,7 @@ class Store:
         self._write_changed("tasks", TASK_COLUMNS, ("task_id",), before[0], p.tasks)
         self._write_changed("agents", AGENT_COLUMNS, ("agent_id",), before[1], p.agents)
         self._write_changed("attempts", ATTEMPT_COLUMNS, ("task_id", "attempt"), before[2], p.attempts)
+        self._write_changed("hosts", HOST_COLUMNS, ("host_id",), before[3], p.hosts)
         return ev
 
     def _write_changed(self, table, columns, pk, before: dict, after: dict) -> None:
@@ -577,10 +583,24 @@ class Store:
         """Attempts that have not ended, with their task's state and timeout (for the sweep)."""
         return self._all(
             "SELECT a.*, t.state AS task_state, t.timeout_secs, t.attempt_started_at, t.lease_expires_at, "
-            "ag.mode AS agent_mode FROM attempts a JOIN tasks t ON t.task_id=a.task_id AND t.attempt=a.attempt "
+            "ag.mode AS agent_mode, ag.agent_type FROM attempts a JOIN tasks t ON t.task_id=a.task_id AND t.attempt=a.attempt "
             "LEFT JOIN agents ag ON ag.agent_id=a.agent_id "
             f"WHERE a.ended_at IS NULL AND t.state IN {_ACTIVE}"
         )
+
+    def hosts(self) -> dict[str, dict]:
+        """Every host that was ever marked down or up again, by host id (status, since, error)."""
+        return {r["host_id"]: r for r in self._all("SELECT * FROM hosts")}
+
+    def down_hosts(self) -> dict[str, dict]:
+        return {r["host_id"]: r for r in self._all("SELECT * FROM hosts WHERE status = 'down'")}
+
+    def workspaces_to_clean(self, ended_before: float, limit: int = 200) -> list[dict]:
+        """Settled attempts whose workspace is still there and which ended before ``ended_before``, oldest first."""
+        return self._all(
+            "SELECT task_id, attempt, agent_id, host_id, workspace, ended_at FROM attempts "
+            "WHERE ended_at IS NOT NULL AND workspace IS NOT NULL AND workspace_cleaned_at IS NULL "
+            "AND ended_at < ? ORDER BY ended_at LIMIT ?", (ended_before, limit))  # fmt: skip
 
     def events(
         self,
@@ -682,10 +702,12 @@ class Store:
             (agent_id, since),
         )
 
-    def cancelled_runs_since(self, since: float) -> list[dict]:
-        """Attempts on a host that were cancelled since ``since`` (their process may live on: the sweep kills it)."""
+    def runs_to_stop_since(self, since: float) -> list[dict]:
+        """Attempts on a host that were cancelled, or lost with their agent or host, since ``since`` (their
+        process may live on: the sweep kills it)."""
         return self._all(
-            "SELECT task_id, attempt, agent_id, host_id, workspace FROM attempts WHERE outcome='cancelled' "
+            "SELECT task_id, attempt, agent_id, host_id, workspace, outcome, failure_reason FROM attempts "
+            "WHERE (outcome='cancelled' OR failure_reason='agent_lost') "
             "AND host_id IS NOT NULL AND workspace IS NOT NULL AND ended_at >= ?",
             (since,),
         )
@@ -890,9 +912,11 @@ class Store:
                 "tasks": {r["task_id"]: r for r in self._all("SELECT * FROM tasks")},
                 "agents": {r["agent_id"]: r for r in self._all("SELECT * FROM agents")},
                 "attempts": {(r["task_id"], r["attempt"]): r for r in self._all("SELECT * FROM attempts")},
+                "hosts": {r["host_id"]: r for r in self._all("SELECT * FROM hosts")},
             }
         report.tasks, report.agents, report.attempts = (len(stored[k]) for k in ("tasks", "agents", "attempts"))
-        for table, replayed in (("tasks", p.tasks), ("agents", p.agents), ("attempts", p.attempts)):
+        for table, replayed in (("tasks", p.tasks), ("agents", p.agents), ("attempts", p.attempts),
+                                ("hosts", p.hosts)):  # fmt: skip
             report.problems += _diff(table, replayed, stored[table], VOLATILE.get(table, frozenset()))
         return report
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -99,19 +101,37 @@ def test_named_config_must_exist(how):
 def test_example_file_loads_cleanly_and_has_every_key(tmp_path):
     cfg = C.load_config(write(tmp_path / "c.toml", EXAMPLE.read_text()))
     assert cfg.warnings == ()
-    warnings = C.check_config(cfg, serving_webhooks=False)
-    if C.ssh_available():
-        assert warnings == []
-    else:  # the example documents an SSH host; until the SSH executor ships, check says it gets no work
-        assert len(warnings) == 1 and "hosts.build1: SSH execution is not available" in warnings[0]
+    assert C.check_config(cfg, serving_webhooks=False) == []
+    assert C.check_config(cfg, check_files=True) == []
+    with_ssh = C.load_config(
+        write(tmp_path / "ssh.toml", EXAMPLE.read_text() + uncomment_ssh_host(EXAMPLE.read_text()))
+    )
+    assert [h.host_id for h in with_ssh.hosts if not h.is_local] == ["build1"]
+    with pytest.raises(ConfigError) as err:  # its SSH host's key and known_hosts are examples, not files here
+        C.check_config(replace(with_ssh, hosts=tuple(replace(h, ssh_key_path=str(tmp_path / "nokey"),
+                                                              known_hosts=str(tmp_path / "nokh")) for h in with_ssh.hosts)),
+                       check_files=True)  # fmt: skip
+    assert "hosts.build1.ssh_key_path: cannot read" in err.value.message
+    assert "hosts.build1.known_hosts:" in err.value.message and "does not exist" in err.value.message
     raw = tomllib.loads(EXAMPLE.read_text())
     for section, keys in C._SCHEMA.items():
         assert set(keys) <= set(raw[section]), section
+    # the SSH host is commented out (a fresh `config init` must pass `config check`): uncommented, it loads
+    ssh = tomllib.loads(uncomment_ssh_host(EXAMPLE.read_text()))["hosts"]
+    assert len(ssh) == 1 and ssh[0]["local"] is False
+    raw["hosts"] += ssh
     assert set(C._HOST_KEYS) <= {k for h in raw["hosts"] for k in h}
     assert set(C._AGENT_KEYS) <= {k for h in raw["hosts"] for a in h["agents"] for k in a}
-    assert set(C._AGENT_TYPE_KEYS) <= set(raw["agent_types"]["codex-cli"])
+    assert set(C._AGENT_TYPE_KEYS) <= {k for t in raw["agent_types"].values() for k in t}
     assert {"codex-cli", "claude-code"} <= set(raw["agent_types"]) and "matrix" in raw
-    assert any(not h.is_local for h in cfg.hosts) and any(h.is_local for h in cfg.hosts)
+    assert any(h.is_local for h in cfg.hosts)
+
+
+def uncomment_ssh_host(text: str) -> str:
+    """The commented-out ``[[hosts]]`` of the example, uncommented (its prose comments stay comments)."""
+    block = text[text.index("# [[hosts]]") : text.index("# [agent_types.NAME]")]
+    keyish = re.compile(r"# (\[\[hosts\]\]|[a-z_]+ = |    \{|\]$)")
+    return "\n".join(line[2:] if keyish.match(line) else line for line in block.splitlines()) + "\n"
 
 
 def test_packaged_example_is_the_repo_example():

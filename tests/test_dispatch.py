@@ -275,22 +275,37 @@ def test_a_command_that_does_not_exist_fails_its_attempt_as_launch_failed(fleet)
     assert task["failure_detail"].startswith("the agent command could not be started (exit 127)")
 
 
-def test_agents_on_ssh_hosts_get_no_work_while_ssh_execution_is_not_available(fleet):
-    from fleetctl.config import ssh_available
+def test_an_unreachable_ssh_host_fails_the_launch_is_marked_down_and_skipped_while_others_work(fleet, tmp_path):
+    import socket
 
-    if ssh_available():
-        pytest.skip("this fleetctl has the SSH executor; tests/test_ssh.py covers SSH hosts")
+    with socket.socket() as s:  # a port nothing listens on: connection refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    key = tmp_path / "id_test"
+    key.write_text("not a key\n")
+    key.chmod(0o600)
     config = fleet.configure()
-    config.write_text(config.read_text() + '\n[[hosts]]\nhost_id = "remote1"\nhostname = "remote1.invalid"\n'
+    config.write_text(config.read_text() + f'\n[[hosts]]\nhost_id = "remote1"\nhostname = "127.0.0.1"\nssh_port = {port}\n'
+                      f'ssh_key_path = "{key}"\nconnect_timeout_secs = 2\n'
                       'agents = [{ agent_type = "ok", agent_id = "remote-ok", capabilities = ["gpu"] }]\n')  # fmt: skip
     gpu = fleet.create("--title", "needs the remote host", "--label", "agent:gpu")
     plain = fleet.create("--title", "anyone can do this")
     done = fleet.run("dispatch", "--json")
     assert done.returncode == 0, done.stderr
-    assert "action=host.unsupported host=remote1" in done.stderr and "Traceback" not in done.stderr
-    assert [p["task_id"] for p in json.loads(done.stdout)["planned"]] == [plain]
-    assert fleet.task(gpu)["state"] == "queued" and fleet.task(gpu)["attempt"] == 0
+    report = json.loads(done.stdout)
+    assert [f["task_id"] for f in report["failed"]] == [gpu] and report["failed"][0]["host_down"] is True
+    assert "refused" in report["failed"][0]["error"].lower() and "remote1" in report["failed"][0]["error"]
+    assert "action=host.down host=remote1" in done.stderr and "Traceback" not in done.stderr
+    task = fleet.task(gpu)
+    assert task["state"] == "queued" and task["failure_reason"] == "launch_failed" and task["attempt"] == 1
+    events = [e["type"] for e in fleet.events()]
+    assert events.count("host.down") == 1
     fleet.wait_state(plain, "completed")
-    check = fleet.run("config", "check")
-    assert "hosts.remote1: SSH execution is not available" in check.stderr
+    # the next pass does not try the host again: it is skipped until the sweep reaches it
+    done = fleet.run("dispatch", "--json")
+    assert done.returncode == 0, done.stderr
+    assert "action=host.skipped host=remote1" in done.stderr
+    assert json.loads(done.stdout)["failed"] == [] and fleet.task(gpu)["attempt"] == 1
+    check = fleet.run("config", "check")  # and config check says why it cannot work
+    assert check.returncode == 2 and "hosts.remote1.known_hosts" in check.stderr and "Traceback" not in check.stderr
     fleet.check_db()

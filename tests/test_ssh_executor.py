@@ -101,7 +101,9 @@ def test_a_changed_host_key_is_refused_and_never_accepted(sshd, tmp_path, accept
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(sshd.known_hosts_line(impostor + ".pub"))
     before = known_hosts.read_bytes()
-    host = host_for(sshd, tmp_path, known_hosts=str(known_hosts), accept_new_host_keys=accept_new)
+    host = host_for(
+        sshd, tmp_path, known_hosts=str(known_hosts), host_key_policy="accept-new" if accept_new else "strict"
+    )
     error, _ = failure(host, tmp_path)
     assert error.code == "launch_failed" and f"127.0.0.1:{sshd.port}" in error.message
     assert "host key changed" in error.message and str(known_hosts) in error.message
@@ -109,13 +111,13 @@ def test_a_changed_host_key_is_refused_and_never_accepted(sshd, tmp_path, accept
     assert not Path(spec(tmp_path).workspace).exists()
 
 
-def test_an_unknown_host_is_refused_unless_accept_new_host_keys_and_then_its_key_is_recorded(sshd, tmp_path):
+def test_an_unknown_host_is_refused_unless_the_policy_is_accept_new_and_then_its_key_is_recorded(sshd, tmp_path):
     known_hosts = tmp_path / "kh" / "known_hosts"
     error, _ = failure(host_for(sshd, tmp_path, known_hosts=str(known_hosts)), tmp_path, "probe")
-    assert "is not in" in error.message and "accept_new_host_keys" in error.message
+    assert "is not in" in error.message and "host_key_policy" in error.message
     assert not known_hosts.exists()
 
-    ex = SshExecutor(host_for(sshd, tmp_path, known_hosts=str(known_hosts), accept_new_host_keys=True))
+    ex = SshExecutor(host_for(sshd, tmp_path, known_hosts=str(known_hosts), host_key_policy="accept-new"))
     try:
         assert not ex.probe(str(tmp_path / "nothing")).exists
     finally:

@@ -37,7 +37,9 @@ EXPECTED_COLUMNS = {
     "attempts": [
         "task_id", "attempt", "agent_id", "host_id", "workspace", "token_hash", "assigned_at", "started_at",
         "ended_at", "outcome", "failure_reason", "failure_detail", "receipt", "receipt_pending",
+        "workspace_cleaned_at",
     ],
+    "hosts": ["host_id", "status", "since", "error", "updated_at"],
 }  # fmt: skip
 
 
@@ -79,6 +81,7 @@ def test_fresh_database_has_exactly_the_expected_schema(store):
         "deliveries",
         "outbox",
         "meta",
+        "hosts",
         MIGRATIONS_TABLE,
     }
     for table, expected in EXPECTED_COLUMNS.items():

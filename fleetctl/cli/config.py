@@ -38,7 +38,7 @@ def config_check(
 
     cfg = load_config(config_path(config))
     serving = serves_webhooks(cfg) if webhooks is None else webhooks
-    for warning in check_config(cfg, serving_webhooks=serving):
+    for warning in check_config(cfg, serving_webhooks=serving, check_files=True):
         err(f"warning: {warning}")
     print(f"ok: {cfg.path or 'embedded default'}")
 

@@ -16,8 +16,8 @@ it starts the wrapper with ``env -i`` (so nothing of sshd's session environment 
 Every remote command is argv joined with ``shlex.quote``; paths and ids are arguments, never script text.
 
 Security: host keys are checked against ``host.known_hosts`` (``~/.ssh/known_hosts`` when unset) with
-``RejectPolicy``: an unknown host is refused, a changed key always is; only with ``accept_new_host_keys``
-is an unknown host's key accepted and recorded in that file. Only ``ssh_key_path`` is offered (no agent, no ``~/.ssh`` keys, no
+``RejectPolicy``: an unknown host is refused, a changed key always is; only with ``host_key_policy =
+"accept-new"`` is an unknown host's key accepted and recorded in that file. Only ``ssh_key_path`` is offered (no agent, no ``~/.ssh`` keys, no
 ``ssh_config``). The connect, banner and auth timeouts are ``connect_timeout_secs``. Every failure is a
 ``RemoteError`` naming the host; paramiko's own logging is silenced (our error says what happened).
 
@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fleetctl.config import HostConfig
-from fleetctl.errors import RemoteError
+from fleetctl.errors import HostUnreachable, RemoteError
 from fleetctl.executors.base import DEFAULT_KILL_GRACE_SECS, LaunchSpec, RunStatus
 from fleetctl.executors.workspace import (
     META,
@@ -55,6 +55,9 @@ DEFAULT_START_TIMEOUT_SECS = 10.0
 
 _SCRIPT_TIMEOUT_SECS = 30.0
 """Bound on one remote command (no output for this long fails it); a kill gets its grace period on top."""
+
+_CANNOT_CONNECT = "cannot connect"
+"""What every failure to reach or log in to the host says (a ``HostUnreachable``)."""
 
 ENV_FILE = "env"
 """``.fleet/env``: the run's environment, sourced (then removed) by the remote launcher."""
@@ -108,7 +111,8 @@ class SshExecutor:
         return f"{user}{self.host.hostname}:{self.host.ssh_port}"
 
     def _error(self, what: str, problem: str, code: str) -> RemoteError:
-        return RemoteError(f"ssh {self.where} (host {self.host.host_id}): {what}: {problem}", code=code)
+        cls = HostUnreachable if what == _CANNOT_CONNECT else RemoteError
+        return cls(f"ssh {self.where} (host {self.host.host_id}): {what}: {problem}", code=code)
 
     # -- the connection --------------------------------------------------------------------------------
 
@@ -128,8 +132,8 @@ class SshExecutor:
             try:
                 client.load_host_keys(known_hosts)
             except (OSError, paramiko.SSHException) as exc:
-                raise self._error("cannot connect", f"cannot read known_hosts {known_hosts}: {exc}", code) from None
-        if host.accept_new_host_keys:
+                raise self._error(_CANNOT_CONNECT, f"cannot read known_hosts {known_hosts}: {exc}", code) from None
+        if host.accept_new_host_keys:  # host_key_policy = "accept-new"
             client.set_missing_host_key_policy(_accept_new_policy(paramiko, known_hosts))
         else:
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
@@ -150,28 +154,28 @@ class SshExecutor:
             conn.open()
         except paramiko.BadHostKeyException as exc:
             conn.close()
-            raise self._error("cannot connect", f"the host key ({exc.key.get_name()}) does not match the one in "
+            raise self._error(_CANNOT_CONNECT, f"the host key ({exc.key.get_name()}) does not match the one in "
                               f"{known_hosts}: the host key changed, refusing to connect", code) from None  # fmt: skip
         except paramiko.AuthenticationException as exc:
             conn.close()
-            raise self._error("cannot connect", f"authentication failed with the key {host.ssh_key_path or '(none)'}"
+            raise self._error(_CANNOT_CONNECT, f"authentication failed with the key {host.ssh_key_path or '(none)'}"
                               f" for user {host.ssh_user or '(default)'}: {exc}", code) from None  # fmt: skip
         except TimeoutError:
             conn.close()
-            raise self._error("cannot connect", f"timed out after {self.timeout:g}s", code) from None
+            raise self._error(_CANNOT_CONNECT, f"timed out after {self.timeout:g}s", code) from None
         except paramiko.SSHException as exc:
             conn.close()
             text = str(exc)
             if "not found in known_hosts" in text:
-                text = f"its host key is not in {known_hosts} (and accept_new_host_keys is off)"
+                text = f'its host key is not in {known_hosts} (and host_key_policy is "strict")'
             elif "banner" in text.lower():
                 text = f"no SSH banner within {self.timeout:g}s ({exc})"
-            raise self._error("cannot connect", text, code) from None
+            raise self._error(_CANNOT_CONNECT, text, code) from None
         except (OSError, EOFError) as exc:
             conn.close()
             # paramiko's NoValidConnectionsError wraps the socket errors of every address it tried
             exc = next(iter((getattr(exc, "errors", None) or {}).values()), exc)
-            raise self._error("cannot connect", getattr(exc, "strerror", None) or str(exc) or repr(exc),
+            raise self._error(_CANNOT_CONNECT, getattr(exc, "strerror", None) or str(exc) or repr(exc),
                               code) from None  # fmt: skip
         self._conn = conn
         self.connects += 1
@@ -332,6 +336,10 @@ class SshExecutor:
             return parse_kill(out)[0]
         except ValueError as exc:
             raise self._error(f"cannot kill the run in {workspace}", str(exc), "kill_failed") from None
+
+    def check(self) -> None:
+        """Log in (or reuse the connection) and run ``true``: ``HostUnreachable`` / ``RemoteError`` if not."""
+        self._exec(["true"], self.timeout, "cannot run a command", "probe_failed")
 
     def close(self) -> None:
         """Close the connection (if one is open); idempotent."""

@@ -6,7 +6,7 @@ inside one ``Store.write()`` transaction. Time is injected (``now=``), never rea
 
 The rooms: ``tasks`` (create, cancel, retry), ``runs`` (claim, start, status, receipts, how an attempt
 ends), ``receipts`` (receipts checked against Forgejo: the verdict computed before the write, pending
-receipts, runs that ended without one), ``agents`` (the registry), ``views`` (the JSON shapes and the read
+receipts, runs that ended without one), ``agents`` (the registry), ``hosts`` (SSH hosts up or down), ``views`` (the JSON shapes and the read
 services every caller renders).
 Callers use the names re-exported here.
 """
@@ -25,6 +25,7 @@ from fleetctl.services.agents import (
     set_agent_status,
     sync_config_agents,
 )
+from fleetctl.services.hosts import lose_attempts_of_down_host, mark_host_down, mark_host_up
 from fleetctl.services.receipts import (
     ForgejoLink,
     Verdict,
@@ -68,6 +69,7 @@ __all__ = [
     "cancel_task", "claim_request", "claim_task", "claimed", "complete_task", "config_agent_ids", "create_task",
     "deregister_agent", "drain_agent", "event_view", "expire_or_time_out", "fail_attempt", "get_agent", "get_task",
     "hand_in_receipt", "hash_token", "prepare_receipt", "settle_ended_run", "validate_pending", "heartbeat", "iso", "list_agents", "list_tasks", "new_claim_token",
+    "lose_attempts_of_down_host", "mark_host_down", "mark_host_up",
     "register_agent", "release_claim", "report_progress", "report_status", "requires_pull_request", "resume_agent",
     "retry_task", "set_agent_status", "settle_run", "sync_config_agents", "start_task", "task_detail", "task_view", "token_matches",
 ]  # fmt: skip

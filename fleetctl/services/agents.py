@@ -207,8 +207,9 @@ def resume_agent(store: Store, orch: OrchestratorConfig, agent_id: str, *, now: 
 def sync_config_agents(store: Store, cfg: Config, now: float) -> None:
     """Make the registry match the ``[[hosts]]`` agents (every dispatch pass): register new ones, update
     changed ones (taking over a pull agent of the same id revokes its token), bring back ones that were
-    offline, take removed ones offline (their running attempts finish or time out as usual: a removed
-    agent's attempts fail ``agent_lost``). An agent an operator drained stays draining until resumed."""
+    offline, take removed ones offline: they get no new work, and their running attempts finish or time out as
+    usual (the sweep still probes them on their host). An agent an operator drained stays draining until
+    resumed."""
     configured = set()
     for host, spec in cfg.agent_specs():
         configured.add(spec.agent_id)
@@ -229,5 +230,6 @@ def sync_config_agents(store: Store, cfg: Config, now: float) -> None:
                            issue_token=False, allow_mode_change=True, now=now)  # fmt: skip
     for agent in store.agents(mode=AgentMode.SSH_CLI.value):
         if agent["agent_id"] not in configured and agent["status"] != AgentStatus.OFFLINE:
-            set_agent_status(store, cfg.orchestrator, agent["agent_id"], AgentStatus.OFFLINE,
-                             "removed from the configuration", now=now)  # fmt: skip
+            with store.write():
+                store.emit("agent.offline", ts=now, agent_id=agent["agent_id"],
+                           data={"reason": "removed from the configuration"})  # fmt: skip
