@@ -10,8 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 #: Records its FLEET_* environment, waits for a gate file the test creates, then hands in its receipt.
 GATED = """\
 import json, os, subprocess, sys, time
