@@ -88,7 +88,7 @@ class LocalGateway:
     def _agent_view(self, agent: dict) -> dict:
         from fleetctl import services
 
-        return services.agent_view(agent, self.store.running_counts().get(agent["agent_id"], 0))
+        return services.agent_views(self.store, [agent])[0]
 
     def complete(self, task_id: str, receipt: dict, *, attempt: int | None = None,
                  agent_id: str | None = None) -> dict:  # fmt: skip

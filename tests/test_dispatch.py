@@ -304,6 +304,10 @@ def test_an_unreachable_ssh_host_fails_the_launch_is_marked_down_and_skipped_whi
     assert done.returncode == 0, done.stderr
     assert "action=host.skipped host=remote1" in done.stderr
     assert json.loads(done.stdout)["failed"] == [] and fleet.task(gpu)["attempt"] == 1
+    agents = {a["agent_id"]: a for a in json.loads(fleet.run("agent", "list", "--json").stdout)["items"]}
+    assert agents["remote-ok"]["host_status"] == "down" and agents["remote-ok"]["status"] == "online"
+    assert all(a["host_status"] == "up" for k, a in agents.items() if k != "remote-ok")
+    assert "remote1 (down)" in fleet.run("agent", "list").stdout
     check = fleet.run("config", "check")  # and config check says why it cannot work
     assert check.returncode == 2 and "hosts.remote1.known_hosts" in check.stderr and "Traceback" not in check.stderr
     fleet.check_db()

@@ -27,8 +27,7 @@ AgentIdArg = Annotated[str, typer.Argument(help="The agent id.", show_default=Fa
 def _views(store, agents: list[dict]) -> list[dict]:
     from fleetctl import services
 
-    running = store.running_counts()
-    return [services.agent_view(a, running.get(a["agent_id"], 0)) for a in agents]
+    return services.agent_views(store, agents)
 
 
 @app.command("register")

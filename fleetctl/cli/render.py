@@ -195,6 +195,12 @@ def render_events(events: Sequence[dict], title: str | None = None) -> None:
         print_event(ev)
 
 
+def _host_cell(agent: dict) -> str | None:
+    """An agent's host, with "(down)" while dispatch skips it."""
+    host = agent.get("host_id")
+    return f"{host} (down)" if host and agent.get("host_status") == "down" else host
+
+
 def render_agents(items: Sequence[dict]) -> None:
     """``agent list``: agent views as a table."""
     now = time.time()
@@ -203,7 +209,7 @@ def render_agents(items: Sequence[dict]) -> None:
         [Col("AGENT", "id"), Col("TYPE", drop=3), Col("MODE", drop=4), Col("STATUS"), Col("RUNNING", drop=1),
          Col("CAPABILITIES", "text", min=14), Col("HOST", "id", drop=5), Col("HEARTBEAT", drop=2)],
         ([a["agent_id"], a["agent_type"], a["mode"], a["status"], f"{a['running']}/{a['max_concurrency']}",
-          a["capabilities"], a.get("host_id"), ago(a.get("last_heartbeat_at"), now)] for a in items),
+          a["capabilities"], _host_cell(a), ago(a.get("last_heartbeat_at"), now)] for a in items),
         _cell_style,
     )  # fmt: skip
 

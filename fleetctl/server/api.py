@@ -422,8 +422,7 @@ class Api:
 
     def _agent_view(self, agent: dict) -> dict:
         with self.reader() as store:
-            running = store.running_counts().get(agent["agent_id"], 0)
-        return services.agent_view(agent, running)
+            return services.agent_views(store, [agent])[0]
 
     # ------------------------------------------------------------------ handlers: tasks
 

@@ -55,6 +55,7 @@ from fleetctl.services.tasks import cancel_task, create_task, retry_task
 from fleetctl.services.views import (
     agent_detail,
     agent_view,
+    agent_views,
     attempt_view,
     event_view,
     iso,
@@ -65,7 +66,7 @@ from fleetctl.services.views import (
 )
 
 __all__ = [
-    "MAX_MESSAGE", "Claim", "CompletionResult", "ForgejoLink", "Registration", "Verdict", "agent_detail", "agent_view", "attempt_view",
+    "MAX_MESSAGE", "Claim", "CompletionResult", "ForgejoLink", "Registration", "Verdict", "agent_detail", "agent_view", "agent_views", "attempt_view",
     "cancel_task", "claim_request", "claim_task", "claimed", "complete_task", "config_agent_ids", "create_task",
     "deregister_agent", "drain_agent", "event_view", "expire_or_time_out", "fail_attempt", "get_agent", "get_task",
     "hand_in_receipt", "hash_token", "prepare_receipt", "settle_ended_run", "validate_pending", "heartbeat", "iso", "list_agents", "list_tasks", "new_claim_token",

@@ -8,7 +8,7 @@ A view is a plain dict with times as ISO 8601 UTC; the field names are the contr
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 from fleetctl.errors import UsageError
 from fleetctl.services._common import get_agent, get_task
@@ -41,14 +41,25 @@ def task_view(task: dict) -> dict:
     }  # fmt: skip
 
 
-def agent_view(agent: dict, running: int) -> dict:
-    """The public JSON shape of an agent (SPEC §6)."""
+def agent_view(agent: dict, running: int, down_hosts: Container[str] = ()) -> dict:
+    """The public JSON shape of an agent (SPEC §6). ``host_status``: for an ssh_cli agent, ``down`` while its
+    host is marked down (dispatch skips it), else ``up``; None for a pull agent."""
+    host_status = None
+    if agent["mode"] == AgentMode.SSH_CLI:
+        host_status = "down" if agent["host_id"] in down_hosts else "up"
     return {
         "agent_id": agent["agent_id"], "agent_type": agent["agent_type"], "capabilities": agent["capabilities"],
         "max_concurrency": agent["max_concurrency"], "mode": agent["mode"], "status": agent["status"],
         "last_heartbeat_at": iso(agent["last_heartbeat_at"]), "running": running, "host_id": agent["host_id"],
-        "registered_at": iso(agent["registered_at"]),
+        "host_status": host_status, "registered_at": iso(agent["registered_at"]),
     }  # fmt: skip
+
+
+def agent_views(store: Store, agents: Sequence[dict]) -> list[dict]:
+    """``agent_view`` of each agent with its load and its host's status, read now (inside the caller's
+    snapshot, if any): the one way every caller renders agents."""
+    running, down = store.running_counts(), store.down_hosts()
+    return [agent_view(a, running.get(a["agent_id"], 0), down) for a in agents]
 
 
 def event_view(ev: dict) -> dict:
@@ -109,9 +120,7 @@ def list_agents(store: Store, *, status: str | None = None, mode: str | None = N
         raise UsageError("mode must be http_pull or ssh_cli", code="invalid_query")
     with store.read():
         agents = store.agents(status=status or None, mode=mode or None)
-        running = store.running_counts()
-    return [agent_view(a, running.get(a["agent_id"], 0)) for a in agents
-            if not capability or capability in a["capabilities"]]  # fmt: skip
+        return agent_views(store, [a for a in agents if not capability or capability in a["capabilities"]])
 
 
 def agent_detail(store: Store, agent_id: str, *, recent_events: int = 20) -> dict:
@@ -120,7 +129,7 @@ def agent_detail(store: Store, agent_id: str, *, recent_events: int = 20) -> dic
         agent = get_agent(store, agent_id)
         held = store.tasks(states=(TaskState.ASSIGNED, TaskState.RUNNING), agent_id=agent_id)
         events = store.events(agent_id=agent_id, limit=recent_events, newest=True)
-    doc = agent_view(agent, len(held))
+        doc = agent_views(store, [agent])[0]
     doc["tasks"] = [t["task_id"] for t in held]
     doc["events"] = [event_view(e) for e in events]
     return doc
