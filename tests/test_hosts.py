@@ -115,3 +115,15 @@ def test_host_unreachable_is_a_remote_error_naming_the_host(cfg):
     finally:
         ex.close()
     assert "host h1" in err.value.message and err.value.exit_code == 5
+
+
+def test_a_missing_key_file_is_named_in_the_error(cfg, tmp_path):
+    from fleetctl.executors.ssh import SshExecutor
+
+    ex = SshExecutor(replace(cfg.hosts[0], ssh_key_path=str(tmp_path / "no-such-key")))
+    try:
+        with pytest.raises(HostUnreachable) as err:
+            ex.check()
+    finally:
+        ex.close()
+    assert f"the key file {tmp_path / 'no-such-key'} (ssh_key_path) does not exist" in err.value.message

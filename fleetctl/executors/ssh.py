@@ -145,7 +145,11 @@ class SshExecutor:
             "channel_timeout": self.timeout,
         }
         if host.ssh_key_path:
-            connect_kwargs["key_filename"] = os.path.expanduser(host.ssh_key_path)
+            key = os.path.expanduser(host.ssh_key_path)
+            if not os.access(key, os.R_OK):  # paramiko would say only "No such file or directory"
+                problem = "does not exist" if not os.path.exists(key) else "is not readable by this user"
+                raise self._error(_CANNOT_CONNECT, f"the key file {key} (ssh_key_path) {problem}", code)
+            connect_kwargs["key_filename"] = key
         config = fabric.Config(lazy=True, ssh_config=paramiko.SSHConfig())  # no ~/.ssh/config, no /etc/fabric.yml
         conn = fabric.Connection(host.hostname, user=host.ssh_user, port=host.ssh_port, config=config,
                                  connect_timeout=self.timeout, connect_kwargs=connect_kwargs)  # fmt: skip
