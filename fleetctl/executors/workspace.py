@@ -39,7 +39,8 @@ Design notes:
   ``…/{task_id}/{attempt}`` in form (absolute or relative, no ``.``/``..``/``//``, a number last), neither
   it nor its task directory a symbolic link, a real directory with a real ``.fleet/`` directory inside.
   It refuses while any member of the run's process group lives, even after ``exit_status`` was written
-  (a child the command left behind), then removes the *resolved* path, staying on its file system
+  (a child the command left behind); where it cannot tell (a process it may not look at or signal) it
+  counts the run as alive. Then it removes the *resolved* path, staying on its file system
   (GNU ``rm --one-file-system``: a FUSE mount an agent left there is not descended into), and then the
   task directory if that became empty (``rmdir``). A missing workspace counts as removed only when its
   task directory or the work_dir is there to be looked into: a path hidden from the sweep (systemd's
@@ -196,6 +197,16 @@ REMOVE_SCRIPT = (
     + r"""
 refuse() { echo "removed=0 why=not-a-workspace reason=$1"; exit 0; }
 fail() { echo "removed=0 why=failed"; printf '%s\n' "$1" | head -c 600; exit 0; }
+# unlike ours(), "cannot tell" is never "elsewhere", and a group we may not signal counts as alive
+elsewhere() {
+  [ -d /proc/self ] && command -v readlink > /dev/null 2>&1 || return 1
+  c=$(readlink "/proc/$1/cwd" 2>/dev/null) || return 1
+  [ "$c" != "$here" ]
+}
+lives() {
+  e=$(kill -s 0 -- "-$1" 2>&1) || case $e in *"No such process"*) return 1 ;; *) return 0 ;; esac
+  group_alive "$1"
+}
 ws=$1
 case $ws in */*/*|[!/]*/*) ;; *) refuse layout ;; esac
 case $ws in */|*//*|*/./*|*/../*|./*|../*|*/.|*/..) refuse layout ;; esac
@@ -218,7 +229,8 @@ cd -P -- "$ws" 2>/dev/null || fail "cannot enter $ws"
 here=$(pwd -P)
 [ "${here##*/}" = "$base" ] || refuse symlink
 pid=$(num .fleet/pid)
-if [ -n "$pid" ] && ! { live "$pid" && ! ours "$pid"; } && group_alive "$pid"; then
+case $pid in 0|1) pid= ;; esac
+if [ -n "$pid" ] && ! { live "$pid" && elsewhere "$pid"; } && lives "$pid"; then
   echo "removed=0 why=alive pid=$pid"; exit 0
 fi
 cd / || fail "cannot leave $here"
