@@ -599,7 +599,7 @@ class Store:
                             after: tuple[float, str, int] | None = None) -> list[dict]:  # fmt: skip
         """Settled attempts whose workspace is still there and which ended before ``ended_before``, oldest first
         (by ``ended_at, task_id, attempt``); only on ``hosts`` when given, and only after the key ``after``."""
-        # the partial index attempts_to_clean serves the first four terms (its own WHERE) and the order
+        # the partial index attempts_to_clean (ended_at, under the first three terms) serves the scan
         where, params = _where(
             ("ended_at IS NOT NULL AND workspace IS NOT NULL AND workspace_cleaned_at IS NULL AND ended_at < ?",
              [ended_before]),
