@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import json
 import os
 import sys
 import time
@@ -305,7 +306,8 @@ def sweep(
     executor_for: ExecutorFactory = default_executor,
     now: Callable[[], float] = time.time,
 ) -> SweepReport:
-    """One sweep: lost agents, hard timeouts, ended or dead runs, expired leases, released backoff."""
+    """One sweep: lost agents, hard timeouts, ended or dead runs, expired leases, released backoff, and the
+    workspaces of attempts settled longer ago than ``orchestrator.workspace_retention_secs``."""
     report = SweepReport()
     with pass_lock(store.path, "sweep") as locked:
         if not locked:
@@ -342,6 +344,7 @@ def sweep(
         _stop_cancelled_runs(store, cfg, report, {k: v for k, v in hosts.items() if k not in down}, executor, now())
         report.backoff_released = store.count_backoff_released(now())
         _prune_deliveries(store, cfg, report, now())
+        _clean_workspaces(store, cfg, report, {k: v for k, v in hosts.items() if k not in down}, executor, now)
     report.outbox = flush_outbox(store, cfg, now)
     return report
 
@@ -351,6 +354,86 @@ def _prune_deliveries(store: Store, cfg: Config, report: SweepReport, t: float) 
     keep = cfg.forgejo.delivery_retention_secs
     if keep and (removed := store.prune_deliveries(t - keep)):
         report.add("deliveries.pruned", removed=removed, older_than_secs=round(keep))
+
+
+CLEAN_BATCH = 20
+"""How many workspaces one sweep pass looks at, at most (each is one ``rm -rf`` of a worktree, or one
+refusal). The sweep runs every 30 s, so 20 a pass is 2,400 an hour: far more attempts than a fleet
+settles, so a backlog drains (even turning retention on over months of history takes hours, not days),
+while one pass stays short: 20 removals of a worktree with its build output take seconds."""
+
+CLEAN_BUDGET_SECS = 60.0
+"""Once the cleanup of one pass has taken this long it starts no more removals (the next pass goes on
+where it stopped): a host that hangs, or an enormous tree, holds a pass up by at most this plus one
+removal's timeout, inside the sweep unit's ``TimeoutStartSec``."""
+
+CLEAN_CURSOR = "workspace_cleanup_cursor"
+"""``meta`` key: the ``[ended_at, task_id, attempt]`` of the last workspace the cleanup looked at."""
+
+
+def _clean_workspaces(store: Store, cfg: Config, report: SweepReport, hosts: dict[str, HostConfig],
+                      executor: Callable[[HostConfig], Executor], now: Callable[[], float]) -> None:  # fmt: skip
+    """Remove the workspaces of attempts settled more than ``orchestrator.workspace_retention_secs`` ago (0
+    keeps them all), oldest first, at most ``CLEAN_BATCH`` a pass, on ``hosts`` (configured and up: the
+    attempts of pull agents have no host and are not ours to clean). A workspace whose run still lives is
+    kept (``remove`` refuses) and looked at again next round; an unreachable host is marked down."""
+    keep = cfg.orchestrator.workspace_retention_secs
+    if not keep or not hosts:
+        return
+    deadline = time.monotonic() + CLEAN_BUDGET_SECS
+    last = None
+    for row in _cleanup_batch(store, now() - keep, sorted(hosts)):
+        if time.monotonic() > deadline:
+            log("workspace.cleanup_paused", why=f"{CLEAN_BUDGET_SECS:g}s spent in this pass")
+            break
+        last = row
+        host = hosts.get(row["host_id"])
+        if host is not None and not _clean_workspace(store, report, row, host, executor(host), now):
+            hosts = {k: v for k, v in hosts.items() if k != host.host_id}  # down: not again in this pass
+    if last is not None:
+        store.set_meta(CLEAN_CURSOR, json.dumps([last["ended_at"], last["task_id"], last["attempt"]]))
+
+
+def _clean_workspace(store: Store, report: SweepReport, row: dict, host: HostConfig, executor: Executor,
+                     now: Callable[[], float]) -> bool:  # fmt: skip
+    """Remove one settled attempt's workspace and record it; False if its host turned out to be unreachable."""
+    task_id, attempt, ws = row["task_id"], row["attempt"], row["workspace"]
+    ids = {"task": task_id, "attempt": attempt, "host": host.host_id}
+    # the executor proves the path is a workspace; this keeps out the path of another attempt
+    if Path(ws).name != str(attempt) or Path(ws).parent.name != task_id:
+        log("workspace.remove_failed", **ids, error=f"{ws} is not this attempt's {{work_dir}}/{{task_id}}/{{attempt}}")
+        return True
+    try:
+        gone = executor.remove(ws)
+    except HostUnreachable as exc:
+        if services.mark_host_down(store, host.host_id, exc.message, now=now()):
+            report.add("host.down", host=host.host_id, error=exc.message)
+        return False
+    except RemoteError as exc:
+        log("workspace.remove_failed", **ids, error=exc.message)
+        return True
+    if not gone:
+        log("workspace.kept", **ids, why="its run is still alive")
+    elif services.workspace_cleaned(store, task_id, attempt, now=now()):
+        report.add("workspace.cleaned", **ids, workspace=ws)
+    return True
+
+
+def _cleanup_batch(store: Store, ended_before: float, host_ids: list[str]) -> list[dict]:
+    """The next ``CLEAN_BATCH`` workspaces to clean: on from where the last pass stopped (``CLEAN_CURSOR``),
+    oldest first, wrapping around to the oldest at the end. Workspaces that stay (a run still alive, a
+    refusal) are looked at once a round and never hold up the ones behind them."""
+    try:
+        ended_at, task_id, attempt = json.loads(store.meta(CLEAN_CURSOR) or "")
+        after: tuple | None = (float(ended_at), str(task_id), int(attempt))
+    except (ValueError, TypeError):  # none yet (or not one of ours): from the oldest
+        after = None
+    rows = store.workspaces_to_clean(ended_before, CLEAN_BATCH, hosts=host_ids, after=after)
+    if len(rows) < CLEAN_BATCH and after is not None:  # the end of a round: on from the oldest
+        seen = {(r["task_id"], r["attempt"]) for r in rows}
+        rows += [r for r in store.workspaces_to_clean(ended_before, CLEAN_BATCH - len(rows), hosts=host_ids)
+                 if (r["task_id"], r["attempt"]) not in seen]  # fmt: skip
+    return rows
 
 
 def _check_down_hosts(store: Store, cfg: Config, report: SweepReport, hosts: dict[str, HostConfig],

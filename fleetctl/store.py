@@ -595,12 +595,19 @@ class Store:
     def down_hosts(self) -> dict[str, dict]:
         return {r["host_id"]: r for r in self._all("SELECT * FROM hosts WHERE status = 'down'")}
 
-    def workspaces_to_clean(self, ended_before: float, limit: int = 200) -> list[dict]:
-        """Settled attempts whose workspace is still there and which ended before ``ended_before``, oldest first."""
-        return self._all(
-            "SELECT task_id, attempt, agent_id, host_id, workspace, ended_at FROM attempts "
-            "WHERE ended_at IS NOT NULL AND workspace IS NOT NULL AND workspace_cleaned_at IS NULL "
-            "AND ended_at < ? ORDER BY ended_at LIMIT ?", (ended_before, limit))  # fmt: skip
+    def workspaces_to_clean(self, ended_before: float, limit: int = 200, *, hosts: Iterable[str] | None = None,
+                            after: tuple[float, str, int] | None = None) -> list[dict]:  # fmt: skip
+        """Settled attempts whose workspace is still there and which ended before ``ended_before``, oldest first
+        (by ``ended_at, task_id, attempt``); only on ``hosts`` when given, and only after the key ``after``."""
+        # the partial index attempts_to_clean (ended_at, under the first three terms) serves the scan
+        where, params = _where(
+            ("ended_at IS NOT NULL AND workspace IS NOT NULL AND workspace_cleaned_at IS NULL AND ended_at < ?",
+             [ended_before]),
+            ("host_id IN (SELECT value FROM json_each(?))", [json.dumps(list(hosts))]) if hosts is not None else None,
+            ("(ended_at, task_id, attempt) > (?, ?, ?)", list(after)) if after is not None else None,
+        )  # fmt: skip
+        return self._all("SELECT task_id, attempt, agent_id, host_id, workspace, ended_at FROM attempts"
+                         f"{where} ORDER BY ended_at, task_id, attempt LIMIT ?", (*params, limit))  # fmt: skip
 
     def events(
         self,

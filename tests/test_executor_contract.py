@@ -302,6 +302,84 @@ class TestExecutorContract:
         assert ended(executor, again.workspace).exit_code == 5
         assert Path(f"{again.workspace}/again").read_bytes() == PROMPT.encode()
 
+    def test_remove_keeps_a_live_run_and_removes_it_once_ended_with_its_empty_task_directory(self, executor, tmp_path):
+        s = spec(tmp_path)
+        executor.launch(s)
+        Path(s.workspace, "worktree", "src").mkdir(parents=True)
+        Path(s.workspace, "worktree", "src", "main.py").write_text("print('hi')\n")
+        assert executor.remove(s.workspace) is False  # the run lives: nothing removed
+        assert executor.probe(s.workspace).alive and Path(s.workspace, "worktree", "src", "main.py").exists()
+        Path(s.workspace, "go").touch()
+        ended(executor, s.workspace)
+        assert executor.remove(s.workspace) is True
+        assert not Path(s.workspace).exists() and not Path(s.workspace).parent.exists()  # {work_dir}/{task_id} too
+        assert (tmp_path / "ws").is_dir()  # never the work_dir
+        assert executor.remove(s.workspace) is True  # already gone is fine
+
+    def test_remove_keeps_a_workspace_while_a_child_of_an_ended_run_lives(self, executor, tmp_path):
+        """The command exited (exit_status written) but left a child in the run's process group."""
+        child = 'n=0; while [ ! -e go ] && [ "$n" -lt 600 ]; do sleep 0.05; n=$((n+1)); done'
+        s = spec(tmp_path, ("sh", "-c", f"({child}) > /dev/null 2>&1 & exit 0"))
+        executor.launch(s)
+        assert ended(executor, s.workspace).exit_code == 0
+        assert executor.remove(s.workspace) is False
+        assert Path(s.workspace, ".fleet", "exit_status").exists()
+        Path(s.workspace, "go").touch()  # the child ends
+        wait_for(lambda: executor.remove(s.workspace), what="the workspace to be removed once the child ended")
+        assert not Path(s.workspace).exists()
+
+    def test_remove_keeps_the_other_attempts_of_the_task(self, executor, tmp_path):
+        first, second = spec(tmp_path, ("true",)), spec(tmp_path, ("true",), attempt=2)
+        for s in (first, second):
+            executor.launch(s)
+            ended(executor, s.workspace)
+        assert executor.remove(first.workspace) is True
+        assert not Path(first.workspace).exists() and Path(second.workspace, ".fleet", "pid").exists()
+
+    def test_remove_refuses_what_is_not_a_fleetctl_workspace_and_removes_nothing(self, executor, tmp_path):
+        precious = tmp_path / "ws" / "t-1" / "1"  # the layout, but no .fleet/ directory
+        precious.mkdir(parents=True)
+        (precious / "keep.txt").write_text("mine")
+        workspace = spec(tmp_path, ("true",), task_id="t-2")  # a real workspace, reached the wrong ways
+        executor.launch(workspace)
+        ended(executor, workspace.workspace)
+        elsewhere = tmp_path / "elsewhere" / "t-3"
+        elsewhere.mkdir(parents=True)
+        (elsewhere / "1").symlink_to(workspace.workspace)  # a symlinked workspace
+        (tmp_path / "ws" / "t-4").symlink_to(Path(workspace.workspace).parent)  # a symlinked task directory
+        afile = tmp_path / "ws" / "t-5" / "1"
+        afile.parent.mkdir()
+        afile.write_text("not a directory")
+        ws = str(tmp_path / "ws")
+        for path in (str(precious), str(elsewhere / "1"), f"{ws}/t-4/1", str(afile), f"{ws}/t-2",
+                     f"{ws}/t-2/1/", f"{ws}/t-2/../t-2/1", f"{ws}//t-2/1", ws, str(tmp_path), "/", "1"):  # fmt: skip
+            with pytest.raises(RemoteError) as caught:
+                executor.remove(path)
+            assert caught.value.code == "remove_failed" and "not a fleetctl workspace" in caught.value.message, path
+        assert (precious / "keep.txt").read_text() == "mine" and afile.read_text() == "not a directory"
+        assert Path(workspace.workspace, ".fleet", "exit_status").exists()
+
+    def test_remove_of_a_workspace_it_cannot_see_is_an_error_never_already_gone(self, executor, tmp_path):
+        with pytest.raises(RemoteError) as caught:
+            executor.remove(str(tmp_path / "no-such-work-dir" / "t-1" / "1"))
+        assert caught.value.code == "remove_failed" and "cannot look for" in caught.value.message
+        (tmp_path / "ws" / "t-1").mkdir(parents=True)  # the task directory is there, the attempt is not
+        assert executor.remove(str(tmp_path / "ws" / "t-1" / "1")) is True
+        assert not (tmp_path / "ws" / "t-1").exists()
+
+    def test_remove_takes_read_only_trees_and_hostile_names(self, executor, tmp_path):
+        hostile = "t 'x\" $(touch PWNED) `touch PWNED`; touch PWNED & |*\nz"
+        s = spec(tmp_path, ("true",), task_id=hostile)
+        executor.launch(s)
+        ended(executor, s.workspace)
+        locked = Path(s.workspace, "pkg", "mod@v1")
+        locked.mkdir(parents=True)
+        (locked / "go.mod").write_text("module x\n")
+        locked.chmod(0o500)  # what Go's module cache does
+        locked.parent.chmod(0o500)
+        assert executor.remove(s.workspace) is True
+        assert not Path(s.workspace).parent.exists() and not list(tmp_path.rglob("PWNED"))
+
     def test_close_is_idempotent(self, factory):
         ex = factory.make()
         ex.close()

@@ -46,7 +46,8 @@ def dispatch(
 def sweep_timeouts(json_: JsonOpt = False, config: ConfigOpt = None) -> None:
     """One pass: hard timeouts, lost agents, ended or dead runs, expired leases, released backoff.
 
-    Also checks pending receipts against Forgejo, forgets old webhook deliveries and flushes the outbox.
+    Also checks pending receipts against Forgejo, forgets old webhook deliveries, removes the workspaces of
+    attempts settled longer ago than orchestrator.workspace_retention_secs and flushes the outbox.
 
     Example: fleetctl sweep-timeouts --json
     """

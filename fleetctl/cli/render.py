@@ -98,6 +98,15 @@ def pull_request_text(pr: dict | None) -> str:
     return text or pr.get("url") or ""
 
 
+def workspace_text(attempt: dict) -> str:
+    """Where an attempt's workspace is (``host:path``), or ``(cleaned TIME)`` once the sweep removed it."""
+    if attempt.get("workspace_cleaned_at"):
+        return f"(cleaned {attempt['workspace_cleaned_at']})"
+    if not attempt.get("workspace"):
+        return ""
+    return f"{attempt['host_id']}:{attempt['workspace']}" if attempt.get("host_id") else attempt["workspace"]
+
+
 def render_task(doc: dict) -> None:
     """``task show``: a task detail view (``services.task_detail``)."""
     now = time.time()
@@ -123,7 +132,7 @@ def render_task(doc: dict) -> None:
             [Col("#"), Col("AGENT", "id"), Col("HOST", "id", drop=4), Col("OUTCOME"), Col("REASON", drop=1),
              Col("STARTED", drop=3), Col("ENDED", drop=2), Col("WORKSPACE", "text", drop=5, min=20)],
             ([a["attempt"], a["agent_id"], a["host_id"], a["outcome"] or "(open)", a["failure_reason"],
-              a["started_at"], a["ended_at"], a["workspace"]] for a in doc["attempts"]),
+              a["started_at"], a["ended_at"], workspace_text(a)] for a in doc["attempts"]),
             _cell_style,
         )  # fmt: skip
     print()
@@ -152,6 +161,8 @@ def describe_event(ev: dict, short: bool = False) -> str:
         return d.get("reason", "")
     if t == "task.progress":
         return d.get("message", "")
+    if t == "attempt.workspace_cleaned":
+        return f"removed {d.get('host_id')}:{d.get('workspace')}"
     if t.startswith("agent."):
         return d.get("reason") or ", ".join(f"{k}={human(v)}" for k, v in d.items() if k != "token_hash")
     return json.dumps(d, sort_keys=True)[:120] if d else ""

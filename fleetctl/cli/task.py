@@ -131,6 +131,8 @@ def task_list(
 def task_show(task_id: TaskIdArg, json_: JsonOpt = False, config: ConfigOpt = None) -> None:
     """Show a task with its attempts and events.
 
+    Each attempt says where its workspace is (host:path), or when the sweep removed it.
+
     Example: fleetctl task show t-3f9a1c2b7e --json
     """
     from fleetctl import services

@@ -1,11 +1,12 @@
-"""Executors run an attempt detached on a host and let later passes probe or kill it (SPEC §8).
+"""Executors run an attempt detached on a host and let later passes probe or kill it, and remove its
+workspace once it is settled and old (SPEC §8).
 
-One interface (``base.Executor``: ``launch``, ``probe``, ``kill``, ``close``) over a workspace directory
-``{work_dir}/{task_id}/{attempt}``:
+One interface (``base.Executor``: ``launch``, ``probe``, ``kill``, ``remove``, ``close``) over a workspace
+directory ``{work_dir}/{task_id}/{attempt}``:
 
 - ``base``: ``LaunchSpec``, ``RunStatus`` and the ``Executor`` protocol;
-- ``workspace``: the workspace layout, the POSIX-sh run wrapper and the probe and kill scripts that run
-  in the workspace, and the run's environment (``run_env``, ``INHERITED_ENV``, ``fleet_env``);
+- ``workspace``: the workspace layout, the POSIX-sh run wrapper and the probe, kill and remove scripts
+  that run in the workspace, and the run's environment (``run_env``, ``INHERITED_ENV``, ``fleet_env``);
 - ``local``: ``LocalExecutor``, which runs those scripts by subprocess on this machine. The pull agent
   (``fleetctl agent run``) launches, caps and kills its commands through it as well;
 - ``ssh``: ``SshExecutor``, which runs the same scripts over one SSH connection per host (fabric and
@@ -31,6 +32,7 @@ from fleetctl.executors.workspace import (
     KILL_SCRIPT,
     META,
     PROBE_SCRIPT,
+    REMOVE_SCRIPT,
     RUN_WRAPPER,
     fleet_env,
     python_bin_dir,
@@ -47,6 +49,7 @@ __all__ = [
     "META",
     "PROBE_SCRIPT",
     "PROMPT_MODES",
+    "REMOVE_SCRIPT",
     "RUN_WRAPPER",
     "Executor",
     "LaunchSpec",

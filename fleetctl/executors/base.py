@@ -1,7 +1,8 @@
 """The executor interface: what dispatch, sweep and the pull agent need from "somewhere runs attempts".
 
 An executor starts one attempt detached in its workspace (``launch``), later looks at how it is doing
-(``probe``) and stops it (``kill``); ``close`` releases what it holds (an SSH connection; nothing for
+(``probe``), stops it (``kill``) and, once the attempt is settled and old, removes its workspace
+(``remove``); ``close`` releases what it holds (an SSH connection; nothing for
 the local executor) and may be called any number of times. The workspace directory is the only state
 shared between the process that launched a run and the ones that probe or kill it later, so any process
 (a later ``sweep-timeouts``, a restarted pull agent) can pick a run up by its workspace path alone.
@@ -90,6 +91,15 @@ class Executor(Protocol):
 
         True if a live run was signalled (it is gone when this returns); False if there was nothing of
         ours to stop (no run, already ended, vanished, or its pid now belongs to another process).
+        """
+        ...
+
+    def remove(self, workspace: str) -> bool:
+        """Remove a run's workspace directory, then its task directory if that became empty.
+
+        True if the workspace is gone (removed now, or not there at all); False if a member of the run's
+        process group still lives (nothing is removed). ``RemoteError`` (code ``remove_failed``) for a path
+        that is not a fleetctl workspace (refused, nothing removed) or a removal that failed part-way.
         """
         ...
 

@@ -5,10 +5,10 @@ with ``setsid -f`` (stdin, stdout and stderr on ``/dev/null``), so the run is in
 process group, is not our child, and outlives the process that launched it (a one-shot ``dispatch``, or
 a pull agent that is restarted). It returns once the wrapper has written its pid.
 
-``probe`` and ``kill`` run the workspace module's POSIX scripts with ``sh -c`` and parse what they print:
-the same scripts an SSH executor runs on its host, so the two cannot drift apart. That costs one ``sh``
-process per probe (a few milliseconds; the sweep probes each open attempt once per pass), which is the
-price of one code path for every host. The pull agent (``fleetctl agent run``) runs its commands through
+``probe``, ``kill`` and ``remove`` run the workspace module's POSIX scripts with ``sh -c`` and parse what
+they print: the same scripts an SSH executor runs on its host, so the two cannot drift apart. That costs
+one ``sh`` process per probe (a few milliseconds; the sweep probes each open attempt once per pass), which
+is the price of one code path for every host. The pull agent (``fleetctl agent run``) runs its commands through
 this executor too, and between probes only reads ``.fleet/exit_status``.
 """
 
@@ -18,19 +18,24 @@ import os
 import shlex
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from fleetctl.errors import RemoteError
 from fleetctl.executors.base import DEFAULT_KILL_GRACE_SECS, LaunchSpec, RunStatus
 from fleetctl.executors.workspace import (
     META,
+    REMOVE_TIMEOUT_SECS,
     STALE_FILES,
     kill_argv,
     launch_problem,
     meta_files,
     parse_kill,
     parse_probe,
+    parse_remove,
     probe_argv,
+    remove_argv,
     wrapper_argv,
 )
 
@@ -39,6 +44,8 @@ DEFAULT_START_TIMEOUT_SECS = 10.0
 
 _SCRIPT_TIMEOUT_SECS = 30.0
 """Bound on one probe; a kill gets its grace period on top."""
+
+T = TypeVar("T")
 
 
 class LocalExecutor:
@@ -98,26 +105,24 @@ class LocalExecutor:
 
     def probe(self, workspace: str) -> RunStatus:
         """Run ``PROBE_SCRIPT`` on the workspace and parse its answer."""
-        out = self._script(probe_argv(workspace), _SCRIPT_TIMEOUT_SECS, "probe", workspace)
-        try:
-            return parse_probe(out)
-        except ValueError as exc:
-            raise RemoteError(f"cannot probe {workspace}: {exc}", code="probe_failed") from None
+        return self._script(probe_argv(workspace), _SCRIPT_TIMEOUT_SECS, "probe", workspace, parse_probe)
 
     def kill(self, workspace: str, grace_secs: float = DEFAULT_KILL_GRACE_SECS) -> bool:
         """Run ``KILL_SCRIPT`` (TERM the group, KILL it after ``grace_secs``); True if it stopped a run."""
-        out = self._script(kill_argv(workspace, grace_secs), _SCRIPT_TIMEOUT_SECS + grace_secs, "kill", workspace)
-        try:
-            return parse_kill(out)[0]
-        except ValueError as exc:
-            raise RemoteError(f"cannot kill the run in {workspace}: {exc}", code="kill_failed") from None
+        return self._script(kill_argv(workspace, grace_secs), _SCRIPT_TIMEOUT_SECS + grace_secs, "kill", workspace,
+                            lambda out: parse_kill(out)[0])  # fmt: skip
+
+    def remove(self, workspace: str) -> bool:
+        """Run ``REMOVE_SCRIPT``: True if the workspace is gone, False if its run still lives (kept)."""
+        return self._script(remove_argv(workspace), REMOVE_TIMEOUT_SECS, "remove", workspace, parse_remove)
 
     def close(self) -> None:
         """Nothing to release (no connection); idempotent."""
         self.closed = True
 
     @staticmethod
-    def _script(argv: list[str], timeout: float, what: str, workspace: str) -> bytes:
+    def _script(argv: list[str], timeout: float, what: str, workspace: str, parse: Callable[[bytes], T]) -> T:
+        """Run a workspace script; ``parse`` of its answer, or ``RemoteError`` (code ``{what}_failed``)."""
         # a fixed, minimal environment: the scripts need only sh builtins and a few POSIX tools
         env = {"PATH": os.environ.get("PATH") or os.defpath, "LC_ALL": "C"}
         try:
@@ -128,7 +133,10 @@ class LocalExecutor:
             error = done.stderr.decode("utf-8", "replace").strip()[-300:]
             raise RemoteError(f"cannot {what} {workspace}: sh exited {done.returncode}: {error}",
                               code=f"{what}_failed")  # fmt: skip
-        return done.stdout
+        try:
+            return parse(done.stdout)
+        except ValueError as exc:
+            raise RemoteError(f"cannot {what} {workspace}: {exc}", code=f"{what}_failed") from None
 
 
 def _read_int(path: Path) -> int | None:

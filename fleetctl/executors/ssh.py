@@ -1,9 +1,9 @@
 """The SSH executor: runs attempts on a ``[[hosts]]`` entry over SSH (SPEC §8), behind the same interface
 and contract suite as the local executor, with the very same workspace scripts.
 
-One fabric ``Connection`` per executor, opened at the first call and reused for every launch, probe and
-kill until ``close`` (a pass makes one executor per host, so a pass logs in once per host). A connection
-that broke is dropped and opened afresh by the next call.
+One fabric ``Connection`` per executor, opened at the first call and reused for every launch, probe, kill
+and remove until ``close`` (a pass makes one executor per host, so a pass logs in once per host). A
+connection that broke is dropped and opened afresh by the next call.
 
 ``launch`` mirrors ``LocalExecutor.launch``: it refuses a workspace whose run still lives and clears a
 finished run's bookkeeping, creates ``.fleet/`` (mode 700), uploads ``prompt.md`` and ``run.sh`` over SFTP
@@ -40,13 +40,16 @@ from fleetctl.errors import HostUnreachable, RemoteError
 from fleetctl.executors.base import DEFAULT_KILL_GRACE_SECS, LaunchSpec, RunStatus
 from fleetctl.executors.workspace import (
     META,
+    REMOVE_TIMEOUT_SECS,
     STALE_FILES,
     kill_argv,
     launch_problem,
     meta_files,
     parse_kill,
     parse_probe,
+    parse_remove,
     probe_argv,
+    remove_argv,
     wrapper_argv,
 )
 
@@ -340,6 +343,15 @@ class SshExecutor:
             return parse_kill(out)[0]
         except ValueError as exc:
             raise self._error(f"cannot kill the run in {workspace}", str(exc), "kill_failed") from None
+
+    def remove(self, workspace: str) -> bool:
+        """Run ``REMOVE_SCRIPT`` on the host: True if the workspace is gone, False if its run still lives (kept)."""
+        out = self._exec(["env", "LC_ALL=C", *remove_argv(workspace)], REMOVE_TIMEOUT_SECS,
+                         f"cannot remove {workspace}", "remove_failed")  # fmt: skip
+        try:
+            return parse_remove(out)
+        except ValueError as exc:
+            raise self._error(f"cannot remove {workspace}", str(exc), "remove_failed") from None
 
     def check(self) -> None:
         """Log in (or reuse the connection) and run ``true``: ``HostUnreachable`` / ``RemoteError`` if not."""

@@ -1,4 +1,4 @@
-"""The workspace of a run, and the three small POSIX ``sh`` scripts that work in it.
+"""The workspace of a run, and the four small POSIX ``sh`` scripts that work in it.
 
 A run of attempt N of task T lives in ``{work_dir}/{T}/{N}``; its bookkeeping is in ``.fleet/`` there:
 
@@ -14,7 +14,8 @@ A run of attempt N of task T lives in ``{work_dir}/{T}/{N}``; its bookkeeping is
 
 Everything a later process needs to know about a run is in these files, and everything it does to a run
 is done by a script that runs *in the workspace* and prints a machine-readable answer: ``PROBE_SCRIPT``
-(``key=value`` lines, then the tail of stderr) and ``KILL_SCRIPT`` (one ``killed=0|1 …`` line). The local
+(``key=value`` lines, then the tail of stderr), ``KILL_SCRIPT`` (one ``killed=0|1 …`` line) and
+``REMOVE_SCRIPT`` (one ``removed=0|1 …`` line, for the sweep's cleanup of settled attempts). The local
 executor runs them with ``sh -c SCRIPT NAME ARGS…``; an SSH executor runs the very same argv on the host
 (``shlex``-quoted), so both share one code path and one contract test suite. Paths and ids only ever
 reach a shell as positional arguments, never inside the script text.
@@ -34,6 +35,16 @@ Design notes:
   then SIGKILLs the group and waits (bounded) until it is gone, so "killed" means "gone".
 - **Exit-status race.** A probe that finds the wrapper dead re-reads ``exit_status``: the wrapper writes
   it before it exits, so a run that ends during a probe is reported ended, never vanished.
+- **Remove** (``rm -rf`` of a path read from the database) first proves the path is a fleetctl workspace:
+  ``…/{task_id}/{attempt}`` in form (absolute or relative, no ``.``/``..``/``//``, a number last), neither
+  it nor its task directory a symbolic link, a real directory with a real ``.fleet/`` directory inside.
+  It refuses while any member of the run's process group lives, even after ``exit_status`` was written
+  (a child the command left behind); where it cannot tell (a process it may not look at or signal) it
+  counts the run as alive. Then it removes the *resolved* path, staying on its file system
+  (GNU ``rm --one-file-system``: a FUSE mount an agent left there is not descended into), and then the
+  task directory if that became empty (``rmdir``). A missing workspace counts as removed only when its
+  task directory or the work_dir is there to be looked into: a path hidden from the sweep (systemd's
+  ``ProtectHome=``, an unmounted disk) is an error, never "already gone".
 """
 
 from __future__ import annotations
@@ -54,6 +65,9 @@ STALE_FILES = ("pid", "exit_status", "started_at", "report.log")
 
 TAIL_BYTES = 2000
 """How much of stderr a probe returns."""
+
+REMOVE_TIMEOUT_SECS = 120.0
+"""Bound on one workspace removal (``rm -rf`` of a worktree with its build output can take a while)."""
 
 #: The run wrapper. argv: CAP_BYTES PROMPT_MODE COMMAND... ; cwd: the workspace.
 #: Records .fleet/pid, .fleet/stdout.log and .fleet/stderr.log (each capped at CAP_BYTES; the command never
@@ -173,6 +187,66 @@ exit 0
 """
 )
 
+#: argv: WORKSPACE. Prints one line: "removed=1", or "removed=0 why=gone" (nothing there: fine), "removed=0
+#: why=alive pid=N" (a member of the run's process group lives: nothing removed), "removed=0
+#: why=not-a-workspace reason=layout|symlink|not-a-directory|no-meta" (refused: nothing removed) or
+#: "removed=0 why=failed" followed by what went wrong (rm's errors, capped).
+REMOVE_SCRIPT = (
+    "# fleetctl remove (generated; see fleetctl/executors/workspace.py)"
+    + _SH_LIB
+    + r"""
+refuse() { echo "removed=0 why=not-a-workspace reason=$1"; exit 0; }
+fail() { echo "removed=0 why=failed"; printf '%s\n' "$1" | head -c 600; exit 0; }
+# unlike ours(), "cannot tell" is never "elsewhere", and a group we may not signal counts as alive
+elsewhere() {
+  [ -d /proc/self ] && command -v readlink > /dev/null 2>&1 || return 1
+  c=$(readlink "/proc/$1/cwd" 2>/dev/null) || return 1
+  [ "$c" != "$here" ]
+}
+lives() {
+  e=$(kill -s 0 -- "-$1" 2>&1) || case $e in *"No such process"*) return 1 ;; *) return 0 ;; esac
+  group_alive "$1"
+}
+ws=$1
+case $ws in */*/*|[!/]*/*) ;; *) refuse layout ;; esac
+case $ws in */|*//*|*/./*|*/../*|./*|../*|*/.|*/..) refuse layout ;; esac
+base=${ws##*/}; parent=${ws%/*}
+case $base in ''|0*|*[!0-9]*) refuse layout ;; esac
+case $parent in */*) top=${parent%/*}; top=${top:-/} ;; *) top=. ;; esac
+if [ ! -e "$ws" ] && [ ! -L "$ws" ]; then
+  if [ -d "$parent" ] && [ ! -L "$parent" ] && [ -x "$parent" ]; then
+    rmdir -- "$parent" 2>/dev/null; echo "removed=0 why=gone"; exit 0
+  fi
+  if [ ! -e "$parent" ] && [ ! -L "$parent" ] && [ -d "$top" ] && [ -x "$top" ]; then
+    echo "removed=0 why=gone"; exit 0
+  fi
+  fail "cannot look for $ws: neither it nor its task directory nor the work_dir can be seen"
+fi
+[ ! -L "$ws" ] && [ ! -L "$parent" ] || refuse symlink
+[ -d "$ws" ] || refuse not-a-directory
+cd -P -- "$ws" 2>/dev/null || fail "cannot enter $ws"
+[ -d .fleet ] && [ ! -L .fleet ] || refuse no-meta
+here=$(pwd -P)
+[ "${here##*/}" = "$base" ] || refuse symlink
+pid=$(num .fleet/pid)
+case $pid in 0|1) pid= ;; esac
+if [ -n "$pid" ] && ! { live "$pid" && elsewhere "$pid"; } && lives "$pid"; then
+  echo "removed=0 why=alive pid=$pid"; exit 0
+fi
+cd / || fail "cannot leave $here"
+ofs=
+rm --one-file-system -f -- "$here/.fleet/.rm-probe.$$" 2>/dev/null && ofs=--one-file-system
+if ! err=$(rm -rf $ofs -- "$here" 2>&1); then
+  chmod -R u+rwX -- "$here" 2>/dev/null
+  err=$(rm -rf $ofs -- "$here" 2>&1)
+fi
+[ ! -e "$here" ] && [ ! -L "$here" ] || fail "${err:-rm left $here behind}"
+rmdir -- "${here%/*}" 2>/dev/null
+echo removed=1
+exit 0
+"""
+)
+
 _TAIL_MARK = b"--stderr-tail--\n"
 
 INHERITED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "TERM")
@@ -258,6 +332,11 @@ def kill_argv(workspace: str, grace_secs: float) -> list[str]:
     return ["sh", "-c", KILL_SCRIPT, "fleetctl-kill", workspace, str(ticks)]
 
 
+def remove_argv(workspace: str) -> list[str]:
+    """The remove script, as argv (``sh -c SCRIPT NAME WORKSPACE``)."""
+    return ["sh", "-c", REMOVE_SCRIPT, "fleetctl-remove", workspace]
+
+
 def parse_probe(out: bytes) -> RunStatus:
     """``PROBE_SCRIPT``'s output as a ``RunStatus``; ``ValueError`` if it is not a probe's output."""
     head, _, tail = out.partition(_TAIL_MARK)
@@ -283,6 +362,33 @@ def parse_kill(out: bytes) -> tuple[bool, str]:
     if fields.get("killed") not in ("0", "1"):
         raise ValueError(f"not a kill script's output: {out[:200]!r}")
     return fields["killed"] == "1", fields.get("signal") or fields.get("why", "")
+
+
+_REFUSALS = {
+    "layout": "its path is not of the form {work_dir}/{task_id}/{attempt}",
+    "symlink": "it or its task directory is a symbolic link",
+    "not-a-directory": "it is not a directory",
+    "no-meta": f"it has no {META}/ directory",
+}
+
+
+def parse_remove(out: bytes) -> bool:
+    """``REMOVE_SCRIPT``'s answer: True if the workspace is gone (removed now, or not there at all), False if
+    its run still lives (nothing removed). ``ValueError`` saying why for a refusal (not a fleetctl
+    workspace), a removal that failed, or output that is not the script's."""
+    first, _, rest = out.decode("utf-8", "replace").partition("\n")
+    fields = dict(part.split("=", 1) for part in first.split() if "=" in part)
+    answer = fields.get("removed"), fields.get("why")
+    if answer in (("1", None), ("0", "gone")):
+        return True
+    if answer == ("0", "alive"):
+        return False
+    if answer == ("0", "not-a-workspace"):
+        why = _REFUSALS.get(fields.get("reason", ""), fields.get("reason", "?"))
+        raise ValueError(f"refusing to remove it: not a fleetctl workspace ({why})")
+    if answer == ("0", "failed"):
+        raise ValueError(rest.strip() or "rm failed")
+    raise ValueError(f"not a remove script's output: {out[:200]!r}")
 
 
 def read_exit_status(workspace: str) -> int | None:

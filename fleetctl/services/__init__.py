@@ -50,6 +50,7 @@ from fleetctl.services.runs import (
     requires_pull_request,
     settle_run,
     start_task,
+    workspace_cleaned,
 )
 from fleetctl.services.tasks import cancel_task, create_task, retry_task
 from fleetctl.services.views import (
@@ -73,4 +74,5 @@ __all__ = [
     "lose_attempts_of_down_host", "mark_host_down", "mark_host_up",
     "register_agent", "release_claim", "report_progress", "report_status", "requires_pull_request", "resume_agent",
     "retry_task", "set_agent_status", "settle_run", "sync_config_agents", "start_task", "task_detail", "task_view", "token_matches",
+    "workspace_cleaned",
 ]  # fmt: skip

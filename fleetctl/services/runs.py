@@ -380,3 +380,20 @@ def _receipt_pending(store: Store, task: dict) -> bool:
     """Whether the current attempt of ``task`` handed in a receipt that waits for Forgejo."""
     row = store.attempt(task["task_id"], task["attempt"]) if task.get("attempt") else None
     return bool(row and row["receipt_pending"] and row["ended_at"] is None)
+
+
+# ---------------------------------------------------------------------------------------------- workspaces
+
+
+def workspace_cleaned(store: Store, task_id: str, attempt: int, *, now: float | None = None) -> bool:
+    """Record that the sweep removed the workspace of a settled attempt (``attempt.workspace_cleaned``, with
+    the host and the path it was at). False, writing nothing, if the attempt is unknown, not settled, has no
+    workspace or was already recorded as cleaned."""
+    ts = now_or(now)
+    with store.write():
+        row = store.attempt(task_id, attempt)
+        if row is None or row["ended_at"] is None or not row["workspace"] or row["workspace_cleaned_at"] is not None:
+            return False
+        store.emit("attempt.workspace_cleaned", ts=ts, task_id=task_id, agent_id=row["agent_id"], attempt=attempt,
+                   data={"host_id": row["host_id"], "workspace": row["workspace"]})  # fmt: skip
+        return True

@@ -70,12 +70,13 @@ def event_view(ev: dict) -> dict:
 
 
 def attempt_view(a: dict) -> dict:
-    """The public JSON shape of an attempt."""
+    """The public JSON shape of an attempt. ``workspace`` keeps the path the run had; ``workspace_cleaned_at``
+    says when the sweep removed it (null while it is kept)."""
     return {
         "attempt": a["attempt"], "agent_id": a["agent_id"], "host_id": a["host_id"], "workspace": a["workspace"],
         "assigned_at": iso(a["assigned_at"]), "started_at": iso(a["started_at"]), "ended_at": iso(a["ended_at"]),
         "outcome": a["outcome"], "failure_reason": a["failure_reason"], "failure_detail": a["failure_detail"],
-        "receipt": a["receipt"],
+        "receipt": a["receipt"], "workspace_cleaned_at": iso(a["workspace_cleaned_at"]),
     }  # fmt: skip
 
 
