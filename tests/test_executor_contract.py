@@ -252,6 +252,18 @@ class TestExecutorContract:
             stranger.kill()
             stranger.wait()
 
+    @pytest.mark.parametrize("written", ["0", "1", "00", "01", "-1", " 1"])
+    def test_a_pid_file_naming_0_or_1_never_signals_a_group(self, executor, tmp_path, written):
+        """``kill -- -0`` would signal the caller's own process group and ``kill -- -1`` every process the
+        user may signal: a pid file an agent scribbled on must never lead there."""
+        ws = tmp_path / "ws" / "t-odd" / "1"
+        (ws / ".fleet").mkdir(parents=True)
+        (ws / ".fleet" / "pid").write_text(f"{written}\n")
+        status = executor.probe(str(ws))
+        assert status.pid is None and not status.alive and not status.vanished
+        assert executor.kill(str(ws), grace_secs=0) is False  # and this test process is still here to see it
+        assert executor.remove(str(ws)) is True and not ws.exists()
+
     def test_hostile_ids_and_paths_never_reach_a_shell_unquoted(self, executor, tmp_path):
         hostile = "t 'x\" $(touch PWNED) `touch PWNED`; touch PWNED & |*\nz"
         ws = str(tmp_path / "ws" / hostile / "1")

@@ -105,6 +105,7 @@ exit "$code"
 # Shared by the probe and kill scripts. Functions set globals (POSIX sh has no locals): s, v, c, f, g.
 _SH_LIB = r"""
 num() { v=; { read -r v < "$1"; } 2>/dev/null; case $v in ''|*[!0-9]*) v= ;; esac; printf '%s' "$v"; }
+pidnum() { v=$(num "$1"); case $v in 0*|1) v= ;; esac; printf '%s' "$v"; }
 live() {
   if [ -r /proc/self/stat ]; then
     { read -r s < "/proc/$1/stat"; } 2>/dev/null || return 1
@@ -143,7 +144,7 @@ PROBE_SCRIPT = (
     + r"""
 cd -P -- "$1" 2>/dev/null && [ -d .fleet ] || { echo exists=0; exit 0; }
 here=$(pwd -P); tail_bytes=${2:-2000}; m=.fleet
-pid=$(num "$m/pid"); code=$(num "$m/exit_status"); alive=0
+pid=$(pidnum "$m/pid"); code=$(num "$m/exit_status"); alive=0
 if [ -n "$pid" ] && [ -z "$code" ]; then
   if live "$pid" && ours "$pid"; then alive=1; else code=$(num "$m/exit_status"); fi
 fi
@@ -166,7 +167,7 @@ KILL_SCRIPT = (
     + r"""
 cd -P -- "$1" 2>/dev/null && [ -d .fleet ] || { echo "killed=0 why=no-workspace"; exit 0; }
 here=$(pwd -P); ticks=${2:-30}
-pid=$(num .fleet/pid)
+pid=$(pidnum .fleet/pid)
 [ -n "$pid" ] || { echo "killed=0 why=no-pid"; exit 0; }
 [ -z "$(num .fleet/exit_status)" ] || { echo "killed=0 why=ended"; exit 0; }
 if live "$pid" && ! ours "$pid"; then echo "killed=0 why=not-ours"; exit 0; fi
@@ -228,8 +229,7 @@ cd -P -- "$ws" 2>/dev/null || fail "cannot enter $ws"
 [ -d .fleet ] && [ ! -L .fleet ] || refuse no-meta
 here=$(pwd -P)
 [ "${here##*/}" = "$base" ] || refuse symlink
-pid=$(num .fleet/pid)
-case $pid in 0|1) pid= ;; esac
+pid=$(pidnum .fleet/pid)
 if [ -n "$pid" ] && ! { live "$pid" && elsewhere "$pid"; } && lives "$pid"; then
   echo "removed=0 why=alive pid=$pid"; exit 0
 fi
