@@ -73,3 +73,61 @@ def test_readme_opens_with_exactly_two_commands():
     assert "pytest" in lines[1]
     ci = (ROOT / ".ci" / "run").read_text()
     assert lines[1] in ci, ".ci/run must call the README's second command"
+
+
+def _sections(text: str) -> dict[str, str]:
+    """The ``### `` sections of a Markdown page by heading (``####`` subsections stay inside theirs)."""
+    parts = re.split(r"^### (.*)$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_configuration_md_has_a_row_for_every_key_and_no_other():
+    """Every key the loader accepts is in its section's table in docs/configuration.md, and every row there
+    is a key the loader accepts (a renamed key cannot linger in the docs)."""
+    from fleetctl import config as C
+
+    sections = _sections((ROOT / "docs" / "configuration.md").read_text())
+    expected = {f"[{name}]": set(keys) for name, keys in C._SCHEMA.items()}
+    expected["[[hosts]]"] = set(C._HOST_KEYS) | set(C._AGENT_KEYS)
+    expected["[agent_types.NAME]"] = set(C._AGENT_TYPE_KEYS)
+    for heading, keys in expected.items():
+        found = [body for title, body in sections.items() if title.startswith(f"`{heading}`")]
+        assert len(found) == 1, f"docs/configuration.md has no section ### `{heading}`"
+        rows = set(re.findall(r"^\| `(\w+)` \|", found[0], re.M))
+        assert rows == keys, f"{heading}: missing from the docs {sorted(keys - rows)}, not a key {sorted(rows - keys)}"
+
+
+def test_architecture_md_names_every_event_type_the_reducer_knows():
+    from fleetctl.projections import STATEFUL_EVENT_TYPES
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    missing = sorted(t for t in STATEFUL_EVENT_TYPES if f"`{t}`" not in text)
+    assert not missing, f"docs/architecture.md does not name the event types {missing}"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+DOC_PAGES = sorted([*(ROOT / "docs").glob("*.md"), ROOT / "README.md", ROOT / "skill" / "SKILL.md"])
+
+
+@pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_reach_a_file_and_a_heading(page):
+    """Every relative link of a page names a file that exists and, with ``#anchor``, a heading in it."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)  # links in code are not links
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(target)
+        elif anchor and file.suffix == ".md":
+            headings = re.findall(r"^#+ (.*)$", re.sub(r"^```.*?^```", "", file.read_text(), flags=re.M | re.S), re.M)
+            if anchor not in {_anchor(h) for h in headings}:
+                broken.append(target)
+    assert not broken, f"{page.relative_to(ROOT)}: links to nothing: {broken}"
