@@ -461,6 +461,8 @@ _AGENT_TYPE_KEYS: dict[str, _Key] = {
     "timeout_secs": _SECS,
 }
 _TOP_KEYS = (*_SCHEMA, "hosts", "agent_types")
+_RENAMED = {"accept_new_host_keys": 'replaced by host_key_policy = "accept-new" (or "strict", the default)'}
+"""Keys of earlier versions, with what to write instead."""
 _EVENT_RE = re.compile(r"^[a-z][a-z_]*\.[a-z][a-z_]*\Z")
 _URL_RE = re.compile(r"^https?://[^\s/]+", re.I)
 _BAD = object()  # a value that failed validation (already reported)
@@ -592,6 +594,8 @@ class _Loader:
         for key, value in table.items():
             if key in schema:
                 values[key] = self.value(where + (key,), schema[key], value)
+            elif key in _RENAMED:
+                self.problem(where + (key,), f"unknown key: {_RENAMED[key]}")
             elif key not in allowed:
                 self.problem(where + (key,), "unknown key" + _did_you_mean(key, allowed))
         for key, spec in schema.items():
@@ -970,8 +974,7 @@ def check_config(cfg: Config, serving_webhooks: bool = False, *, check_files: bo
 def ssh_host_problems(host: HostConfig) -> tuple[list[str], list[str]]:
     """What is wrong with an SSH host's files, as ``key: problem`` (errors, warnings): the key file must be
     given, a regular file and readable (a warning if others may read it); ``known_hosts`` must be readable,
-    unless ``host_key_policy = "accept-new"`` may create it. Checked by ``config check`` and ``serve``, not
-    by every load: a key given as a systemd credential exists only inside the units that load it."""
+    unless ``host_key_policy = "accept-new"`` may create it. Checked by ``config check``, not by every load: a key given as a systemd credential exists only inside the units that load it."""
     errors, warnings = [], []
     if not host.ssh_key_path:
         errors.append("ssh_key_path: an SSH host needs a private key file (only that key is offered)")

@@ -238,7 +238,9 @@ def launch(store: Store, cfg: Config, host: HostConfig, agent_type: str, claim: 
         atype = cfg.agent_types.get(agent_type)
         if atype is None:
             raise ConfigError(f"agent type {agent_type!r} is not configured ([agent_types.{agent_type}])")
-        env = run_env(os.environ, {**dict(atype.env), **task_env(cfg, task, token, ws, host)},
+        # a local run inherits the whitelisted basics of this process; a run on an SSH host gets its login's
+        # own HOME, USER, PATH… there (LOGIN_ENV in executors/ssh.py), never this machine's
+        env = run_env(os.environ if host.is_local else {}, {**dict(atype.env), **task_env(cfg, task, token, ws, host)},
                       fleetctl_on_path=host.is_local)  # fmt: skip
         spec = LaunchSpec(task_id=task_id, attempt=attempt, workspace=ws, command=tuple(atype.command),
                           prompt=prompt, prompt_mode=atype.prompt, env=env,
@@ -266,7 +268,8 @@ def task_env(cfg: Config, task: dict, token: str, ws: str, host: HostConfig) -> 
     pull agent's run gets) — never the Forgejo admin token; on a local host also how to reach this database."""
     from fleetctl.executors import fleet_env
 
-    api_url = os.environ.get("FLEET_API_URL") or cfg.server.public_url
+    # server.public_url is for runs elsewhere; a local run reports straight into the database (below)
+    api_url = os.environ.get("FLEET_API_URL") or (None if host.is_local else cfg.server.public_url)
     env = fleet_env(task, task["attempt"], task["agent_id"], token, ws, api_url=api_url)
     if host.is_local:
         # a local run reports straight into this database with this fleetctl
@@ -462,7 +465,9 @@ def _stop_cancelled_runs(store: Store, cfg: Config, report: SweepReport, hosts: 
                          executor: Callable[[HostConfig], Executor], t: float) -> None:  # fmt: skip
     """Kill the runs of attempts that were cancelled, or lost with their host, while running on a host
     (their process may live on)."""
-    window = 2 * cfg.orchestrator.task_timeout_secs
+    orch = cfg.orchestrator
+    longest = max([orch.task_timeout_secs, *(a.timeout_secs or 0 for a in cfg.agent_types.values())])
+    window = 2 * longest + orch.heartbeat_interval_secs * orch.heartbeat_timeout_threshold
     for run in store.runs_to_stop_since(t - window):
         task_id, attempt, agent_id, host_id, ws = (run[k] for k in ("task_id", "attempt", "agent_id", "host_id",
                                                                     "workspace"))  # fmt: skip

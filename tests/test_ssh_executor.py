@@ -83,6 +83,7 @@ def test_a_host_that_accepts_and_never_answers_fails_within_the_timeout(sshd, tm
         port = silent.getsockname()[1]
         error, took = failure(host_for(sshd, tmp_path, ssh_port=port), tmp_path)
     assert error.code == "launch_failed" and f"127.0.0.1:{port}" in error.message and "box-1" in error.message
+    assert "no SSH banner" in error.message or "completed no SSH handshake" in error.message, error.message
     assert TIMEOUT * 0.5 < took < TIMEOUT + 3, took
     assert not [r for r in caplog.records if r.name.startswith("paramiko")]
     assert not Path(spec(tmp_path).workspace).exists()
@@ -208,3 +209,34 @@ def test_an_environment_variable_name_a_shell_cannot_take_is_launch_failed(sshd,
         assert not Path(bad.workspace).exists()
     finally:
         ex.close()
+
+
+def test_a_run_gets_the_login_basics_of_the_host_and_nothing_of_the_orchestrator(sshd, tmp_path, monkeypatch):
+    """dispatch builds an SSH run's env from the FLEET_* variables and the agent type's env alone; HOME,
+    USER, PATH… are the host login's (where the agent CLI keeps its login), never the orchestrator's."""
+    import pwd
+
+    from fleetctl.executors import LaunchSpec, run_env
+
+    monkeypatch.setenv("HOME", "/nonexistent/orchestrator-home")
+    monkeypatch.setenv("USER", "orchestrator")
+    monkeypatch.setenv("FORGEJO_ADMIN_TOKEN", "s3cret")
+    ws = str(tmp_path / "ws" / "t-1" / "1")
+    env = run_env({}, {"FLEET_TASK_ID": "t-1", "FLEET_ATTEMPT": "1", "AGENT_SETTING": "a b $(x)"})
+    s = LaunchSpec(task_id="t-1", attempt=1, workspace=ws, command=("sh", "-c", "env > env.txt"), prompt="p",
+                   prompt_mode="stdin", env=env)  # fmt: skip
+    ex = SshExecutor(host_for(sshd, tmp_path))
+    try:
+        ex.launch(s)
+        wait_for(lambda: ex.probe(ws).ended, what="the run to end")
+    finally:
+        ex.close()
+    got = dict(line.split("=", 1) for line in Path(ws, "env.txt").read_text().splitlines() if "=" in line)
+    login = pwd.getpwnam(sshd.user)
+    assert got["HOME"] == login.pw_dir and got["USER"] == got["LOGNAME"] == sshd.user
+    assert got["PATH"] and got["SHELL"] and got["AGENT_SETTING"] == "a b $(x)" and got["FLEET_TASK_ID"] == "t-1"
+    assert "s3cret" not in Path(ws, "env.txt").read_text() and "orchestrator" not in Path(ws, "env.txt").read_text()
+    unexpected = (
+        set(got) - set(env) - {"HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG", "PWD", "OLDPWD", "SHLVL", "_"}
+    )
+    assert not unexpected, unexpected

@@ -9,7 +9,9 @@ connection that broke is dropped and opened afresh by the next call.
 finished run's bookkeeping, creates ``.fleet/`` (mode 700), uploads ``prompt.md`` and ``run.sh`` over SFTP
 (mode 600) plus ``env``, the run's environment as ``export NAME='value'`` lines, which the remote side
 sources and removes: nothing of the environment (the task token) ever appears on a command line. Then
-it starts the wrapper with ``env -i`` (so nothing of sshd's session environment leaks into the run),
+it starts the wrapper with ``env -i`` and only the login's HOME, USER, LOGNAME, SHELL, PATH and LANG
+(``LOGIN_ENV``: nothing else of sshd's session, and nothing of the orchestrator's own environment — the
+caller builds ``spec.env`` from the FLEET_* variables and the agent type's env alone),
 ``setsid -f`` and stdin, stdout and stderr on ``/dev/null``, so the SSH channel returns at once, and polls
 ``.fleet/pid`` (bounded) for the wrapper's confirmation.
 
@@ -70,6 +72,13 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 #: Run on the host in the workspace by ``env -i sh -c LAUNCHER fleetctl-launch WRAPPER_ARGV...``: load the
 #: run's environment, forget the file, start the wrapper detached with nothing tied to the SSH channel.
 LAUNCHER = '. ./.fleet/env || exit 98; rm -f ./.fleet/env; exec "$@" < /dev/null > /dev/null 2>&1'
+
+#: Run by the login shell on the host as ``sh -c LOGIN_ENV LAUNCHER fleetctl-launch WRAPPER_ARGV...``: a fresh
+#: environment holding only the login's own HOME, USER, LOGNAME, SHELL, PATH and LANG (the agent CLI's
+#: login and tools live there, not in the orchestrator's environment), then ``LAUNCHER``. The uploaded
+#: ``.fleet/env`` (the agent type's env and the FLEET_* variables) is sourced on top of it.
+LOGIN_ENV = ('exec env -i HOME="$HOME" USER="${USER:-$LOGNAME}" LOGNAME="${LOGNAME:-$USER}" SHELL="${SHELL:-/bin/sh}" '
+             'PATH="${PATH:-/usr/bin:/bin}" LANG="${LANG:-C.UTF-8}" sh -c "$0" "$@"')  # fmt: skip
 
 
 def _quiet_paramiko() -> None:
@@ -175,6 +184,8 @@ class SshExecutor:
             text = str(exc)
             if "not found in known_hosts" in text:
                 text = f'its host key is not in {known_hosts} (and host_key_policy is "strict")'
+            elif "no existing session" in text.lower():  # TCP accepted, the SSH handshake never finished
+                text = f"the host accepted the connection but completed no SSH handshake within {self.timeout:g}s"
             elif "banner" in text.lower():
                 text = f"no SSH banner within {self.timeout:g}s ({exc})"
             raise self._error(_CANNOT_CONNECT, text, code) from None
@@ -261,7 +272,7 @@ class SshExecutor:
                    _SCRIPT_TIMEOUT_SECS, f"cannot create workspace {ws}", code)  # fmt: skip
         for name, data in {**meta_files(spec), ENV_FILE: env_bytes}.items():
             self._upload(f"{meta}/{name}", data, code)
-        self._exec(["env", "-i", "sh", "-c", LAUNCHER, "fleetctl-launch", *wrapper_argv(spec)],
+        self._exec(["sh", "-c", LOGIN_ENV, LAUNCHER, "fleetctl-launch", *wrapper_argv(spec)],
                    self.start_timeout_secs, f"cannot start {shlex.join(spec.command)} in {ws}", code, cwd=ws)  # fmt: skip
         deadline = time.monotonic() + self.start_timeout_secs
         delay = 0.005
@@ -282,7 +293,7 @@ class SshExecutor:
             with sftp.open(path, "wb"):
                 pass
             sftp.chmod(path, 0o600)
-            sftp.putfo(io.BytesIO(data), path, confirm=False)
+            sftp.putfo(io.BytesIO(data), path, confirm=True)  # a full disk truncates silently otherwise
         except TimeoutError:
             self._drop()
             raise self._error(f"cannot write {path}", "timed out", code) from None
