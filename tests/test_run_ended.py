@@ -32,14 +32,24 @@ REPO = "acme/widgets"
 
 
 @pytest.fixture
-def server(tmp_path):
-    """A live serve with a long backoff (a failed attempt stays queued); must stop cleanly."""
-    srv = LiveServer(tmp_path, retry_backoff_secs=60, retry_backoff_max_secs=60).start()
-    try:
-        yield srv
-    finally:
-        reap_runs(tmp_path)
+def serve(tmp_path):
+    """``serve(**settings)``: a started live serve with a long backoff (a failed attempt stays queued). At
+    teardown the runs a test started are reaped, and the serve must stop cleanly."""
+    started: list[LiveServer] = []
+
+    def start(**settings) -> LiveServer:
+        started.append(LiveServer(tmp_path, retry_backoff_secs=60, retry_backoff_max_secs=60, **settings).start())
+        return started[-1]
+
+    yield start
+    reap_runs(tmp_path)
+    for srv in started:
         stop_cleanly(srv)
+
+
+@pytest.fixture
+def server(serve):
+    return serve()
 
 
 def claimed(server: LiveServer, task_id: str, agent: str = "puller", **fields) -> str:
@@ -97,14 +107,8 @@ def test_after_the_receipt_the_report_changes_nothing_and_says_so(server):
 
 
 @pytest.fixture
-def forgejo_server(tmp_path, forgejo):
-    srv = LiveServer(tmp_path, retry_backoff_secs=60, forgejo={"url": forgejo.url, "token": forgejo.bot_token,
-                                                                      "webhook_secret": "test-secret"})  # fmt: skip
-    srv.start()
-    try:
-        yield srv
-    finally:
-        stop_cleanly(srv)
+def forgejo_server(serve, forgejo):
+    return serve(forgejo={"url": forgejo.url, "token": forgejo.bot_token, "webhook_secret": "test-secret"})
 
 
 def test_the_server_looks_the_pull_request_up_by_branch_before_settling(forgejo_server, forgejo):
