@@ -84,19 +84,21 @@ wait $o $e
 rm -f "$m/out.fifo" "$m/err.fifo"
 echo "$code" > "$m/exit_status.tmp" && mv "$m/exit_status.tmp" "$m/exit_status"
 # POST the end of the run to $FLEET_API_URL with the task token, which never reaches a command line: curl
-# reads it from stdin (-K -, written by the builtin printf), wget from a private wgetrc removed after.
+# reads it from stdin (-K -, written by the builtin printf; -q: no ~/.curlrc), wget from a private wgetrc
+# removed after. The body's values are checked integers and printable ASCII with \ and " escaped.
 report() {
   case $FLEET_API_URL in http://*|https://*) ;; *) echo "fleetctl: FLEET_API_URL is not http(s)"; return ;; esac
   case $FLEET_TASK_ID in [!A-Za-z0-9]*|*[!A-Za-z0-9._-]*) echo "fleetctl: odd FLEET_TASK_ID"; return ;; esac
   case $FLEET_ATTEMPT in ''|0*|*[!0-9]*) echo "fleetctl: odd FLEET_ATTEMPT"; return ;; esac
   case $FLEET_TASK_TOKEN in *[!A-Za-z0-9._~+/=-]*) echo "fleetctl: odd FLEET_TASK_TOKEN"; return ;; esac
+  case $1 in ''|*[!0-9]*) set -- null ;; esac
   url="${FLEET_API_URL%/}/api/v1/tasks/$FLEET_TASK_ID/run-ended"
   detail=$(tail -c 500 "$m/stderr.log" 2>/dev/null | tr '\t\r\n' '   ' | LC_ALL=C tr -cd ' -~' | tr -s ' ' |
     sed 's/^ //; s/ $//; s/[\\"]/\\&/g')
   printf '{"attempt": %s, "exit_code": %s, "detail": "%s"}\n' "$FLEET_ATTEMPT" "$1" "$detail" > "$m/run-ended.json"
   if command -v curl > /dev/null 2>&1; then
     printf 'header = "Authorization: Bearer %s"\n' "$FLEET_TASK_TOKEN" |
-      curl -sS -K - --proto =http,https --connect-timeout 5 --max-time 15 --retry 3 --retry-delay 2 \
+      curl -q -sS -K - --proto =http,https --connect-timeout 5 --max-time 15 --retry 3 --retry-delay 2 \
         --retry-max-time 40 --retry-connrefused -H "Content-Type: application/json" \
         --data-binary "@$m/run-ended.json" -w "\nHTTP %{http_code}\n" "$url"
   elif command -v wget > /dev/null 2>&1; then
@@ -110,7 +112,7 @@ report() {
   fi
   rm -f "$m/run-ended.json"
 }
-if [ -n "${FLEET_PYTHON:-}" ]; then
+if [ -n "${FLEET_PYTHON:-}" ]; then  # a local run: this fleetctl, straight into the database (not the API)
   FLEET_API_URL= "$FLEET_PYTHON" -m fleetctl task run-ended "$FLEET_TASK_ID" --attempt "$FLEET_ATTEMPT" \
     --exit-code "$code" >> "$m/report.log" 2>&1 || true
 elif [ -n "${FLEET_API_URL:-}" ] && [ -n "${FLEET_TASK_TOKEN:-}" ]; then
