@@ -10,6 +10,10 @@ the same case (tests/test_gateway_contract.py runs one suite against both):
   the receipt is stored and validated by a later pass; HTTP 202); ``LeaseLost`` (exit 4) when the attempt
   is no longer the caller's; ``ValidationFailed`` (exit 6) for a refused receipt (the attempt then failed).
 - ``status`` → the task view; ``running`` and a message are one change or none.
+- ``run_ended`` → the task view plus ``"settled"`` (this report settled the attempt: ``no_receipt``,
+  ``agent_error``, or the pull request found on its branch) and ``"reason"`` when it did not
+  (``attempt_over``, ``receipt_pending``, ``deferred``: see ``services.EndedRun``); ``LeaseLost`` when the open
+  attempt is another agent's.
 - ``register`` → ``{"agent": view, "token": str | None, "created": bool}``.
 - ``heartbeat`` → ``{"agent": view, "stop": [{"task_id", "attempt", "reason"}], "cancelled": [task ids],
   "heartbeat_interval_secs": n}``.
@@ -44,6 +48,9 @@ class Gateway(Protocol):
 
     def status(self, task_id: str, status: str, message: str = "", *, attempt: int | None = None,
                agent_id: str | None = None) -> dict: ...  # fmt: skip
+
+    def run_ended(self, task_id: str, attempt: int, exit_code: int | None, detail: str = "", *,
+                  agent_id: str | None = None) -> dict: ...  # fmt: skip
 
     def register(self, agent_id: str, *, agent_type: str, capabilities: Iterable[str] = (),
                  max_concurrency: int = 1, mode: str = "http_pull") -> dict: ...  # fmt: skip
@@ -109,6 +116,16 @@ class LocalGateway:
                                       agent_id=agent_id, attempt=attempt)  # one transaction  # fmt: skip
         return services.task_view(task)
 
+    def run_ended(self, task_id: str, attempt: int, exit_code: int | None, detail: str = "", *,
+                  agent_id: str | None = None) -> dict:  # fmt: skip
+        from fleetctl import services
+
+        services.check_ended_report(attempt, exit_code, detail)
+        # Forgejo is asked before the write (never under the write lock), the same way the server does it
+        ended = services.prepare_ended_run(self.store, self.cfg, task_id, attempt, exit_code, detail,
+                                           agent_id=agent_id)  # fmt: skip
+        return services.run_ended_view(self.store, ended, services.settle_prepared_run(self.store, self.cfg, ended))
+
     def register(self, agent_id: str, *, agent_type: str, capabilities: Iterable[str] = (),
                  max_concurrency: int = 1, mode: str = "http_pull") -> dict:  # fmt: skip
         from fleetctl import services
@@ -159,6 +176,10 @@ class RemoteGateway:
                agent_id: str | None = None) -> dict:  # fmt: skip
         check_status(status)
         return self.client.status(task_id, attempt=attempt, status=status, message=message)
+
+    def run_ended(self, task_id: str, attempt: int, exit_code: int | None, detail: str = "", *,
+                  agent_id: str | None = None) -> dict:  # fmt: skip
+        return self.client.run_ended(task_id, attempt=attempt, exit_code=exit_code, detail=detail)
 
     def register(self, agent_id: str, *, agent_type: str, capabilities: Iterable[str] = (),
                  max_concurrency: int = 1, mode: str = "http_pull") -> dict:  # fmt: skip

@@ -1,7 +1,7 @@
 """The client of a remote ``fleetctl serve`` (SPEC §6): the CLI's remote mode and ``agent run`` use it.
 
 With ``FLEET_API_URL`` (or ``--api-url``) the agent-facing commands — ``task complete``, ``task status``,
-``agent register``, ``agent heartbeat`` — talk to the API instead of the local database, and print the
+``task run-ended``, ``agent register``, ``agent heartbeat`` — talk to the API instead of the local database, and print the
 same output with the same exit codes. The API answers errors as ``{"error": {"code", "message"}}``;
 ``error_for`` turns them back into the ``FleetError`` the local service would have raised, so the CLI's
 one error handler gives the same exit code either way:
@@ -21,7 +21,8 @@ HTTP status / JSON code                    error                   exit
 Retries: connection errors and 502/503/504 are retried with bounded exponential backoff (honouring
 ``Retry-After``) within a budget of ``FLEET_API_RETRY_SECS`` seconds (default 10; 0 = one try), but
 only for calls that are safe to repeat: the fenced writes are (an identical repeated completion gets
-``200`` with ``"repeated": true``, a repeated ``running`` is a no-op, a heartbeat is a heartbeat).
+``200`` with ``"repeated": true``, a repeated ``running`` is a no-op, a repeated run-ended finds the attempt
+settled, a heartbeat is a heartbeat).
 A dequeue is not — a lost reply may have claimed a task — so it is tried once; its caller loops.
 
 httpx is imported inside ``Client`` only: this module is cheap to import, and the CLI imports it only
@@ -266,6 +267,14 @@ class Client:
                 raise LeaseLost(f"task {task_id} was never claimed (it is {task['state']}): no attempt to complete")
             doc["attempt"] = task["attempt"]
         return self.request("POST", f"/api/v1/tasks/{task_id}/complete", doc)[1]
+
+    def run_ended(self, task_id: str, *, attempt: int, exit_code: int | None, detail: str = "") -> dict:
+        """Report that the run of ``attempt`` ended; the task with ``"settled"`` and ``"reason"``."""
+        check_id(task_id, "task id")
+        doc: dict[str, Any] = {"attempt": attempt, "exit_code": exit_code}
+        if detail:
+            doc["detail"] = detail
+        return self.request("POST", f"/api/v1/tasks/{task_id}/run-ended", doc)[1]
 
 
 def heartbeat_as(client: Client, agent_id: str) -> dict:

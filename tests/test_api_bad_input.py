@@ -145,6 +145,7 @@ def _types(id_: str, method: str, target: str, token: str, base: dict, bad: dict
 CREATE = ("POST", "/api/v1/tasks", "admin")
 REGISTER = ("POST", "/api/v1/agents/register", "reg")
 COMPLETE = ("POST", "/api/v1/tasks/t-alice/complete", "alice")
+RUN_ENDED = ("POST", "/api/v1/tasks/t-alice/run-ended", "alice-task")
 DEEP = b"[" * 100_000 + b"]" * 100_000
 BAD_ARTIFACTS = [
     {}, "pr", None, [1], [{"kind": "pull_request", "number": "3"}], [{"kind": "pull_request", "number": 0}],
@@ -202,6 +203,15 @@ CASES: list[Bad] = [
     *_types("receipts", "POST", "/api/v1/receipts", "alice", {"task_id": "t-alice", "attempt": 1}, {
         "task_id": [5, None, ["t-alice"]]}, "invalid_field"),
     *_types("cancel", "POST", "/api/v1/tasks/t-queued/cancel", "admin", {}, {"reason": [5, ["r"]]}, "invalid_field"),
+    *_types("run-ended", *RUN_ENDED, {"attempt": 1, "exit_code": 3}, {
+        "attempt": ["1", True, 0, -1, 1.5, None, [1]], "exit_code": ["3", True, 1.5, 2**31, -(2**31) - 1, [3], {}],
+        "detail": [5, ["d"], None, "a\u0000b", "x" * 4097]}, "invalid_field"),
+    # run-ended takes exactly its three fields
+    Bad("run-ended-no-body", *RUN_ENDED, body=b"", code="invalid_body"),
+    Bad("run-ended-no-attempt", *RUN_ENDED, body={"exit_code": 3}),
+    Bad("run-ended-no-exit-code", *RUN_ENDED, body={"attempt": 1}),
+    Bad("run-ended-unknown-field", *RUN_ENDED, body={"attempt": 1, "exit_code": 3, "stderr": "x"}),
+    Bad("run-ended-json-array", *RUN_ENDED, body=[1, 3], code="invalid_body"),
     # the right type, not an acceptable value
     Bad("create-label-newline", *CREATE, body={"title": "x", "labels": ["a\nb"]}, code="invalid_label"),
     Bad("create-label-empty", *CREATE, body={"title": "x", "labels": [""]}, code="invalid_label"),
@@ -223,6 +233,8 @@ CASES: list[Bad] = [
     *[Bad(f"path-{t}", "GET", f"/api/v1/tasks/{t}", "admin", code="invalid_id") for t in BAD_PATH_IDS],
     Bad("path-dot-dot-segments", "GET", "/api/v1/tasks/../../etc/passwd", "admin", status=404, code="not_found"),
     Bad("path-cancel-traversal", "POST", "/api/v1/tasks/..%2Ft-queued/cancel", "admin", body={}, code="invalid_id"),
+    Bad("path-run-ended-traversal", "POST", "/api/v1/tasks/..%2Ft-alice/run-ended", "alice",
+        body={"attempt": 1, "exit_code": 3}, code="invalid_id"),
     Bad("path-complete-nul", "POST", "/api/v1/tasks/t-alice%00/complete", "alice", body={"attempt": 1},
         code="invalid_id"),
     Bad("path-raw-nul", raw=request("GET", "/api/v1/tasks/a\x00b", token=ADMIN_TOKEN), code="invalid_id"),
@@ -317,6 +329,12 @@ CASES: list[Bad] = [
     Bad("agent-reports-on-anothers-task", "POST", "/api/v1/tasks/t-alice/status", "bob",
         body={"attempt": 1, "status": "running"}, status=403, code="forbidden"),
     Bad("agent-reads-anothers-task", "GET", "/api/v1/tasks/t-alice", "bob", status=403, code="forbidden"),
+    Bad("admin-token-on-run-ended", "POST", "/api/v1/tasks/t-alice/run-ended", "admin",
+        body={"attempt": 1, "exit_code": 3}, status=403, code="forbidden"),
+    Bad("task-token-run-ended-of-other-task", "POST", "/api/v1/tasks/t-queued/run-ended", "alice-task",
+        body={"attempt": 1, "exit_code": 3}, status=403, code="forbidden"),
+    Bad("agent-run-ended-of-anothers-task", "POST", "/api/v1/tasks/t-alice/run-ended", "bob",
+        body={"attempt": 1, "exit_code": 3}, status=403, code="forbidden"),
     Bad("agent-receipt-for-anothers-task", "POST", "/api/v1/receipts", "bob", body={"task_id": "t-alice", "attempt": 1},
         status=403, code="forbidden"),
     # fencing: late and foreign writes change nothing
@@ -330,6 +348,10 @@ CASES: list[Bad] = [
         code="lease_lost"),
     Bad("task-token-names-another-attempt", "POST", "/api/v1/tasks/t-alice/complete", "alice-task",
         body={"attempt": 2}, status=409, code="lease_lost"),
+    Bad("run-ended-task-token-names-another-attempt", *RUN_ENDED, body={"attempt": 2, "exit_code": 3}, status=409,
+        code="lease_lost"),
+    Bad("run-ended-of-an-attempt-another-agent-holds", "POST", "/api/v1/tasks/t-late/run-ended", "late",
+        body={"attempt": 2, "exit_code": 3}, status=409, code="lease_lost"),
     Bad("completion-of-a-finished-task", "POST", "/api/v1/tasks/t-done/complete", "bob",
         body={"attempt": 1, "summary": "a different receipt"}, status=409, code="lease_lost"),
     # the state machine
@@ -345,6 +367,8 @@ CASES: list[Bad] = [
         code="task_not_found"),
     Bad("unknown-task-complete", "POST", "/api/v1/tasks/t-nope/complete", "alice", body={"attempt": 1}, status=404,
         code="task_not_found"),
+    Bad("unknown-task-run-ended", "POST", "/api/v1/tasks/t-nope/run-ended", "alice", body={"attempt": 1, "exit_code": 3},
+        status=404, code="task_not_found"),
 ]
 # fmt: on
 

@@ -245,11 +245,34 @@ def test_every_operation_answers_as_documented_on_its_main_paths(served):
     w.call("POST", "/api/v1/receipts", 403, token=admin, json_body={"task_id": "walk-3", "attempt": 1})
     w.call("POST", "/api/v1/receipts", 404, token=token, json_body={"task_id": "nope", "attempt": 1})
 
+    # run-ended: after the receipt it settles nothing (200, settled false); 409 for another attempt, 400, 403
+    ended = "/api/v1/tasks/{task_id}/run-ended"
+    r = w.call("POST", "/api/v1/tasks/walk-2/run-ended", 200, token=two["task_token"], operation=ended,
+               json_body={"attempt": 1, "exit_code": 0})  # fmt: skip
+    assert (r.json()["settled"], r.json()["reason"], r.json()["state"]) == (False, "attempt_over", "completed")
+    w.call("POST", "/api/v1/tasks/walk-2/run-ended", 409, token=two["task_token"], operation=ended,
+           json_body={"attempt": 2, "exit_code": 0})  # fmt: skip
+    w.call("POST", "/api/v1/tasks/walk-2/run-ended", 400, token=two["task_token"], operation=ended,
+           json_body={"attempt": 1, "exit_code": 0, "extra": True})  # fmt: skip
+    w.call("POST", "/api/v1/tasks/walk-2/run-ended", 403, token=admin, operation=ended,
+           json_body={"attempt": 1, "exit_code": 0})  # fmt: skip
+    w.call("POST", "/api/v1/tasks/nope/run-ended", 404, token=token, operation=ended,
+           json_body={"attempt": 1, "exit_code": 0})  # fmt: skip
+
     # a receipt naming a pull request in another repository: 422, the attempt failed (receipt_invalid)
     w.call("POST", "/api/v1/tasks/walk-3/complete", 422, token=three["task_token"], operation=complete,
            json_body={"artifacts": [{"kind": "pull_request", "repo": "else/where", "number": 4}]})  # fmt: skip
     again3 = w.call("POST", "/api/v1/tasks/dequeue", 200, token=token, json_body={"wait": 2}).json()
     assert again3["task"]["task_id"] == "walk-3" and again3["attempt"] == 2
+    # …and its run ended after that: a report for attempt 1 settles nothing; attempt 2's settles it
+    r = w.call("POST", "/api/v1/tasks/walk-3/run-ended", 200, token=token, operation=ended,
+               json_body={"attempt": 1, "exit_code": 1})  # fmt: skip
+    assert (r.json()["settled"], r.json()["state"], r.json()["attempt"]) == (False, "assigned", 2)
+    r = w.call("POST", "/api/v1/tasks/walk-3/run-ended", 200, token=again3["task_token"], operation=ended,
+               json_body={"attempt": 2, "exit_code": 1, "detail": "boom"})  # fmt: skip
+    assert (r.json()["settled"], r.json()["failure_reason"]) == (True, "agent_error")
+    again3 = w.call("POST", "/api/v1/tasks/dequeue", 200, token=token, json_body={"wait": 2}).json()
+    assert again3["task"]["task_id"] == "walk-3" and again3["attempt"] == 3
 
     # detail: admin, the agent, the task token; 403 for others, 404, 400
     d = w.call("GET", "/api/v1/tasks/walk-1", 200, token=admin, operation=detail).json()

@@ -207,3 +207,48 @@ def test_heartbeat(h):
     with h.server.client(ADMIN_TOKEN) as admin:
         assert admin.post(f"/api/v1/tasks/{task_id}/cancel", json={}).status_code == 200
     assert h.agent("builder").heartbeat("builder")["cancelled"] == [task_id]
+
+
+# ---------------------------------------------------------------------------------------------- run ended
+
+
+def test_run_ended_settles_an_attempt_without_a_receipt_once(h):
+    task_id = h.claimed_task("builder")
+    gw = h.agent("builder")
+    out = gw.run_ended(task_id, 1, 3, "Traceback: boom", agent_id="builder")
+    assert TASK_KEYS | {"settled", "reason"} <= out.keys()
+    assert (out["settled"], out["reason"], out["state"], out["failure_reason"]) == (True, None, "queued",
+                                                                                   "agent_error")  # fmt: skip
+    events = len(h.task(task_id)["events"])
+    again = gw.run_ended(task_id, 1, 3, agent_id="builder")
+    assert (again["settled"], again["reason"], again["state"]) == (False, "attempt_over", "queued")
+    assert len(h.task(task_id)["events"]) == events
+    assert "exited with status 3: Traceback: boom" in h.task(task_id)["attempts"][0]["failure_detail"]
+
+
+def test_run_ended_after_the_receipt_changes_nothing(h):
+    task_id = h.claimed_task("builder")
+    gw = h.agent("builder")
+    gw.complete(task_id, {"summary": "fixed"}, attempt=1, agent_id="builder")
+    before = h.task(task_id)
+    out = gw.run_ended(task_id, 1, 0, agent_id="builder")
+    assert (out["settled"], out["reason"], out["state"]) == (False, "attempt_over", "completed")
+    assert h.task(task_id)["events"] == before["events"]
+
+
+def test_run_ended_exit_0_is_no_receipt_and_bad_input_is_refused(h):
+    task_id = h.claimed_task("builder")
+    gw = h.agent("builder")
+    for attempt, code, detail in ((1, "3", ""), (1, 2**31, ""), (1, 0, "a\0b"), (1, 0, "x" * 5000)):
+        with pytest.raises(UsageError):
+            gw.run_ended(task_id, attempt, code, detail, agent_id="builder")
+    assert h.task(task_id)["state"] == "assigned"
+    out = gw.run_ended(task_id, 1, 0, agent_id="builder")
+    assert (out["settled"], out["failure_reason"]) == (True, "no_receipt")
+
+
+def test_run_ended_for_an_unknown_task(h):
+    h.agent("builder")
+    with pytest.raises(FleetError) as info:
+        h.agent("builder").run_ended("t-nosuch", 1, 3, agent_id="builder")
+    assert type(info.value) is NotFound

@@ -290,27 +290,47 @@ def task_status(
     print_json(view) if json_ else print(f"{view['task_id']} {view['state']}")
 
 
+NOT_SETTLED = {
+    "attempt_over": "the attempt was settled already (its receipt came first, or it is over)",
+    "receipt_pending": "its receipt waits for Forgejo",
+    "deferred": "Forgejo could not be asked about the branch's pull request; the sweep settles it",
+}
+"""What ``task run-ended`` says when its report settled nothing, by the service's ``reason``."""
+
+
 @app.command("run-ended")
 @cli_errors
 def task_run_ended(
     task_id: TaskIdArg,
-    attempt: Annotated[
-        int, typer.Option("--attempt", help="The attempt that ended.", min=1, max=INT64_MAX, metavar="N")
-    ],
     exit_code: Annotated[
         int, typer.Option("--exit-code", help="The run's exit status.", min=-(2**31), max=2**31 - 1, metavar="CODE")
     ],
+    attempt: AttemptOpt = None,
+    detail: Annotated[str, typer.Option("--detail", help="A note kept with the failure, e.g. the end of stderr.")] = "",
+    agent: AgentOpt = None,
+    json_: JsonOpt = False,
     config: ConfigOpt = None,
+    api_url: ApiUrlOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Settle an attempt whose run ended (the run wrapper calls this; the sweep does it otherwise).
 
-    If the agent handed in no receipt, the attempt fails: no_receipt (exit 0) or agent_error.
+    If the agent handed in no receipt, the attempt fails: no_receipt (exit 0) or agent_error. If it did, nothing
+    changes (exit 0, "not settled"). With --api-url or $FLEET_API_URL it goes through that fleetctl serve.
 
     Example: fleetctl task run-ended t-3f9a1c2b7e --attempt 1 --exit-code 0
     """
-    from fleetctl import services
+    from fleetctl.gateway import open_gateway
 
-    cfg = load(config)
-    with open_store(cfg) as store:  # a Forgejo task's pull request is looked up by branch first, as the sweep does
-        task = services.settle_ended_run(store, cfg, task_id, attempt, exit_code)
-    print(f"{task_id} {task['state']}" if task else f"{task_id} not settled (already settled, or left to the sweep)")
+    attempt = attempt if attempt is not None else _env_int("FLEET_ATTEMPT")
+    if attempt is None:
+        raise UsageError("--attempt (or $FLEET_ATTEMPT) is required")
+    agent = agent or os.environ.get("FLEET_AGENT_ID") or None
+    with open_gateway(api_url, token, "task", lambda: load(config)) as gateway:
+        out = gateway.run_ended(task_id, attempt, exit_code, detail, agent_id=agent)
+    if json_:
+        print_json(out)
+    elif out["settled"]:
+        print(f"{task_id} {out['state']}")
+    else:
+        print(f"{task_id} not settled: {NOT_SETTLED.get(out['reason'], out['reason'])} (the task is {out['state']})")

@@ -10,7 +10,8 @@ A run of attempt N of task T lives in ``{work_dir}/{T}/{N}``; its bookkeeping is
 | ``started_at`` | the wrapper | Unix time of the start |
 | ``stdout.log``, ``stderr.log`` | the wrapper | the command's output, each capped at ``output_cap_bytes`` |
 | ``exit_status`` | the wrapper, last | the command's exit status (written atomically) |
-| ``report.log`` | the wrapper | output of ``fleetctl task run-ended``, when it reports the end itself |
+| ``report.log`` | the wrapper | how it reported the end of the run: the output of ``fleetctl task run-ended`` |
+| | | (local runs), or of ``curl``/``wget`` posting ``run-ended`` to ``$FLEET_API_URL`` (remote runs) |
 
 Everything a later process needs to know about a run is in these files, and everything it does to a run
 is done by a script that runs *in the workspace* and prints a machine-readable answer: ``PROBE_SCRIPT``
@@ -60,7 +61,7 @@ from fleetctl.executors.base import PROMPT_MODES, LaunchSpec, RunStatus
 META = ".fleet"
 """The bookkeeping directory inside a workspace."""
 
-STALE_FILES = ("pid", "exit_status", "started_at", "report.log")
+STALE_FILES = ("pid", "exit_status", "started_at", "report.log", "run-ended.json", "wgetrc")
 """What a launch into a workspace whose earlier run has ended removes first (the logs are rewritten anyway)."""
 
 TAIL_BYTES = 2000
@@ -71,7 +72,8 @@ REMOVE_TIMEOUT_SECS = 120.0
 
 #: The run wrapper. argv: CAP_BYTES PROMPT_MODE COMMAND... ; cwd: the workspace.
 #: Records .fleet/pid, .fleet/stdout.log and .fleet/stderr.log (each capped at CAP_BYTES; the command never
-#: sees SIGPIPE), then .fleet/exit_status atomically; finally tells fleetctl the run ended, if it can.
+#: sees SIGPIPE), then .fleet/exit_status atomically; finally tells fleetctl the run ended, if it can: a local
+#: run with this fleetctl ($FLEET_PYTHON) into the database, any other with POST …/run-ended to $FLEET_API_URL.
 RUN_WRAPPER = r"""#!/bin/sh
 # fleetctl run wrapper (generated; see fleetctl/executors/workspace.py)
 cap="$1"; mode="$2"; shift 2
@@ -95,9 +97,40 @@ code=$?
 wait $o $e
 rm -f "$m/out.fifo" "$m/err.fifo"
 echo "$code" > "$m/exit_status.tmp" && mv "$m/exit_status.tmp" "$m/exit_status"
-if [ -n "${FLEET_PYTHON:-}" ]; then
-  "$FLEET_PYTHON" -m fleetctl task run-ended "$FLEET_TASK_ID" --attempt "$FLEET_ATTEMPT" --exit-code "$code" \
-    >> "$m/report.log" 2>&1 || true
+# POST the end of the run to $FLEET_API_URL with the task token, which never reaches a command line: curl
+# reads it from stdin (-K -, written by the builtin printf; -q: no ~/.curlrc), wget from a private wgetrc
+# removed after. The body's values are checked integers and printable ASCII with \ and " escaped.
+report() {
+  case $FLEET_API_URL in http://*|https://*) ;; *) echo "fleetctl: FLEET_API_URL is not http(s)"; return ;; esac
+  case $FLEET_TASK_ID in [!A-Za-z0-9]*|*[!A-Za-z0-9._-]*) echo "fleetctl: odd FLEET_TASK_ID"; return ;; esac
+  case $FLEET_ATTEMPT in ''|0*|*[!0-9]*) echo "fleetctl: odd FLEET_ATTEMPT"; return ;; esac
+  case $FLEET_TASK_TOKEN in *[!A-Za-z0-9._~+/=-]*) echo "fleetctl: odd FLEET_TASK_TOKEN"; return ;; esac
+  case $1 in ''|*[!0-9]*) set -- null ;; esac
+  url="${FLEET_API_URL%/}/api/v1/tasks/$FLEET_TASK_ID/run-ended"
+  detail=$(tail -c 500 "$m/stderr.log" 2>/dev/null | tr '\t\r\n' '   ' | LC_ALL=C tr -cd ' -~' | tr -s ' ' |
+    sed 's/^ //; s/ $//; s/[\\"]/\\&/g')
+  printf '{"attempt": %s, "exit_code": %s, "detail": "%s"}\n' "$FLEET_ATTEMPT" "$1" "$detail" > "$m/run-ended.json"
+  if command -v curl > /dev/null 2>&1; then
+    printf 'header = "Authorization: Bearer %s"\n' "$FLEET_TASK_TOKEN" |
+      curl -q -sS -K - --proto =http,https --connect-timeout 5 --max-time 15 --retry 3 --retry-delay 2 \
+        --retry-max-time 40 --retry-connrefused -H "Content-Type: application/json" \
+        --data-binary "@$m/run-ended.json" -w "\nHTTP %{http_code}\n" "$url"
+  elif command -v wget > /dev/null 2>&1; then
+    (umask 077 && printf 'header = Authorization: Bearer %s\n' "$FLEET_TASK_TOKEN" > "$m/wgetrc") &&
+      WGETRC="$m/wgetrc" wget -q -O - --content-on-error -T 10 -t 3 --waitretry=2 --retry-connrefused \
+        --header="Content-Type: application/json" --post-file="$m/run-ended.json" "$url"
+    echo "wget exited $?"
+    rm -f "$m/wgetrc"
+  else
+    echo "fleetctl: neither curl nor wget: the sweep settles this run"
+  fi
+  rm -f "$m/run-ended.json"
+}
+if [ -n "${FLEET_PYTHON:-}" ]; then  # a local run: this fleetctl, straight into the database (not the API)
+  FLEET_API_URL= "$FLEET_PYTHON" -m fleetctl task run-ended "$FLEET_TASK_ID" --attempt "$FLEET_ATTEMPT" \
+    --exit-code "$code" >> "$m/report.log" 2>&1 || true
+elif [ -n "${FLEET_API_URL:-}" ] && [ -n "${FLEET_TASK_TOKEN:-}" ]; then
+  report "$code" >> "$m/report.log" 2>&1
 fi
 exit "$code"
 """

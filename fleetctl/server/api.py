@@ -45,6 +45,8 @@ AUTH_CACHE_SECS = 1.0
 AUTH_CACHE_MAX = 10_000
 #: The agent fields a claim depends on.
 CLAIM_FIELDS = ("status", "capabilities", "max_concurrency")
+#: The body of ``POST …/run-ended``, refused with any other field.
+RUN_ENDED_FIELDS = ("attempt", "exit_code", "detail")
 OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.json"
 
 
@@ -145,6 +147,16 @@ def _str_field(doc: dict, name: str, *, required: bool = False, default: str | N
     return value
 
 
+def _known_fields(doc: dict, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> None:
+    """Refuse a body with a field not in ``allowed`` or without one of ``required`` (``invalid_field``)."""
+    unknown = sorted(set(doc) - set(allowed))
+    if unknown:
+        raise UsageError(f"unknown field '{unknown[0]}' (allowed: {', '.join(allowed)})", code="invalid_field")
+    for name in required:
+        if name not in doc:
+            raise UsageError(f"'{name}' is required", code="invalid_field")
+
+
 def _str_list(doc: dict, name: str) -> list[str]:
     value = doc.get(name, [])
     if value is None:
@@ -189,6 +201,7 @@ class Api:
             ("GET", "/api/v1/tasks/{task_id}", self.tasks_get, "admin_or_agent"),
             ("POST", "/api/v1/tasks/{task_id}/status", self.tasks_status, "agent_or_task"),
             ("POST", "/api/v1/tasks/{task_id}/complete", self.tasks_complete, "agent_or_task"),
+            ("POST", "/api/v1/tasks/{task_id}/run-ended", self.tasks_run_ended, "agent_or_task"),
             ("POST", "/api/v1/tasks/{task_id}/retry", self.tasks_retry, "admin"),
             ("POST", "/api/v1/tasks/{task_id}/cancel", self.tasks_cancel, "admin"),
             ("POST", "/api/v1/receipts", self.receipts, "agent_or_task"),
@@ -572,6 +585,32 @@ class Api:
         if result.pending:  # stored; validated by a later pass when Forgejo answers (SPEC §7.4)
             return json_response(202, {**body, "receipt": "pending"})
         return json_response(200, body)
+
+    def tasks_run_ended(self, req: Request) -> Response:
+        """A run's wrapper reports that the run ended (SPEC §8 step 4): settled exactly as ``fleetctl task
+        run-ended`` and the sweep settle it. 200 either way: ``"settled": false`` with a ``reason`` when there was
+        nothing to settle (the agent handed in its receipt first: the usual case, not a conflict)."""
+        task_id = req.params["task_id"]
+        agent_id, token_attempt = self._acting_agent(req, task_id)
+        doc = req.json(required=True)
+        _known_fields(doc, RUN_ENDED_FIELDS, required=("attempt", "exit_code"))
+        attempt = doc["attempt"]
+        services.check_ended_report(attempt, doc["exit_code"], doc.get("detail", ""))
+        if token_attempt is not None and attempt != token_attempt:
+            raise LeaseLost("this task token is for another attempt")
+        p = req.principal
+        with self.reader() as store:  # the branch's pull request is looked up here, in the request thread
+            with store.read():
+                self._verify(store, p)
+            ended = services.prepare_ended_run(store, self.cfg, task_id, attempt, doc["exit_code"],
+                                               doc.get("detail", ""), agent_id=agent_id)  # fmt: skip
+            if ended.skip:
+                return json_response(200, services.run_ended_view(store, ended, None))
+
+        def op(s: Store) -> dict:
+            return services.run_ended_view(s, ended, services.settle_prepared_run(s, self.cfg, ended, now=self.clock()))
+
+        return json_response(200, self._write_as(p, op))
 
     def tasks_retry(self, req: Request) -> Response:
         task_id = req.params["task_id"]

@@ -27,10 +27,15 @@ from fleetctl.services.agents import (
 )
 from fleetctl.services.hosts import lose_attempts_of_down_host, mark_host_down, mark_host_up
 from fleetctl.services.receipts import (
+    EndedRun,
     ForgejoLink,
     Verdict,
+    check_ended_report,
+    prepare_ended_run,
     prepare_receipt,
+    run_ended_view,
     settle_ended_run,
+    settle_prepared_run,
     validate_pending,
 )
 from fleetctl.services.runs import (
@@ -70,7 +75,8 @@ __all__ = [
     "MAX_MESSAGE", "Claim", "CompletionResult", "ForgejoLink", "Registration", "Verdict", "agent_detail", "agent_view", "agent_views", "attempt_view",
     "cancel_task", "claim_request", "claim_task", "claimed", "complete_task", "config_agent_ids", "create_task",
     "deregister_agent", "drain_agent", "event_view", "expire_or_time_out", "fail_attempt", "get_agent", "get_task",
-    "hand_in_receipt", "hash_token", "prepare_receipt", "settle_ended_run", "validate_pending", "heartbeat", "iso", "list_agents", "list_tasks", "new_claim_token",
+    "hand_in_receipt", "hash_token", "prepare_receipt", "settle_ended_run", "EndedRun", "prepare_ended_run",
+    "settle_prepared_run", "run_ended_view", "check_ended_report", "validate_pending", "heartbeat", "iso", "list_agents", "list_tasks", "new_claim_token",
     "lose_attempts_of_down_host", "mark_host_down", "mark_host_up",
     "register_agent", "release_claim", "report_progress", "report_status", "requires_pull_request", "resume_agent",
     "retry_task", "set_agent_status", "settle_run", "sync_config_agents", "start_task", "task_detail", "task_view", "token_matches",

@@ -14,14 +14,14 @@ stored as pending until a later pass can ask.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from fleetctl.config import Config
-from fleetctl.errors import FleetError, LeaseLost
+from fleetctl.errors import FleetError, LeaseLost, UsageError
 from fleetctl.log import log
 from fleetctl.receipts import Receipt, parse_receipt
-from fleetctl.services._common import get_task, now_or
+from fleetctl.services._common import MAX_MESSAGE, check_text, get_task, now_or
 from fleetctl.states import ACTIVE
 from fleetctl.store import Store
 
@@ -285,41 +285,123 @@ def receipt_from_branch(cfg: Config, task: dict, link: ForgejoLink) -> tuple[dic
     return (doc, verdict) if verdict.ok else None
 
 
+@dataclass(frozen=True)
+class EndedRun:
+    """What to do about a run that ended, decided before any write (``prepare_ended_run``) and applied in one
+    short write (``settle_prepared_run``), so that the Forgejo lookup never runs inside a transaction or the
+    server's writer thread. ``skip`` says why nothing is to be settled: ``attempt_over`` (the agent handed in
+    its receipt, or the attempt failed, was cancelled or is no longer the current one), ``receipt_pending``
+    (its receipt waits for Forgejo) or ``deferred`` (Forgejo could not be asked about the branch: the sweep
+    settles it). ``found`` is the pull request found on the task's branch, as a receipt with its verdict."""
+
+    task_id: str
+    attempt: int
+    exit_code: int | None
+    detail: str = ""
+    skip: str | None = None
+    found: tuple[dict, Verdict] | None = None
+    agent_id: str | None = None
+
+
+EXIT_CODE_RANGE = (-(2**31), 2**31 - 1)
+"""What an exit status may be (a shell's is 0-255; a signal may be reported negative)."""
+
+
+def check_ended_report(attempt: Any, exit_code: Any, detail: Any) -> None:
+    """``UsageError`` (``invalid_field``) unless ``attempt`` is a positive integer, ``exit_code`` an integer in
+    ``EXIT_CODE_RANGE`` or None, and ``detail`` a string of at most ``MAX_MESSAGE`` characters without NUL: a
+    run's own report of its end (the CLI, the API). The sweep's probe is trusted (its stderr tail may hold NUL)."""
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or not 1 <= attempt < 2**63:
+        raise UsageError("'attempt' must be a positive integer", code="invalid_field")
+    if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)
+                                  or not EXIT_CODE_RANGE[0] <= exit_code <= EXIT_CODE_RANGE[1]):  # fmt: skip
+        raise UsageError(f"'exit_code' must be null or an integer from {EXIT_CODE_RANGE[0]} to {EXIT_CODE_RANGE[1]}",
+                         code="invalid_field")  # fmt: skip
+    if not isinstance(detail, str):
+        raise UsageError("'detail' must be a string", code="invalid_field")
+    check_text(detail, "'detail'", MAX_MESSAGE)
+
+
+def prepare_ended_run(store: Store, cfg: Config, task_id: str, attempt: int, exit_code: int | None, detail: str = "",
+                      *, link: ForgejoLink | None = None, past_timeout: bool = False,
+                      agent_id: str | None = None) -> EndedRun:  # fmt: skip
+    """Read the task (one short snapshot) and, for a Forgejo task whose attempt is still open, look for its pull
+    request by branch (outside any transaction). ``NotFound`` for an unknown task; with ``agent_id``,
+    ``LeaseLost`` when the open attempt is another agent's. Forgejo unreachable → ``deferred`` (unless
+    ``past_timeout``); a process without the Forgejo token and no ``link`` → ``deferred`` (a pass looks)."""
+    from fleetctl.services.runs import _receipt_pending
+
+    with store.read():
+        task = get_task(store, task_id)
+        pending = _receipt_pending(store, task)
+    ended = EndedRun(task_id, attempt, exit_code, detail, agent_id=task["agent_id"])
+    if task["attempt"] != attempt or task["state"] not in ACTIVE:
+        return replace(ended, skip="attempt_over")
+    if agent_id is not None and task["agent_id"] != agent_id:
+        raise LeaseLost(f"agent {agent_id} does not hold task {task_id} attempt {attempt}",
+                        details={"state": task["state"], "attempt": task["attempt"]})  # fmt: skip
+    if pending:
+        return replace(ended, skip="receipt_pending")
+    never_ran = exit_code in (126, 127)  # the shell could not start the agent: it opened no pull request
+    lookup = not never_ran and checks_forgejo(cfg, task)
+    if lookup and not cfg.forgejo.api_ready:
+        if link is None:  # the run's own report, in a process without the token: the sweep looks it up
+            return replace(ended, skip="deferred")
+        lookup = False  # a pass without the token: nobody could look, settle as before
+    if not lookup:
+        return ended
+    own, found = link is None, None
+    link = link or ForgejoLink(cfg)
+    try:
+        found = None if link.down else receipt_from_branch(cfg, task, link)
+    except FleetError as exc:
+        link.unreachable(exc.message)
+    finally:
+        if own:
+            link.close()
+    if link.down:
+        return ended if past_timeout else replace(ended, skip="deferred")
+    return replace(ended, found=found)
+
+
+def settle_prepared_run(store: Store, cfg: Config, ended: EndedRun, *, now: float | None = None) -> dict | None:
+    """Apply ``prepare_ended_run``'s decision in one write: hand in the pull request found by branch
+    (→ awaiting_review), else ``settle_run`` (``no_receipt`` / ``agent_error``). The task afterwards, or None
+    when nothing was settled (skipped, or the attempt moved on meanwhile)."""
+    from fleetctl.services.runs import hand_in_receipt, settle_run
+
+    if ended.skip:
+        return None
+    if ended.found is not None:
+        doc, verdict = ended.found
+        try:
+            return hand_in_receipt(store, cfg, ended.task_id, doc, agent_id=ended.agent_id, attempt=ended.attempt,
+                                   now=now, verdict=verdict).task  # fmt: skip
+        except LeaseLost:
+            return None
+    return settle_run(store, cfg.orchestrator, ended.task_id, ended.attempt, ended.exit_code, ended.detail, now=now)
+
+
 def settle_ended_run(store: Store, cfg: Config, task_id: str, attempt: int, exit_code: int | None, detail: str = "",
                      *, link: ForgejoLink | None = None, past_timeout: bool = False,
                      now: float | None = None) -> dict | None:  # fmt: skip
     """A run ended: for a Forgejo task whose attempt is still open, look for its pull request by branch first
     (outside any transaction) and hand that in as the receipt (→ awaiting_review); else ``settle_run`` as
     before (``no_receipt`` / ``agent_error``). Forgejo unreachable → None, left for the next sweep (unless
-    ``past_timeout``). The task afterwards, or None when nothing was settled. The sweep and
-    ``fleetctl task run-ended`` both call this, so they agree."""
-    from fleetctl.services.runs import _receipt_pending, hand_in_receipt, settle_run
+    ``past_timeout``). The task afterwards, or None when nothing was settled. The sweep, ``fleetctl task
+    run-ended`` and ``POST …/run-ended`` all come here (the last two in two steps: ``prepare_ended_run``,
+    then ``settle_prepared_run``), so they agree."""
+    ended = prepare_ended_run(store, cfg, task_id, attempt, exit_code, detail, link=link, past_timeout=past_timeout)
+    return settle_prepared_run(store, cfg, ended, now=now)
 
-    task = store.task(task_id)
-    open_attempt = task is not None and task["attempt"] == attempt and task["state"] in ACTIVE
-    never_ran = exit_code in (126, 127)  # the shell could not start the agent: it opened no pull request
-    lookup = open_attempt and not never_ran and checks_forgejo(cfg, task) and not _receipt_pending(store, task)
-    if lookup and not cfg.forgejo.api_ready:
-        if link is None:  # the run's own report, in a process without the token: the sweep looks it up
-            return None
-        lookup = False  # a pass without the token: nobody could look, settle as before
-    if lookup:
-        own, found = link is None, None
-        link = link or ForgejoLink(cfg)
-        try:
-            found = None if link.down else receipt_from_branch(cfg, task, link)
-        except FleetError as exc:
-            link.unreachable(exc.message)
-        finally:
-            if own:
-                link.close()
-        if link.down and not past_timeout:
-            return None
-        if not link.down and found is not None:
-            doc, verdict = found
-            try:
-                return hand_in_receipt(store, cfg, task_id, doc, agent_id=task["agent_id"], attempt=attempt,
-                                       now=now, verdict=verdict).task  # fmt: skip
-            except LeaseLost:
-                return None
-    return settle_run(store, cfg.orchestrator, task_id, attempt, exit_code, detail, now=now)
+
+def run_ended_view(store: Store, ended: EndedRun, task: dict | None) -> dict:
+    """The answer to a run's report of its end (``fleetctl task run-ended``, ``POST …/run-ended``): the task as
+    it is now, ``settled`` (this report settled the attempt) and, when it did not, the ``reason``."""
+    from fleetctl.services.views import task_view
+
+    if task is not None:
+        return {**task_view(task), "settled": True, "reason": None}
+    with store.read():
+        current = get_task(store, ended.task_id)
+    return {**task_view(current), "settled": False, "reason": ended.skip or "attempt_over"}
