@@ -84,10 +84,13 @@ def make_config(
     agents: list[dict] | None = None,
     agent_types: dict[str, dict] | None = None,
     forgejo: dict | None = None,
+    server: dict | None = None,
+    hosts: list[dict] | None = None,
     work_dir: str = "ws",
     name: str = "config.toml",
 ) -> Path:
-    """Write a SPEC §4 config: one local host (work_dir under ``directory``), its agents, their types.
+    """Write a SPEC §4 config: one local host (work_dir under ``directory``), its agents, their types; then
+    the ``[[hosts]]`` tables in ``hosts`` (SSH hosts: ``ssh_host_table``).
 
     Defaults: agent ``local-ok`` (type ``ok``, max_concurrency 2, no capabilities) whose command hands in
     a success receipt at once; small retry backoff (0.2 s), one retry, db ``fleet.db`` beside the file.
@@ -95,6 +98,8 @@ def make_config(
     import tomlkit
 
     doc: dict[str, Any] = {"orchestrator": {**DEFAULT_ORCHESTRATOR, **(orchestrator or {})}}
+    if server is not None:
+        doc["server"] = server
     if forgejo is not None:
         doc["forgejo"] = forgejo
     doc["hosts"] = [
@@ -105,7 +110,8 @@ def make_config(
             "agents": agents
             if agents is not None
             else [{"agent_type": "ok", "agent_id": "local-ok", "max_concurrency": 2, "capabilities": []}],
-        }
+        },
+        *(hosts or []),
     ]
     doc["agent_types"] = agent_types if agent_types is not None else DEFAULT_AGENT_TYPES
     path = directory / name
@@ -292,21 +298,24 @@ REGISTRATION_TOKEN = "registration-token-for-tests-0123"
 class LiveServer:
     """``fleetctl serve`` as a real subprocess on a free loopback port, over a database in ``directory``."""
 
-    def __init__(self, directory, **orchestrator):
+    def __init__(self, directory, config: Path | None = None, **orchestrator):
+        """Serve ``config`` (a fleet's own config file, e.g. ``Fleet.config``) if given; else write
+        ``directory/server.toml`` with the test tokens and these orchestrator settings."""
         import os
 
         self.dir = directory
         self.db_path = directory / "fleet.db"
-        self.config_path = directory / "server.toml"
-        forgejo = orchestrator.pop("forgejo", None)  # a [forgejo] table, e.g. {"webhook_secret": "…"}
-        settings = {"lease_secs": 30, "heartbeat_interval_secs": 60, **orchestrator}
-        lines = ["[server]", f'admin_token = "{ADMIN_TOKEN}"', "[orchestrator]", f'db_path = "{self.db_path}"',
-                 f'http_pull_token = "{REGISTRATION_TOKEN}"']  # fmt: skip
-        lines += [f"{k} = {v!r}" for k, v in settings.items()]
-        if forgejo:
-            lines += ["[forgejo]"] + [f"{k} = {json.dumps(v)}" for k, v in forgejo.items()]
-        self.config_path.write_text("\n".join(lines) + "\n")
-        os.chmod(self.config_path, 0o600)
+        self.config_path = config or directory / "server.toml"
+        if config is None:
+            forgejo = orchestrator.pop("forgejo", None)  # a [forgejo] table, e.g. {"webhook_secret": "…"}
+            settings = {"lease_secs": 30, "heartbeat_interval_secs": 60, **orchestrator}
+            lines = ["[server]", f'admin_token = "{ADMIN_TOKEN}"', "[orchestrator]", f'db_path = "{self.db_path}"',
+                     f'http_pull_token = "{REGISTRATION_TOKEN}"']  # fmt: skip
+            lines += [f"{k} = {v!r}" for k, v in settings.items()]
+            if forgejo:
+                lines += ["[forgejo]"] + [f"{k} = {json.dumps(v)}" for k, v in forgejo.items()]
+            self.config_path.write_text("\n".join(lines) + "\n")
+            os.chmod(self.config_path, 0o600)
         self.proc = None
         self.port = 0
         self.stderr_path = directory / "serve.log"
@@ -461,3 +470,33 @@ def sshd(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+SSH_TIMEOUT = 1.5
+"""``connect_timeout_secs`` of the hosts ``host_for`` builds: small, so a host that never answers fails fast."""
+
+
+def host_for(sshd, tmp_path: Path, **overrides) -> Any:
+    """A ``HostConfig`` ``box-1`` that reaches ``sshd`` (its key, its known_hosts), work_dir ``tmp_path``."""
+    from fleetctl.config import HostConfig
+
+    fields = dict(host_id="box-1", hostname=sshd.host, ssh_user=sshd.user, ssh_port=sshd.port,
+                  ssh_key_path=sshd.key_path, known_hosts=sshd.known_hosts, connect_timeout_secs=SSH_TIMEOUT,
+                  work_dir=str(tmp_path))  # fmt: skip
+    return HostConfig(**{**fields, **overrides})
+
+
+def ssh_host_table(host: Any) -> dict:
+    """A ``HostConfig`` as the ``[[hosts]]`` table that configures it (for ``make_config(hosts=…)``)."""
+    import dataclasses
+
+    table = {k: v for k, v in dataclasses.asdict(host).items() if v is not None}
+    table["agents"] = [{**a, "capabilities": list(a["capabilities"])} for a in table["agents"]]
+    return table
+
+
+def other_key(tmp_path: Path, name: str) -> str:
+    """A fresh ed25519 key pair at ``tmp_path/name`` (and ``.pub``) that no sshd here trusts; its path."""
+    path = tmp_path / name
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True, timeout=30)
+    return str(path)

@@ -10,19 +10,17 @@ import logging
 import os
 import socket
 import stat
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import reap_runs, wait_for
+from conftest import SSH_TIMEOUT as TIMEOUT
+from conftest import host_for, other_key, reap_runs, wait_for
 from test_executor_contract import GATED, spec
 
 from fleetctl.config import HostConfig
 from fleetctl.errors import RemoteError
 from fleetctl.executors.ssh import SshExecutor
-
-TIMEOUT = 1.5
 
 
 @pytest.fixture(autouse=True)
@@ -31,19 +29,6 @@ def _reaped(tmp_path):
         yield
     finally:
         reap_runs(tmp_path)
-
-
-def host_for(sshd, tmp_path: Path, **overrides) -> HostConfig:
-    fields = dict(host_id="box-1", hostname=sshd.host, ssh_user=sshd.user, ssh_port=sshd.port,
-                  ssh_key_path=sshd.key_path, known_hosts=sshd.known_hosts, connect_timeout_secs=TIMEOUT,
-                  work_dir=str(tmp_path))  # fmt: skip
-    return HostConfig(**{**fields, **overrides})
-
-
-def other_key(tmp_path: Path, name: str) -> str:
-    path = tmp_path / name
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True, timeout=30)
-    return str(path)
 
 
 def failure(host: HostConfig, tmp_path: Path, what: str = "launch") -> tuple[RemoteError, float]:
