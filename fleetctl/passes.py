@@ -446,7 +446,7 @@ def _check_down_hosts(store: Store, cfg: Config, report: SweepReport, hosts: dic
     still_down = set()
     for host_id, row in store.down_hosts().items():
         host = hosts.get(host_id)
-        if host is None:  # no longer configured: nothing to reach; its attempts go by their leases
+        if host is None:  # no longer configured: nothing to reach; its attempts go by leases (started: timeouts)
             continue
         try:
             executor(host).check()
@@ -531,6 +531,8 @@ def _sweep_attempt(store: Store, cfg: Config, report: SweepReport, att: dict, ho
             report.add("task.timeout", **ids, killed=killed)
         return
     if executor is None or host is None:  # a pull agent's attempt: only its lease matters
+        if att["agent_mode"] == AgentMode.SSH_CLI and att["task_state"] == "running":
+            return  # its host left the config: nothing renews an SSH run's lease; it reports, or times out
         if att["lease_expires_at"] is not None and t > att["lease_expires_at"]:
             if services.expire_or_time_out(store, orch, task, FailureReason.AGENT_LOST, "lease expired", now=t):
                 report.add("task.lease_expired", **ids)

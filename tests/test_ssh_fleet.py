@@ -570,3 +570,48 @@ def test_hostile_ids_prompts_and_env_values_reach_the_host_byte_for_byte_and_nev
     assert not list(tmp_path.rglob("pwned*")), "a shell ran a command from the prompt or the env"
     assert not any((where / name).exists() for where in (home, Path("/")) for name in ("pwned", "pwned2"))
     fleet.check_db()
+
+
+# ---------------------------------------------------------------------------------------------- 7. config
+
+
+@pytest.mark.parametrize("removed", ["agent", "host"])
+def test_an_agent_removed_from_the_config_gets_no_more_work_and_its_running_task_finishes(
+    fleet, sshd, api, tmp_path, removed
+):
+    gate = tmp_path / "gate"
+    leaving, staying = AgentSpec("agent", "box-1.leaving", 1, ("special",)), AgentSpec("agent", "box-1.staying")
+    agent = the_agent(tmp_path, gate)
+    configure(fleet, [box(sshd, tmp_path, agents=(leaving, staying))], agent, api, orchestrator={"lease_secs": 1})
+    api.start()
+    first = fleet.create("--title", "special work", "--label", "agent:special")
+    (launched,) = dispatch(fleet)["launched"]
+    assert (launched["task_id"], launched["agent_id"]) == (first, "box-1.leaving")
+    ws = tmp_path / "box-1" / first / "1"
+    run_record(ws)
+
+    # the operator removes the agent (or its whole host) from the configuration while its run goes on
+    configure(fleet, [box(sshd, tmp_path, agents=(staying,))] if removed == "agent" else [], agent, api,
+              orchestrator={"lease_secs": 1})  # fmt: skip
+    second = fleet.create("--title", "more special work", "--label", "agent:special")
+    report = dispatch(fleet)
+    assert report["planned"] == [] and report["launched"] == []
+    agents = {a["agent_id"]: a for a in json.loads(fleet.run("agent", "list", "--json").stdout)["items"]}
+    assert agents["box-1.leaving"]["status"] == "offline"
+    offline = {e["agent_id"]: e["data"]["reason"] for e in fleet.events() if e["type"] == "agent.offline"}
+    gone = ["box-1.leaving"] if removed == "agent" else ["box-1.leaving", "box-1.staying"]
+    assert offline == dict.fromkeys(gone, "removed from the configuration")
+    lease_end = fleet.task(first)["lease_expires_at"]
+    time.sleep(max(0.0, (lease_end or 0) - time.time()) + 0.01)
+    assert sweep(fleet) == []  # past the lease: a run that is not heard from is not lost for it
+    assert fleet.task(first)["state"] == "running"
+
+    gate.touch()
+    task = fleet.wait_state(first, "completed", "failed", "queued")
+    assert (task["state"], task["attempt"], task["agent_id"]) == ("completed", 1, "box-1.leaving")
+    (attempt,) = fleet.attempts(first)
+    assert attempt["outcome"] == "completed" and attempt["receipt"]["summary"] == "done on box-1.leaving"
+    assert not [e for e in fleet.events() if e["type"] in ("task.failed", "task.requeued")]
+    assert sweep(fleet) == [] and dispatch(fleet)["launched"] == []
+    assert (fleet.task(second)["state"], fleet.task(second)["attempt"]) == ("queued", 0)
+    fleet.check_db()
