@@ -70,6 +70,7 @@ class Api:
 
 @pytest.fixture
 def api(fleet):
+    """An ``Api`` for the fleet (not started: configure first)."""
     server = Api(fleet)
     try:
         yield server
