@@ -448,7 +448,7 @@ class PullAgent:
         s = self.s
         spec = LaunchSpec(task_id=run.task_id, attempt=run.attempt, workspace=str(ws), command=s.command,
                           prompt=prompt, prompt_mode=s.prompt_mode, env=self.task_env(task, run.attempt, run.token, ws),
-                          output_cap_bytes=s.output_cap_bytes)  # fmt: skip
+                          output_cap_bytes=s.output_cap_bytes, report_end=False)  # fmt: skip
         if run.stop.is_set():
             return None
         pid = self.executor.launch(spec)

@@ -153,6 +153,8 @@ def test_exit_0_without_a_receipt_gets_one_and_a_failure_is_requeued(server, age
     t = task(server, ok_task)
     assert t["state"] == "completed" and t["attempts"][0]["receipt"]["summary"] == "step 1\nall done: 3 files changed"
     assert "action=agent.registered" in first.log and "action=complete.ok" in first.log
+    # the agent settles its runs: the wrapper does not race it with a run-ended report of its own
+    assert not (tmp_path / "ws" / ok_task / "1" / ".fleet" / "report.log").exists()
 
     bad_task = create(server, "failing")
     second = agents(FAIL, "--one-job", "--agent-id", "quiet", "-C", "py", "--credentials", creds,

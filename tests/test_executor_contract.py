@@ -467,7 +467,7 @@ def test_the_wrapper_given_an_unknown_prompt_mode_ends_with_2_instead_of_hanging
     (tmp_path / META).mkdir()
     (tmp_path / META / "run.sh").write_text(RUN_WRAPPER)
     (tmp_path / META / "prompt.md").write_text("hi")
-    done = subprocess.run(["sh", f"{META}/run.sh", "100", "carrier-pigeon", "true"], cwd=tmp_path, timeout=30,
+    done = subprocess.run(["sh", f"{META}/run.sh", "100", "carrier-pigeon", "report", "true"], cwd=tmp_path, timeout=30,
                           stdin=subprocess.DEVNULL, capture_output=True)  # fmt: skip
     assert done.returncode == 2
     assert (tmp_path / META / "exit_status").read_text() == "2\n"

@@ -197,7 +197,8 @@ def test_the_wrapper_reports_the_end_with_curl_or_wget_and_the_token_on_no_comma
     assert '"settled":true' in log and token not in log
     argv = (tmp_path / f"argv.{tool}").read_text()
     assert "/api/v1/tasks/t-w/run-ended" in argv and token not in argv
-    assert not (ws / ".fleet" / "wgetrc").exists() and not (ws / ".fleet" / "run-ended.json").exists()
+    meta = ws / ".fleet"
+    wait_for(lambda: not (meta / "wgetrc").exists() and not (meta / "run-ended.json").exists(), what="the cleanup")
 
 
 def test_without_curl_or_wget_the_wrapper_leaves_the_run_to_the_sweep(server, tmp_path):

@@ -42,6 +42,9 @@ class LaunchSpec:
     prompt_mode: str  # stdin | file | arg
     env: Mapping[str, str]
     output_cap_bytes: int = DEFAULT_OUTPUT_CAP_BYTES
+    report_end: bool = True
+    """Whether the run wrapper reports the end of the run itself (``task run-ended`` / ``POST …/run-ended``);
+    a pull agent, which waits for its runs and hands in their receipts, launches with False."""
 
 
 @dataclass(frozen=True)

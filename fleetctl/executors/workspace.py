@@ -70,13 +70,14 @@ TAIL_BYTES = 2000
 REMOVE_TIMEOUT_SECS = 120.0
 """Bound on one workspace removal (``rm -rf`` of a worktree with its build output can take a while)."""
 
-#: The run wrapper. argv: CAP_BYTES PROMPT_MODE COMMAND... ; cwd: the workspace.
+#: The run wrapper. argv: CAP_BYTES PROMPT_MODE REPORT COMMAND... ; cwd: the workspace.
 #: Records .fleet/pid, .fleet/stdout.log and .fleet/stderr.log (each capped at CAP_BYTES; the command never
-#: sees SIGPIPE), then .fleet/exit_status atomically; finally tells fleetctl the run ended, if it can: a local
-#: run with this fleetctl ($FLEET_PYTHON) into the database, any other with POST …/run-ended to $FLEET_API_URL.
+#: sees SIGPIPE), then .fleet/exit_status atomically; finally, with REPORT = "report", tells fleetctl the run
+#: ended, if it can: a local run with this fleetctl ($FLEET_PYTHON) into the database, any other with
+#: POST …/run-ended to $FLEET_API_URL. A pull agent's runs pass "quiet": the agent itself settles them.
 RUN_WRAPPER = r"""#!/bin/sh
 # fleetctl run wrapper (generated; see fleetctl/executors/workspace.py)
-cap="$1"; mode="$2"; shift 2
+cap="$1"; mode="$2"; reporting="$3"; shift 3
 m=.fleet
 echo $$ > "$m/pid.tmp" && mv "$m/pid.tmp" "$m/pid" || exit 97
 date +%s > "$m/started_at"
@@ -126,7 +127,9 @@ report() {
   fi
   rm -f "$m/run-ended.json"
 }
-if [ -n "${FLEET_PYTHON:-}" ]; then  # a local run: this fleetctl, straight into the database (not the API)
+if [ "$reporting" != report ]; then
+  :  # whoever launched the run settles it (a pull agent)
+elif [ -n "${FLEET_PYTHON:-}" ]; then  # a local run: this fleetctl, straight into the database (not the API)
   FLEET_API_URL= "$FLEET_PYTHON" -m fleetctl task run-ended "$FLEET_TASK_ID" --attempt "$FLEET_ATTEMPT" \
     --exit-code "$code" >> "$m/report.log" 2>&1 || true
 elif [ -n "${FLEET_API_URL:-}" ] && [ -n "${FLEET_TASK_TOKEN:-}" ]; then
@@ -351,7 +354,9 @@ def meta_files(spec: LaunchSpec) -> dict[str, bytes]:
 
 def wrapper_argv(spec: LaunchSpec) -> list[str]:
     """How to start the wrapper, from the workspace: detached in its own session (its pid = its group)."""
-    return ["setsid", "-f", "sh", f"{META}/run.sh", str(spec.output_cap_bytes), spec.prompt_mode, *spec.command]
+    reporting = "report" if spec.report_end else "quiet"
+    return ["setsid", "-f", "sh", f"{META}/run.sh", str(spec.output_cap_bytes), spec.prompt_mode, reporting,
+            *spec.command]  # fmt: skip
 
 
 def probe_argv(workspace: str, tail_bytes: int = TAIL_BYTES) -> list[str]:
