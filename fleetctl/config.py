@@ -144,8 +144,20 @@ class OrchestratorConfig:
 class MatrixConfig:
     homeserver: str | None = None
     access_token: str | None = None
-    room_id: str | None = None
+    room_id: str | None = None  # a room id (!…) or an alias (#name:server), resolved once
     events: tuple[str, ...] = ("task.failed", "task.awaiting_review", "task.completed", "agent.offline")
+    template: str | None = None  # a message template ({placeholders}: fleetctl.matrix.messages.FIELDS)
+    timeout_secs: float = 10
+
+    @property
+    def enabled(self) -> bool:
+        """Whether notifications are configured (a homeserver and a room): events are then queued for Matrix."""
+        return bool(self.homeserver and self.room_id)
+
+    @property
+    def ready(self) -> bool:
+        """Whether this process can send them (enabled, and its access token is at hand)."""
+        return self.enabled and bool(self.access_token)
 
 
 @dataclass(frozen=True)
@@ -433,6 +445,8 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "access_token": _Key("secret"),
         "room_id": _Key("optstr"),
         "events": _Key("events"),
+        "template": _Key("optstr"),
+        "timeout_secs": _SECS,
     },
 }
 _HOST_KEYS: dict[str, _Key] = {
@@ -465,6 +479,9 @@ _RENAMED = {"accept_new_host_keys": 'replaced by host_key_policy = "accept-new" 
 """Keys of earlier versions, with what to write instead."""
 _EVENT_RE = re.compile(r"^[a-z][a-z_]*\.[a-z][a-z_]*\Z")
 _URL_RE = re.compile(r"^https?://[^\s/]+", re.I)
+# a room id is "!" and an opaque string (room versions 1-11 end in ":server", later ones need not); an alias
+# is "#name:server"
+_ROOM_RE = re.compile(r"^(?:![^\s]+|#[^\s:]+:[^\s]+)\Z")
 _BAD = object()  # a value that failed validation (already reported)
 
 KeyPath = tuple[str | int, ...]
@@ -562,6 +579,7 @@ class _Loader:
             self.problem(
                 ("orchestrator", "retry_backoff_max_secs"), f"must be >= retry_backoff_secs ({base}), got {cap}"
             )
+        self.matrix(sections["matrix"])
         for sec in ("server", "forgejo", "orchestrator", "matrix"):
             sections[sec] = {k: v for k, v in sections[sec].items() if v is not _BAD}
         agent_types = self.agent_types(raw.get("agent_types", {}))
@@ -576,6 +594,32 @@ class _Loader:
             matrix=MatrixConfig(**sections["matrix"]),
             path=self.path,
         )
+
+    def matrix(self, values: dict) -> None:
+        """``[matrix]``: the room's shape, known event kinds, a template that can be filled."""
+        room = values.get("room_id")
+        if isinstance(room, str) and room and not _ROOM_RE.match(room):
+            self.problem(("matrix", "room_id"), f"expected a room id like '!abc:example.org' or an alias like "
+                         f"'#fleet:example.org', got {room!r}")  # fmt: skip
+            values["room_id"] = _BAD
+        events = values.get("events")
+        if isinstance(events, tuple) and events:
+            from fleetctl.matrix.messages import KINDS
+
+            for kind in events:
+                if kind not in KINDS:
+                    hint = _did_you_mean(kind, list(KINDS)) or f" (one of {', '.join(KINDS)})"
+                    self.problem(("matrix", "events"), f"unknown event kind {kind!r}{hint}")
+                    values["events"] = _BAD
+        template = values.get("template")
+        if isinstance(template, str) and template:
+            from fleetctl.matrix.messages import FIELDS
+            from fleetctl.prompt import check_template
+
+            problem = check_template(template, FIELDS)
+            if problem:
+                self.problem(("matrix", "template"), f"invalid template: {problem}")
+                values["template"] = _BAD
 
     def section(self, raw: dict, name: str) -> dict:
         table = raw.get(name, {})
@@ -1002,8 +1046,8 @@ def ssh_host_problems(host: HostConfig) -> tuple[list[str], list[str]]:
 
 
 def not_used_yet(cfg: Config) -> list[str]:
-    """Warnings for configured settings that nothing in this version uses: ``[matrix]`` (notifications are
-    not built yet), and Forgejo settings that need ``forgejo.url`` (sync, receipt checks, write-back)."""
+    """Warnings for configured settings that nothing uses: Forgejo settings that need ``forgejo.url`` (sync,
+    receipt checks, write-back), Matrix settings that need ``matrix.homeserver``."""
     where = str(cfg.path) if cfg.path else "embedded default"
     out = []
     if not cfg.forgejo.url:
@@ -1014,10 +1058,11 @@ def not_used_yet(cfg: Config) -> list[str]:
     elif not cfg.forgejo.token:
         out.append(f"{where}: forgejo.token: not set: receipts cannot be checked against pull requests, and "
                    "sync and write-back cannot run (set token, token_file or FLEET_FORGEJO_TOKEN)")  # fmt: skip
-    matrix = [k for k in ("homeserver", "access_token", "room_id") if getattr(cfg.matrix, k)]
-    if matrix or cfg.matrix.events != MatrixConfig().events:
-        out.append(f"{where}: [matrix]: configured but not used by anything yet (not yet: notifications come "
-                   "with the Matrix integration)")  # fmt: skip
+    if not cfg.matrix.homeserver:
+        unused = [k for k in ("room_id", "template") if getattr(cfg.matrix, k)]
+        if unused:
+            keys = ", ".join(f"matrix.{k}" for k in unused)
+            out.append(f"{where}: {keys}: set but matrix.homeserver is not: no notifications are sent")
     return out
 
 

@@ -1,6 +1,8 @@
-"""Side effects of events, as data: which Forgejo comment or status label an event calls for (SPEC §7.3).
+"""Side effects of events, as data: which Forgejo comment or status label, and which Matrix message, an event
+calls for (SPEC §7.3, §9).
 
-Pure: ``effects_for`` turns one committed event (and its task row) into outbox rows; it performs nothing.
+Pure: ``effects_for`` and ``matrix_effects`` turn one committed event (and its task row) into outbox rows;
+they perform nothing.
 ``fleetctl.outbox`` derives these rows from the event log by a cursor and performs them later. Keeping the
 decision here, apart from the I/O, means it is tested table-driven and the same event always gives the
 same rows — so re-deriving after a crash inserts nothing new (the outbox is unique on event, target, kind).
@@ -14,11 +16,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fleetctl.config import ForgejoConfig
+from fleetctl.config import ForgejoConfig, MatrixConfig
 
 TARGET = "forgejo"
 COMMENT = "comment"
 STATUS_LABEL = "status_label"
+MATRIX = "matrix"
+MESSAGE = "message"
 
 #: The status labels fleetctl keeps on an issue (exactly one at a time): name -> (colour, description).
 #: ``fleet/needs-human`` is not among them: it is a flag beside the status, not a status.
@@ -68,6 +72,22 @@ def effects_for(event: dict, task: dict | None, forgejo: ForgejoConfig) -> list[
     if forgejo.status_labels and event["type"] in _LABEL_OF:
         rows.append(_row(event, task, STATUS_LABEL, {"label": _LABEL_OF[event["type"]]}))
     return rows
+
+
+def matrix_effects(event: dict, task: dict | None, matrix: MatrixConfig, forgejo_url: str | None = None) -> list[dict]:
+    """The Matrix message row event ``event`` calls for (``[]`` when none): only for the kinds in
+    ``matrix.events``, and only with Matrix configured (a homeserver and a room)."""
+    from fleetctl.matrix.messages import message_for
+
+    if not matrix.enabled or event["type"] not in matrix.events:
+        return []
+    message = message_for(event, task, forgejo_url=forgejo_url, template=matrix.template)
+    if message is None:
+        return []
+    task = task or {}
+    payload = {"body": message[0], "html": message[1], "event": event["type"]}
+    return [{"event_id": event["id"], "target": MATRIX, "kind": MESSAGE, "task_id": event.get("task_id"),
+             "repo": task.get("repo"), "issue_number": task.get("issue_number"), "payload": payload, "ts": event["ts"]}]  # fmt: skip
 
 
 def _row(event: dict, task: dict, kind: str, payload: dict[str, Any]) -> dict:

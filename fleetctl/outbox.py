@@ -80,16 +80,20 @@ def flush(store: Store, cfg: Config, *, client: ForgejoClient | None = None, now
         if not locked:
             report.skipped = "another outbox flush is running"
             return report
-        report.enqueued = derive(store, cfg.forgejo)
+        report.enqueued = derive(store, cfg)
         _perform_due(store, cfg.forgejo, report, client, now, limit)
+        if cfg.matrix.enabled:
+            from fleetctl.matrix.outbox import send_due
+
+            send_due(store, cfg.matrix, report, now=now, limit=limit)
     return report
 
 
-def derive(store: Store, forgejo: ForgejoConfig, batch: int = DERIVE_BATCH) -> int:
+def derive(store: Store, cfg: Config, batch: int = DERIVE_BATCH) -> int:
     """Turn the events after the cursor into outbox rows and move the cursor; how many rows were new.
 
-    Runs even without Forgejo configured (then no rows): the cursor keeps up, so configuring Forgejo
-    later does not announce the whole history.
+    Runs even without Forgejo or Matrix configured (then no rows): the cursor keeps up, so configuring
+    them later does not announce the whole history.
     """
     new = 0
     while True:
@@ -97,7 +101,11 @@ def derive(store: Store, forgejo: ForgejoConfig, batch: int = DERIVE_BATCH) -> i
         if not events:
             return new
         tasks = {tid: store.task(tid) for tid in {e["task_id"] for e in events if e["task_id"]}}
-        rows = [row for e in events for row in effects.effects_for(e, tasks.get(e["task_id"]), forgejo)]
+        rows = []
+        for e in events:
+            task = tasks.get(e["task_id"])
+            rows += effects.effects_for(e, task, cfg.forgejo)
+            rows += effects.matrix_effects(e, task, cfg.matrix, cfg.forgejo.url)
         new += store.enqueue_effects(rows, events[-1]["id"])
         if len(events) < batch:
             return new
@@ -106,7 +114,7 @@ def derive(store: Store, forgejo: ForgejoConfig, batch: int = DERIVE_BATCH) -> i
 def _perform_due(store: Store, forgejo: ForgejoConfig, report: FlushReport, client: ForgejoClient | None,
                  now: Callable[[], float], limit: int) -> None:  # fmt: skip
     """Perform the due rows oldest first; the client is made only when a row is due (and closed after)."""
-    rows = store.outbox_due(now(), limit)
+    rows = store.outbox_due(now(), limit, target=effects.TARGET)
     if not rows:
         return
     if client is None and not forgejo.api_ready:

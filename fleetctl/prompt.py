@@ -43,13 +43,13 @@ FIELDS = (
 
 # a format spec for text: [[fill]align][width][.precision][s], width and precision at most 4 digits
 _SPEC_RE = re.compile(r"^(?:.?[<>^])?[0-9]{0,4}(?:\.[0-9]{1,4})?s?\Z", re.S)
-_SAMPLE = dict.fromkeys(FIELDS, "x")
 
 
-def check_template(template: str) -> str | None:
+def check_template(template: str, fields: tuple[str, ...] = FIELDS) -> str | None:
     """What is wrong with ``template`` as a prompt template, or None when ``render_prompt`` can fill it.
 
-    A template is ``str.format`` text using only the names in ``FIELDS`` — no positional ``{}``/``{0}``,
+    A template is ``str.format`` text using only the names in ``fields`` (the prompt's ``FIELDS``; the
+    Matrix message template checks against its own) — no positional ``{}``/``{0}``,
     no attribute or index access (``{title.upper}``, ``{title[0]}``), conversions ``!s``/``!r``/``!a``
     and text format specs (``{title:>40.40}``) allowed; ``{{`` and ``}}`` are literal braces.
 
@@ -72,10 +72,10 @@ def check_template(template: str) -> str | None:
             continue
         shown = "{" + name + ("!" + conversion if conversion else "") + (":" + spec if spec else "") + "}"
         base = re.split(r"[.\[]", name, maxsplit=1)[0]
-        if base in FIELDS and base != name:
+        if base in fields and base != name:
             return f"{shown}: attribute and index access are not allowed; use {{{base}}}"
-        if name not in FIELDS:
-            known = ", ".join("{" + f + "}" for f in FIELDS)
+        if name not in fields:
+            known = ", ".join("{" + f + "}" for f in fields)
             what = "positional placeholder" if base == "" or base.isdigit() else "unknown placeholder"
             return f"{what} {shown}: use one of {known}, or write {{{{ and }}}} for literal braces"
         if conversion not in (None, "s", "r", "a"):
@@ -85,7 +85,7 @@ def check_template(template: str) -> str | None:
                 f"{shown}: unsupported format spec {spec!r} (placeholders are text: [[fill]align][width][.precision])"
             )
     try:
-        template.format_map(_SAMPLE)
+        template.format_map(dict.fromkeys(fields, "x"))
     except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:  # belt and braces
         return f"cannot be filled: {exc}"
     return None

@@ -194,8 +194,24 @@ _M004 = (
 )
 
 
+def m005_outbox_batches(db) -> None:
+    """Matrix notifications: which message (``batch``) an outbox row went out in. A burst is sent as a few
+    messages of several rows; a batch is fixed before its first send, so a retry repeats the same message
+    with the same transaction id (and the homeserver keeps one)."""
+    for statement in _M005:
+        db.execute(statement)
+
+
+_M005 = (
+    "ALTER TABLE outbox ADD COLUMN batch INTEGER",
+    # each target's pending rows in order (Matrix sends its head of line; Forgejo its due rows)
+    "CREATE INDEX outbox_pending ON outbox(target, id) WHERE state = 'pending'",
+    "CREATE INDEX outbox_batch ON outbox(batch) WHERE batch IS NOT NULL",
+)
+
+
 #: Every migration, in order. Append only.
-MIGRATIONS: tuple[Callable, ...] = (m001_initial, m002_token_indexes, m003_forgejo, m004_hosts)
+MIGRATIONS: tuple[Callable, ...] = (m001_initial, m002_token_indexes, m003_forgejo, m004_hosts, m005_outbox_batches)
 MIGRATION_NAMES: tuple[str, ...] = tuple(f.__name__ for f in MIGRATIONS)
 
 

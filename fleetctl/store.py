@@ -821,10 +821,35 @@ class Store:
             self.set_meta(OUTBOX_CURSOR, str(cursor))
         return new
 
-    def outbox_due(self, ts: float, limit: int = 100) -> list[dict]:
-        """Pending outbox rows whose next try is due, oldest first."""
-        rows = self._all("SELECT * FROM outbox WHERE state='pending' AND next_try_at <= ? ORDER BY id LIMIT ?",
-                         (ts, int(limit)))  # fmt: skip
+    def outbox_due(self, ts: float, limit: int = 100, *, target: str | None = None) -> list[dict]:
+        """Pending outbox rows whose next try is due, oldest first (of one ``target``, or of all)."""
+        where = " AND target=?" if target else ""
+        rows = self._all(f"SELECT * FROM outbox WHERE state='pending' AND next_try_at <= ?{where} ORDER BY id LIMIT ?",
+                         (ts, *((target,) if target else ()), int(limit)))  # fmt: skip
+        for r in rows:
+            r["payload"] = _loads(r["payload"])
+        return rows
+
+    def outbox_pending(self, target: str, limit: int = 100) -> list[dict]:
+        """A target's pending rows in order, due or not (its head of line first)."""
+        rows = self._all("SELECT * FROM outbox WHERE state='pending' AND target=? ORDER BY id LIMIT ?",
+                         (target, int(limit)))  # fmt: skip
+        for r in rows:
+            r["payload"] = _loads(r["payload"])
+        return rows
+
+    def count_outbox_pending(self, target: str) -> int:
+        """How many of a target's rows are pending."""
+        return self.execute("SELECT count(*) FROM outbox WHERE state='pending' AND target=?", (target,)).fetchone()[0]
+
+    def batch_outbox_rows(self, row_ids: Sequence[int], batch: int) -> list[dict]:
+        """Put the rows not yet in a batch into ``batch`` (a batch, once made, is never changed); the pending
+        rows of ``batch``, in order."""
+        if row_ids:
+            marks = ", ".join("?" for _ in row_ids)
+            self.execute(f"UPDATE outbox SET batch=? WHERE id IN ({marks}) AND batch IS NULL AND state='pending'",
+                         (int(batch), *map(int, row_ids)))  # fmt: skip
+        rows = self._all("SELECT * FROM outbox WHERE batch=? AND state='pending' ORDER BY id", (int(batch),))
         for r in rows:
             r["payload"] = _loads(r["payload"])
         return rows
@@ -843,15 +868,19 @@ class Store:
         found = self.execute(sql, (row["repo"], row["issue_number"], row["kind"], row["target"], row["id"]))
         return found.fetchone() is not None
 
-    def finish_outbox_row(self, row_id: int, state: str, ts: float, *, error: str | None = None) -> None:
-        """Mark a row done / superseded / dead (with the last error, if any)."""
-        self.execute("UPDATE outbox SET state=?, done_at=?, last_error=coalesce(?, last_error) WHERE id=?",
-                     (state, ts, error, row_id))  # fmt: skip
+    def finish_outbox_row(
+        self, row_id: int | Sequence[int], state: str, ts: float, *, error: str | None = None
+    ) -> None:
+        """Mark a row (or several, in one statement) done / superseded / dead (with the last error, if any)."""
+        ids = _ids(row_id)
+        self.execute(f"UPDATE outbox SET state=?, done_at=?, last_error=coalesce(?, last_error) "
+                     f"WHERE id IN ({', '.join('?' for _ in ids)})", (state, ts, error, *ids))  # fmt: skip
 
-    def retry_outbox_row(self, row_id: int, next_try_at: float, error: str) -> None:
-        """Count a failed try and put the row back for ``next_try_at``."""
-        self.execute("UPDATE outbox SET tries=tries+1, next_try_at=?, last_error=? WHERE id=?",
-                     (next_try_at, error, row_id))  # fmt: skip
+    def retry_outbox_row(self, row_id: int | Sequence[int], next_try_at: float, error: str) -> None:
+        """Count a failed try of a row (or several) and put it back for ``next_try_at``."""
+        ids = _ids(row_id)
+        self.execute(f"UPDATE outbox SET tries=tries+1, next_try_at=?, last_error=? "
+                     f"WHERE id IN ({', '.join('?' for _ in ids)})", (next_try_at, error, *ids))  # fmt: skip
 
     def count_outbox(self) -> dict[str, int]:
         """Outbox rows by state."""
@@ -994,6 +1023,10 @@ def _diff(table: str, replayed: dict, stored: dict, volatile: frozenset[str], mo
 
 
 _SCAN = json.JSONDecoder().scan_once
+
+
+def _ids(row_id: int | Sequence[int]) -> list[int]:
+    return [int(row_id)] if isinstance(row_id, int) else [int(i) for i in row_id]
 
 
 def _loads(text: str) -> Any:

@@ -465,7 +465,7 @@ def test_webhook_listener_with_empty_secret(tmp_path):
     assert fleet("config", "check", "-c", str(path), "--webhooks", env={"FLEET_WEBHOOK_SECRET": "w"}).exit_code == 0
 
 
-# Matrix is not built yet, and Forgejo settings that need forgejo.url are said to be idle without it; `config
+# Forgejo settings that need forgejo.url, and Matrix ones that need matrix.homeserver, are said to be idle; `config
 # check` says so instead of letting a configured section look like it does something
 @pytest.mark.parametrize(
     ("text", "warning"),
@@ -474,9 +474,8 @@ def test_webhook_listener_with_empty_secret(tmp_path):
          "forgejo.token, forgejo.repositories: set but forgejo.url is not: sync, receipt checks and write-back"),
         ("[forgejo]\nurl = 'https://f.example.org'\nwebhook_secret = 'w'\n",
          "forgejo.token: not set: receipts cannot be checked against pull requests"),
-        ("[matrix]\nhomeserver = 'https://m.example.org'\naccess_token = 'a'\nroom_id = '!r:m.example.org'\n",
-         "[matrix]: configured but not used by anything yet (not yet: notifications come with the Matrix"),
-        ("[matrix]\nevents = ['task.failed']\n", "[matrix]: configured but not used by anything yet"),
+        ("[matrix]\naccess_token = 'a'\nroom_id = '!r:m.example.org'\n",
+         "matrix.room_id: set but matrix.homeserver is not: no notifications are sent"),
     ],
 )  # fmt: skip
 def test_check_warns_about_sections_not_used_yet(tmp_path, text, warning):
@@ -748,3 +747,51 @@ def test_loading_imports_nothing_heavy(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------- [matrix]
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("room_id = 'fleet'", "matrix.room_id: expected a room id like '!abc:example.org' or an alias"),
+        ("room_id = '#fleet'", "matrix.room_id: expected a room id"),
+        ("room_id = '!a b:x'", "matrix.room_id: expected a room id"),
+        ("events = ['task.faild']", "matrix.events: unknown event kind 'task.faild' (did you mean 'task.failed'?)"),
+        ("events = ['zzz.zzz']", "matrix.events: unknown event kind 'zzz.zzz' (one of task.created,"),
+        ("template = '{task_id} {nope}'", "matrix.template: invalid template: unknown placeholder {nope}"),
+        ("homeserver = 'matrix.example.org'", "matrix.homeserver: expected an http:// or https:// URL"),
+        ("timeout_secs = 0", "matrix.timeout_secs: must be > 0"),
+    ],
+)
+def test_matrix_settings_are_checked_with_their_line(tmp_path, line, error):
+    base = {"homeserver": "'https://m.example.org'", "access_token": "'a'", "room_id": "'!r:m.example.org'"}
+    key, value = line.split(" = ", 1)
+    text = "[matrix]\n" + "".join(f"{k} = {v}\n" for k, v in {**base, key: value}.items())
+    path = write(tmp_path / "c.toml", text)
+    result = fleet("config", "check", "-c", str(path), "--no-webhooks")
+    assert result.exit_code == 2, result.output
+    row = 1 + list({**base, key: value}).index(key) + 1
+    assert f"c.toml:{row}:1: {error}" in result.stderr
+    assert "'a'" not in result.stderr
+
+
+@pytest.mark.parametrize("room", ["!LxgBJqWQDnsrJRvxYzab", "!r:m.example.org", "#fleet:m.example.org:8448"])
+def test_matrix_room_ids_of_every_room_version_and_aliases_are_accepted(tmp_path, room):
+    path = write(tmp_path / "c.toml", f"[matrix]\nhomeserver = 'https://m.example.org'\naccess_token = 'a'\n"
+                                      f"room_id = '{room}'\nevents = ['task.failed', 'host.down']\n"
+                                      "template = '{kind}: {task_id} {title!r:.20} {pr_url}'\n")  # fmt: skip
+    cfg = C.load_config(path)
+    assert cfg.matrix.room_id == room and cfg.matrix.ready and cfg.matrix.events == ("task.failed", "host.down")
+    assert C.check_config(cfg, serving_webhooks=False) == []
+
+
+def test_matrix_needs_a_room_and_a_token_once_a_homeserver_is_set(tmp_path):
+    path = write(tmp_path / "c.toml", "[matrix]\nhomeserver = 'https://m.example.org'\n")
+    result = fleet("config", "check", "-c", str(path), "--no-webhooks")
+    assert result.exit_code == 2
+    assert "matrix.room_id: must be set" in result.stderr and "matrix.access_token: must be set" in result.stderr
+    ok = fleet("config", "check", "-c", str(path), "--no-webhooks",
+               env={"FLEET_MATRIX_TOKEN": "tok"}).exit_code  # fmt: skip
+    assert ok == 2  # still no room

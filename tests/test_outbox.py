@@ -197,7 +197,7 @@ def test_a_post_already_made_is_found_by_its_marker(store, orch, cfg, forgejo, a
 
     n = new_task(store, orch, forgejo)
     claim(store, cfg, agent)
-    derive(store, cfg.forgejo)
+    derive(store, cfg)
     (row,) = [r for r in store.outbox_due(time.time()) if r["kind"] == "comment"]
     with ForgejoClient(forgejo.url, forgejo.bot_token) as client:  # the POST of the flush that "died"
         client.create_comment(REPO, n, row["payload"]["body"])
@@ -356,10 +356,10 @@ def test_re_deriving_after_a_crash_adds_nothing(store, orch, cfg, forgejo, agent
 
     n = new_task(store, orch, forgejo)
     claim(store, cfg, agent)
-    assert derive(store, cfg.forgejo) == 3
+    assert derive(store, cfg) == 3
     flush(store, cfg)
     store.set_meta("outbox_cursor", "0")  # as if the cursor had never moved
-    assert derive(store, cfg.forgejo, batch=2) == 0
+    assert derive(store, cfg, batch=2) == 0
     assert flush(store, cfg).sent == 0 and len(bodies(forgejo, n)) == 1
     assert store.outbox_cursor() == store.max_event_id()
 

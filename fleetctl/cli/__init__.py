@@ -12,7 +12,7 @@ gc.disable()  # importing typer and the commands makes ~100k long-lived objects 
 
 import typer  # noqa: E402
 
-from fleetctl.cli import agent, config, db, demo, events, outbox, passes, serve, task, webhooks  # noqa: E402
+from fleetctl.cli import agent, config, db, demo, events, notify, outbox, passes, serve, task, webhooks  # noqa: E402
 from fleetctl.cli._coerce import install as _install_fast_coercion  # noqa: E402
 from fleetctl.cli._common import ConfigOpt, set_root_config  # noqa: E402
 from fleetctl.cli._help import install as _install_help  # noqa: E402
@@ -69,6 +69,7 @@ app.add_typer(agent.app, name="agent")
 app.add_typer(db.app, name="db")
 app.add_typer(webhooks.app, name="deliveries")
 app.add_typer(outbox.app, name="outbox")
+app.add_typer(notify.app, name="notify")
 app.command("init")(config.init)
 app.command("events")(events.events)
 app.command("serve")(serve.serve)

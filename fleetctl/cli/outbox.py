@@ -1,4 +1,5 @@
-"""``fleetctl outbox …``: perform and inspect the side effects waiting for Forgejo (comments, status labels)."""
+"""``fleetctl outbox …``: perform and inspect the side effects waiting for Forgejo (comments, status labels) and
+Matrix (messages)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import typer
 
 from fleetctl.cli._common import MAX_LIMIT, ConfigOpt, JsonOpt, cli_errors, load, open_store, print_json
 
-app = typer.Typer(help="Perform and inspect the side effects waiting for Forgejo.", no_args_is_help=True)
+app = typer.Typer(help="Perform and inspect the side effects waiting for Forgejo and Matrix.", no_args_is_help=True)
 
 
 @app.command("flush")
@@ -16,7 +17,7 @@ app = typer.Typer(help="Perform and inspect the side effects waiting for Forgejo
 def outbox_flush(json_: JsonOpt = False, config: ConfigOpt = None) -> None:
     """Derive side effects from new events and perform the due ones now (dispatch and sweep do it too).
 
-    A Forgejo failure is not an error here: the row is retried later (see `fleetctl outbox list`).
+    A Forgejo or Matrix failure is not an error here: the row is retried later (see `fleetctl outbox list`).
 
     Example: fleetctl outbox flush --json
     """

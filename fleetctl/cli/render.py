@@ -246,10 +246,10 @@ def render_outbox(doc: dict) -> None:
 
     print_table(
         None,
-        [Col("ID", "id"), Col("STATE"), Col("KIND"), Col("ISSUE", "id"), Col("TASK", "id", drop=3),
+        [Col("ID", "id"), Col("STATE"), Col("TARGET", drop=4), Col("KIND"), Col("ISSUE", "id"), Col("TASK", "id", drop=3),
          Col("TRIES", drop=2), Col("NEXT TRY", drop=1), Col("LAST ERROR", "text", min=16)],
-        ([r["id"], r["state"], r["kind"], f"{r['repo']}#{r['issue_number']}", r["task_id"], r["tries"], next_try(r),
-          error(r)] for r in doc["items"]),
+        ([r["id"], r["state"], r["target"], r["kind"], f"{r['repo']}#{r['issue_number']}" if r["repo"] else "",
+          r["task_id"] or "", r["tries"], next_try(r), error(r)] for r in doc["items"]),
         style,
     )  # fmt: skip
     print(", ".join(f"{state} {n}" for state, n in doc["counts"].items()))
