@@ -21,6 +21,10 @@ Then the due rows are performed, oldest first, with one ``ForgejoClient`` per fl
 
 A Forgejo failure never raises out of ``flush`` and never touches a task. Each outbox write is one
 statement (its own transaction): no write transaction is ever held across a network call.
+
+Matrix rows (``effects.matrix_effects``: the configured kinds, with their text decided here at derivation)
+are sent after Forgejo's by ``fleetctl.matrix.outbox.send_due``: in order, batched, with stable transaction
+ids (its docstring says how).
 """
 
 from __future__ import annotations
@@ -68,7 +72,8 @@ class FlushReport:
 
 def flush(store: Store, cfg: Config, *, client: ForgejoClient | None = None, now: Callable[[], float] = time.time,
           limit: int = 100) -> FlushReport:  # fmt: skip
-    """Derive new outbox rows from the events after the cursor, then perform up to ``limit`` due rows.
+    """Derive new outbox rows from the events after the cursor, then perform up to ``limit`` due rows of
+    Forgejo and then of Matrix.
 
     Two flushes never run at once (a non-blocking pass lock; the second skips). ``client`` is used
     instead of one made from ``cfg.forgejo`` (it is then not closed here).
