@@ -500,3 +500,57 @@ def other_key(tmp_path: Path, name: str) -> str:
     path = tmp_path / name
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True, timeout=30)
     return str(path)
+
+
+# ------------------------------------------------------------------------------------------------------
+# A real Synapse homeserver on 127.0.0.1 (tests/synapse.py; the Matrix tests)
+
+
+def _launch_synapse(directory: Path, **kwargs: Any) -> Any:
+    """A started ``tests.synapse.Synapse``. Its venv is made when missing; when that or the start fails,
+    the test fails in CI and skips elsewhere, with what to install."""
+    from synapse import Synapse, install_hint
+
+    try:
+        return Synapse.launch(directory, **kwargs)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot start Synapse: {exc}")
+        pytest.skip(f"{install_hint()} ({exc})")
+
+
+@pytest.fixture(scope="session")
+def synapse(tmp_path_factory):
+    """One Synapse for the session, with high rate limits; stopped by its pid at the end."""
+    server = _launch_synapse(tmp_path_factory.mktemp("synapse"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def synapse_strict(tmp_path_factory):
+    """A Synapse with Synapse's default message rate limit (0.2/s, bursts of 10)."""
+    server = _launch_synapse(tmp_path_factory.mktemp("synapse-strict"), default_rate_limits=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def make_synapse(tmp_path):
+    """``make_synapse(**kwargs)``: a Synapse of the test's own (to stop and start); stopped at teardown."""
+    started = []
+
+    def make(**kwargs: Any) -> Any:
+        server = _launch_synapse(tmp_path / f"synapse-{len(started)}", **kwargs)
+        started.append(server)
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in started:
+            server.stop()
