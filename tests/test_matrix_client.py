@@ -21,15 +21,19 @@ from fleetctl.matrix.client import MAX_RESPONSE_BYTES, PATHS, MatrixClient, Matr
 from fleetctl.outbox import MAX_TRIES, FlushReport, flush
 
 
-@pytest.fixture(scope="module")
-def bot(synapse):
+def joined_bot(server):
     """A bot joined to a room of a person: (user_id, token, room_id, person's token)."""
     tag = uuid.uuid4().hex[:8]
-    human_id, human = synapse.register(f"person{tag}")
-    bot_id, token = synapse.register(f"bot{tag}")
-    room = synapse.create_room(human, invite=[bot_id])
-    synapse.join(token, room)
+    human_id, human = server.register(f"person{tag}")
+    bot_id, token = server.register(f"bot{tag}")
+    room = server.create_room(human, invite=[bot_id])
+    server.join(token, room)
     return bot_id, token, room, human
+
+
+@pytest.fixture(scope="module")
+def bot(synapse):
+    return joined_bot(synapse)
 
 
 def test_whoami_send_and_read_back(synapse, bot):
@@ -96,11 +100,7 @@ def test_hostile_ids_are_one_path_segment(synapse, bot):
 
 
 def test_default_rate_limits_give_429_with_the_wait(synapse_strict):
-    tag = uuid.uuid4().hex[:8]
-    human_id, human = synapse_strict.register(f"p{tag}")
-    bot_id, token = synapse_strict.register(f"b{tag}")
-    room = synapse_strict.create_room(human, invite=[bot_id])
-    synapse_strict.join(token, room)
+    _, token, room, _ = joined_bot(synapse_strict)
     with MatrixClient(synapse_strict.url, token) as c:
         with pytest.raises(MatrixError) as err:
             for i in range(30):  # bounded: the default burst is 10
