@@ -504,13 +504,6 @@ def test_no_not_yet_warning_for_what_is_used_or_unset(tmp_path):
     assert C.not_used_yet(C.load_config()) == []
 
 
-def test_matrix_needs_room_and_token(tmp_path):
-    path = write(tmp_path / "c.toml", "[matrix]\nhomeserver = 'https://m.example.org'\n")
-    result = fleet("config", "check", "-c", str(path))
-    assert result.exit_code == 2
-    assert "matrix.room_id" in result.stderr and "matrix.access_token" in result.stderr
-
-
 def test_check_ok_output(tmp_path):
     path = write(tmp_path / "c.toml", MINIMAL)
     result = fleet("config", "check", "-c", str(path))

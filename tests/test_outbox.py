@@ -431,10 +431,11 @@ def test_cli_list_and_flush(store, orch, forgejo, agent, tmp_path, runner):
     listed = runner.invoke(app, ["outbox", "list"])
     assert listed.exit_code == 0
     lines = listed.stdout.splitlines()
-    assert lines[0].split() == ["ID", "STATE", "KIND", "ISSUE", "TASK", "TRIES", "NEXT", "TRY", "LAST", "ERROR"]
-    assert lines[1].split()[1:6] == ["pending", "status_label", "acme/widgets#1", "t1", "1"]
+    assert lines[0].split() == ["ID", "STATE", "TARGET", "KIND", "ISSUE", "TASK", "TRIES", "NEXT", "TRY", "LAST",
+                                "ERROR"]  # fmt: skip
+    assert lines[1].split()[1:7] == ["pending", "forgejo", "status_label", "acme/widgets#1", "t1", "1"]
     assert "Forgejo answered 500" in lines[1] and "in " in lines[1]  # the next try
-    assert lines[3].split()[1:3] == ["superseded", "status_label"]
+    assert lines[3].split()[1:4] == ["superseded", "forgejo", "status_label"]
     assert lines[-1] == "pending 2, done 0, superseded 1, dead 0"
     doc = json.loads(runner.invoke(app, ["outbox", "list", "--json", "--state", "pending", "-n", "1"]).stdout)
     assert len(doc["items"]) == 1 and doc["counts"] == {"pending": 2, "done": 0, "superseded": 1, "dead": 0}
