@@ -139,6 +139,26 @@ def test_one_connection_serves_every_launch_probe_and_kill(sshd, tmp_path):
     assert ex._conn is None
 
 
+def test_the_workspace_is_made_over_sftp_private_and_the_socket_sends_at_once(sshd, tmp_path):
+    ex = SshExecutor(host_for(sshd, tmp_path))
+    try:
+        s = spec(tmp_path, ("true",), workspace=str(tmp_path / "deep" / "er" / "t-1" / "1"))
+        ex.launch(s)
+        meta = Path(s.workspace, ".fleet")
+        assert stat.S_IMODE(meta.stat().st_mode) == 0o700 and (meta / "run.sh").exists()
+        sock = ex._conn.client.get_transport().sock
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        ex.launch(spec(tmp_path, ("true",), task_id="t-2"))  # a workspace beside it: its parents exist
+        blocked = tmp_path / "file"
+        blocked.write_text("not a directory")
+        with pytest.raises(RemoteError) as caught:
+            ex.launch(spec(tmp_path, ("true",), workspace=str(blocked / "t-3" / "1")))
+        assert caught.value.code == "launch_failed" and f"{blocked} exists and is not a directory" in caught.value.message
+        assert ex.connects == 1
+    finally:
+        ex.close()
+
+
 def test_a_broken_connection_is_opened_afresh_by_the_next_call(sshd, tmp_path):
     ex = SshExecutor(host_for(sshd, tmp_path))
     try:

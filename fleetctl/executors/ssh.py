@@ -6,7 +6,7 @@ and remove until ``close`` (a pass makes one executor per host, so a pass logs i
 connection that broke is dropped and opened afresh by the next call.
 
 ``launch`` mirrors ``LocalExecutor.launch``: it refuses a workspace whose run still lives and clears a
-finished run's bookkeeping, creates ``.fleet/`` (mode 700), uploads ``prompt.md`` and ``run.sh`` over SFTP
+finished run's bookkeeping, creates ``.fleet/`` (mode 700) and uploads ``prompt.md`` and ``run.sh`` over SFTP
 (mode 600) plus ``env``, the run's environment as ``export NAME='value'`` lines, which the remote side
 sources and removes: nothing of the environment (the task token) ever appears on a command line. Then
 it starts the wrapper with ``env -i`` and only the login's HOME, USER, LOGNAME, SHELL, PATH and LANG
@@ -23,6 +23,9 @@ Security: host keys are checked against ``host.known_hosts`` (``~/.ssh/known_hos
 ``ssh_config``). The connect, banner and auth timeouts are ``connect_timeout_secs``. Every failure is a
 ``RemoteError`` naming the host; paramiko's own logging is silenced (our error says what happened).
 
+Speed: a launch costs one exec (each exec starts a shell on the host, by far the dearest round trip) and a
+handful of SFTP requests; the socket sends each packet at once (``TCP_NODELAY``).
+
 fabric and paramiko are imported inside functions only (ruff TID253; tests/test_layers.py).
 """
 
@@ -31,8 +34,10 @@ from __future__ import annotations
 import io
 import logging
 import os
+import posixpath
 import re
 import shlex
+import stat
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -88,6 +93,18 @@ def _quiet_paramiko() -> None:
         logger = logging.getLogger(name)
         if logger.level < level:
             logger.setLevel(level)
+
+
+def _no_delay(conn: Any) -> None:
+    """Send each SSH packet at once (TCP_NODELAY). An exec or SFTP request is a small write answered by the
+    host: with Nagle's algorithm on, such a write may wait for the ACK of the previous one, which the host
+    delays (up to 40 ms on Linux) — every launch would pay that several times."""
+    import socket
+
+    try:
+        conn.client.get_transport().sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not a TCP socket (a proxy command): nothing to tune
+        pass
 
 
 def env_file(env: Mapping[str, str]) -> bytes:
@@ -195,6 +212,7 @@ class SshExecutor:
             exc = next(iter((getattr(exc, "errors", None) or {}).values()), exc)
             raise self._error(_CANNOT_CONNECT, getattr(exc, "strerror", None) or str(exc) or repr(exc),
                               code) from None  # fmt: skip
+        _no_delay(conn)
         self._conn = conn
         self.connects += 1
         return conn
@@ -268,8 +286,7 @@ class SshExecutor:
         code = "launch_failed"
         if self._exists(f"{meta}/pid", code):
             self._clear_previous_run(ws)
-        self._exec(["sh", "-c", 'mkdir -p -- "$1" && chmod 700 -- "$1"', "fleetctl-mkdir", meta],
-                   _SCRIPT_TIMEOUT_SECS, f"cannot create workspace {ws}", code)  # fmt: skip
+        self._make_meta_dir(meta, code)
         for name, data in {**meta_files(spec), ENV_FILE: env_bytes}.items():
             self._upload(f"{meta}/{name}", data, code)
         self._exec(["sh", "-c", LOGIN_ENV, LAUNCHER, "fleetctl-launch", *wrapper_argv(spec)],
@@ -302,6 +319,41 @@ class SshExecutor:
         except Exception as exc:  # noqa: BLE001 - paramiko's SSHException, EOFError
             self._drop()
             raise self._error(f"cannot write {path}", str(exc) or repr(exc), code) from None
+
+    def _make_meta_dir(self, meta: str, code: str) -> None:
+        """``mkdir -p META && chmod 700 META`` over SFTP (a few SFTP round trips; an exec would start a shell)."""
+        sftp = self._sftp_client(code)
+        missing, path = [], meta
+        try:
+            while path not in ("", "/", "."):
+                try:
+                    if not stat.S_ISDIR(sftp.stat(path).st_mode):
+                        raise self._error(f"cannot create workspace {meta.rsplit('/', 1)[0]}",
+                                          f"{path} exists and is not a directory", code)  # fmt: skip
+                    break
+                except FileNotFoundError:
+                    missing.append(path)
+                    path = posixpath.dirname(path)
+            for directory in reversed(missing):
+                try:
+                    sftp.mkdir(directory)  # mode 0777 less the server's umask, as mkdir -p
+                except OSError:
+                    if not stat.S_ISDIR(sftp.stat(directory).st_mode):  # made meanwhile by someone else: fine
+                        raise
+            sftp.chmod(meta, 0o700)
+        except TimeoutError:
+            self._drop()
+            raise self._error(f"cannot create workspace {meta.rsplit('/', 1)[0]}", "timed out", code) from None
+        except OSError as exc:
+            raise self._error(f"cannot create workspace {meta.rsplit('/', 1)[0]}", exc.strerror or str(exc),
+                              code) from None  # fmt: skip
+        except RemoteError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - paramiko's SSHException, EOFError
+            self._drop()
+            raise self._error(
+                f"cannot create workspace {meta.rsplit('/', 1)[0]}", str(exc) or repr(exc), code
+            ) from None
 
     def _exists(self, path: str, code: str) -> bool:
         sftp = self._sftp_client(code)
