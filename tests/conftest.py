@@ -503,13 +503,13 @@ def other_key(tmp_path: Path, name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------
-# A real Synapse homeserver on 127.0.0.1 (tests/synapse.py; the Matrix tests)
+# A real Synapse homeserver on 127.0.0.1 (tests/synapse_server.py; the Matrix tests)
 
 
 def _launch_synapse(directory: Path, **kwargs: Any) -> Any:
     """A started ``tests.synapse.Synapse``. Its venv is made when missing; when that or the start fails,
     the test fails in CI and skips elsewhere, with what to install."""
-    from synapse import Synapse, install_hint
+    from synapse_server import Synapse, install_hint
 
     try:
         return Synapse.launch(directory, **kwargs)

@@ -1,5 +1,5 @@
 """Matrix notifications end to end (SPEC §9; fleetctl/matrix/): real tasks in a real store, sent through the
-outbox to a real Synapse (tests/synapse.py), and read back from the room through the client-server API.
+outbox to a real Synapse (tests/synapse_server.py), and read back from the room through the client-server API.
 
 Every scenario ends with ``store.check()``: whatever the homeserver did, the tasks and the event log are
 untouched by it.

@@ -153,7 +153,9 @@ def test_the_workspace_is_made_over_sftp_private_and_the_socket_sends_at_once(ss
         blocked.write_text("not a directory")
         with pytest.raises(RemoteError) as caught:
             ex.launch(spec(tmp_path, ("true",), workspace=str(blocked / "t-3" / "1")))
-        assert caught.value.code == "launch_failed" and f"{blocked} exists and is not a directory" in caught.value.message
+        assert (
+            caught.value.code == "launch_failed" and f"{blocked} exists and is not a directory" in caught.value.message
+        )
         assert ex.connects == 1
     finally:
         ex.close()

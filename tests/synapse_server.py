@@ -69,7 +69,10 @@ def ensure_venv() -> Path:
 def _works(python: Path) -> bool:
     if not python.exists():
         return False
-    done = subprocess.run([str(python), "-c", "import synapse.app.homeserver"], capture_output=True, timeout=120)
+    # -I: no current directory on sys.path (the tests directory holds helpers of its own) and no
+    # PYTHON* variables of the test run
+    done = subprocess.run([str(python), "-I", "-c", "import synapse.app.homeserver"], capture_output=True,
+                          timeout=120, cwd=python.parent)  # fmt: skip
     return done.returncode == 0
 
 
@@ -165,7 +168,7 @@ class Synapse:
         (directory / "homeserver.yaml").write_text(CONFIG.format(
             server_name=server.server_name, dir=directory, port=server.port, secret=server.secret,
             macaroon=secrets.token_hex(16), form=secrets.token_hex(16), limits=_limits(default_rate_limits)))  # fmt: skip
-        done = subprocess.run([str(python), "-m", "synapse.app.homeserver", "-c", str(directory / "homeserver.yaml"),
+        done = subprocess.run([str(python), "-I", "-m", "synapse.app.homeserver", "-c", str(directory / "homeserver.yaml"),
                                "--generate-keys"], capture_output=True, text=True, timeout=120, cwd=directory)  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(f"synapse --generate-keys exited {done.returncode}: {done.stderr[-2000:]}")
@@ -175,7 +178,7 @@ class Synapse:
     def start(self) -> Synapse:
         """Start (or restart after ``stop``) on the same port with the same data; wait until it answers."""
         log = open(self.dir / "stdout.log", "ab")  # noqa: SIM115 (the child keeps it)
-        self.proc = subprocess.Popen([str(self.python), "-m", "synapse.app.homeserver", "-c",
+        self.proc = subprocess.Popen([str(self.python), "-I", "-m", "synapse.app.homeserver", "-c",
                                       str(self.dir / "homeserver.yaml")], cwd=self.dir, stdin=subprocess.DEVNULL,
                                      stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
         log.close()
