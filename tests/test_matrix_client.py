@@ -275,3 +275,18 @@ def test_a_process_without_the_token_queues_and_leaves_them(store, orch, mcfg):
     report = flush(store, cfg)
     assert report.enqueued == 2 and report.deferred == 2 and report.sent == 0
     assert store.count_outbox() == {"pending": 2}
+
+
+def test_a_batch_stays_under_the_event_size_and_a_message_refused_as_such_does_not_hold_up_the_line(store, orch,
+                                                                                                   mcfg):  # fmt: skip
+    from fleetctl.outbox import derive
+
+    cfg = replace(mcfg, matrix=replace(mcfg.matrix, template="{title:>1900}"))
+    created(store, orch, 30)  # 30 messages of ~1,900 characters (and as much HTML)
+    derive(store, cfg)
+    too_large = MatrixError("too large", status=413, errcode="M_TOO_LARGE")
+    client = FakeClient(too_large)
+    report = send(store, cfg, client)
+    assert report.dead == 6 and store.count_outbox()["dead"] == 6  # the first batch: 6 × ~3,800 ≤ 24,000 chars
+    assert report.sent == 24 and [len(body.split("\n")) for _, _, body in client.sent] == [6, 6, 6, 6]
+    assert all(len(body) + len(body) < matrix_outbox.MAX_BATCH_CHARS + 4000 for _, _, body in client.sent)

@@ -141,3 +141,13 @@ def test_only_the_configured_kinds_become_rows_and_only_with_matrix_configured()
     offline = ev("agent.offline", {"reason": "missed heartbeats"}, task_id=None, attempt=None)
     (row,) = effects.matrix_effects(offline, None, MATRIX, None)
     assert row["task_id"] is None and row["repo"] is None
+
+
+def test_long_messages_are_cut_and_long_links_left_out():
+    from fleetctl.matrix.messages import MAX_MESSAGE
+
+    event = ev("task.awaiting_review", {"pull_request": {"number": 3, "html_url": "https://x.org/" + "a" * 5000}})
+    text, markup = message_for(event, TASK)
+    assert "https://x.org/" not in text and "<a " not in markup  # a 5 kB link from a receipt is not shown
+    big = message_for(ev("task.failed"), TASK, template="{title:>4000}{title:>4000} <{task_id}>")
+    assert len(big[0]) == MAX_MESSAGE and big[0].endswith("…") and big[1] == big[0].replace("<", "&lt;")

@@ -40,6 +40,10 @@ FIELDS = (
 
 MAX_TEXT = 300
 """A free-text value (title, failure detail, summary) is cut to this many characters in a message."""
+MAX_URL = 500
+"""A longer link (from an agent's receipt) is left out rather than cut into a broken one."""
+MAX_MESSAGE = 2000
+"""A message (a template can make long ones) is cut to this many characters; its HTML is then the cut text."""
 
 _WHAT = {
     "task.created": "was created",
@@ -90,6 +94,9 @@ def fields_for(event: dict, task: dict | None, forgejo_url: str | None = None) -
         "pr_number": str(pr_number) if pr_number is not None else "",
         "pr_url": str(pr_url),
     }
+    for key in ("issue_url", "pr_url"):
+        if len(values[key]) > MAX_URL:
+            values[key] = ""
     return {k: _clip(v) if k in ("title", "detail", "summary", "reason") else _one_line(v) for k, v in values.items()}
 
 
@@ -104,10 +111,14 @@ def message_for(event: dict, task: dict | None, *, forgejo_url: str | None = Non
         return None
     f = fields_for(event, task, forgejo_url)
     if template:
-        return template.format_map(f), _html_template(template, f)
-    parts = _parts(event["type"], f)
-    body = " ".join(text for text, _ in parts if text)
-    markup = " ".join(markup for text, markup in parts if text)
+        body, markup = template.format_map(f), _html_template(template, f)
+    else:
+        parts = _parts(event["type"], f)
+        body = " ".join(text for text, _ in parts if text)
+        markup = " ".join(markup for text, markup in parts if text)
+    if len(body) > MAX_MESSAGE or len(markup) > 2 * MAX_MESSAGE:
+        body = body[: MAX_MESSAGE - 1] + "…" if len(body) > MAX_MESSAGE else body
+        markup = _e(body)  # cutting HTML could leave a tag open: the cut text alone, escaped
     return body, markup
 
 

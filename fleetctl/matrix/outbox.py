@@ -12,8 +12,9 @@
   ``BUDGET_SECS``); a longer one puts the batch back for exactly that long.
 - **Failures.** A refused token (401), a room the bot is not in (403) or an unknown room (404), and an
   unreachable homeserver, are recorded on the batch's rows (``fleetctl outbox list`` shows them) and
-  retried with the outbox's backoff; after ``MAX_TRIES`` the rows are ``dead``. Nothing here ever touches a
-  task, and no write transaction is held across a request.
+  retried with the outbox's backoff; after ``MAX_TRIES`` the rows are ``dead``. A message refused as such
+  (413, ``M_TOO_LARGE``, ``M_BAD_JSON``: it would never go through) is ``dead`` at once, so it does not hold
+  up the line. Nothing here ever touches a task, and no write transaction is held across a request.
 """
 
 from __future__ import annotations
@@ -33,13 +34,17 @@ if TYPE_CHECKING:
     from fleetctl.store import Store
 
 MAX_BATCH = 20
-"""Rows sent as one message."""
+"""Rows sent as one message, at most."""
+MAX_BATCH_CHARS = 24_000
+"""And at most about this much text (body and HTML) in one message: a Matrix event may not exceed 64 KiB."""
 INLINE_WAIT_SECS = 10.0
 """A 429 asking to wait at most this long is waited out within the flush."""
 BUDGET_SECS = 30.0
 """One flush spends at most about this long sending to Matrix (then the rest waits for the next pass)."""
 TXN_PREFIX_KEY = "matrix_txn_prefix"
 """``meta`` key: this database's part of every transaction id (two fleets sharing a bot never collide)."""
+_REFUSED_AS_SUCH = frozenset({"M_TOO_LARGE", "M_BAD_JSON", "M_NOT_JSON"})
+"""Errors about the message itself: sending it again would never go better."""
 ROOM_KEY = "matrix_room:"
 """``meta`` key prefix: an alias of ``[matrix] room_id``, resolved once, and the room id it names."""
 
@@ -79,9 +84,10 @@ def _batch(store: Store, head: list[dict]) -> list[dict]:
     """The batch at the head of the line: the one already made (a retry), or a new one of the first rows."""
     if head[0]["batch"] is not None:
         return store.batch_outbox_rows((), head[0]["batch"])
-    fresh = []
+    fresh, size = [], 0
     for row in head:
-        if row["batch"] is not None:
+        size += len(row["payload"].get("body", "")) + len(row["payload"].get("html", ""))
+        if row["batch"] is not None or (fresh and size > MAX_BATCH_CHARS):
             break
         fresh.append(row["id"])
     return store.batch_outbox_rows(fresh, head[0]["id"])
@@ -89,7 +95,8 @@ def _batch(store: Store, head: list[dict]) -> list[dict]:
 
 def _send(store: Store, client: MatrixClient, matrix: MatrixConfig, rows: list[dict], report: FlushReport,
           now: Callable[[], float], sleep: Callable[[float], None], deadline: float) -> bool:  # fmt: skip
-    """Send one batch, waiting out short 429s; record the outcome. False when it failed (stop this flush)."""
+    """Send one batch, waiting out short 429s; record the outcome. False when it must be tried again (the
+    rows behind it wait: stop this flush)."""
     from fleetctl.matrix.client import MatrixError
     from fleetctl.matrix.messages import batch_message
 
@@ -106,30 +113,31 @@ def _send(store: Store, client: MatrixClient, matrix: MatrixConfig, rows: list[d
                 log("matrix.rate_limited", rows=len(ids), wait=f"{wait:.1f}s")
                 sleep(wait)
                 continue
-            _failed(store, rows, exc, report, now)
-            return False
+            return _failed(store, rows, exc, report, now)
         store.finish_outbox_row(ids, "done", now())
         report.sent += len(ids)
         log("matrix.sent", rows=len(ids), first=ids[0], event=event_id)
         return True
 
 
-def _failed(store: Store, rows: list[dict], exc: MatrixError, report: FlushReport, now: Callable[[], float]) -> None:
-    """Put a batch back for later (the wait a 429 asked for, else the outbox's backoff), or dead at the end."""
+def _failed(store: Store, rows: list[dict], exc: MatrixError, report: FlushReport, now: Callable[[], float]) -> bool:
+    """Put a batch back for later (the wait a 429 asked for, else the outbox's backoff), or dead at the end.
+    True when the rows behind it may go on (it is dead), False when they wait behind it."""
     from fleetctl.outbox import MAX_TRIES, next_delay
 
     ids = [r["id"] for r in rows]
     tries = rows[0]["tries"] + 1
     message = f"matrix: {exc.message}"
-    if tries >= MAX_TRIES:
+    if tries >= MAX_TRIES or exc.status == 413 or exc.errcode in _REFUSED_AS_SUCH:
         store.finish_outbox_row(ids, "dead", now(), error=message)
         report.dead += len(ids)
         log("matrix.dead", rows=len(ids), first=ids[0], tries=tries, error=exc.message)
-        return
+        return True
     delay = exc.retry_after if exc.status == 429 and exc.retry_after else next_delay(rows[0]["tries"])
     store.retry_outbox_row(ids, now() + delay, message)
     report.retried += len(ids)
     log("matrix.retry", rows=len(ids), first=ids[0], tries=tries, next_try_in=f"{delay:.0f}s", error=exc.message)
+    return False
 
 
 def room_id(store: Store, client: MatrixClient, matrix: MatrixConfig) -> str:
