@@ -12,6 +12,7 @@ import time
 import uuid
 from dataclasses import replace
 from types import SimpleNamespace
+from urllib.parse import quote
 
 import pytest
 from conftest import config_of
@@ -241,12 +242,12 @@ def test_with_synapse_stopped_notifications_wait_and_go_out_when_it_is_back(stor
 # ---------------------------------------------------------------------------------------------- bad setup
 
 
-def notify_test(runner, tmp_path, room, token=None):
+def notify_test(runner, tmp_path, room, token=None, room_id=None):
     from fleetctl.cli import app
 
-    path = tmp_path / "matrix.toml"
+    path = tmp_path / "matrix.toml"  # its database is the store fixture's (tmp_path/fleet.db)
     path.write_text(f'[orchestrator]\ndb_path = "fleet.db"\n[matrix]\nhomeserver = "{room.synapse.url}"\n'
-                    f'access_token = "{token or room.bot}"\nroom_id = "{room.id}"\n')  # fmt: skip
+                    f'access_token = "{token or room.bot}"\nroom_id = "{room_id or room.id}"\n')  # fmt: skip
     path.chmod(0o600)
     return runner.invoke(app, ["notify", "test", "--config", str(path)])
 
@@ -258,6 +259,25 @@ def test_notify_test_sends_one_message(runner, tmp_path, synapse):
     assert result.stdout.startswith(f"ok: sent to {room.id} as {room.bot_id} (event $")
     (content,) = said(room)
     assert content["body"] == "fleetctl: test message — notifications reach this room."
+
+
+def test_an_alias_is_resolved_once_and_notify_test_posts_where_the_notifications_go(runner, tmp_path, store, orch,
+                                                                                       synapse):  # fmt: skip
+    room = make_room(synapse)
+    alias = f"#fleet-{uuid.uuid4().hex[:6]}:{synapse.server_name}"
+    synapse.set_alias(room.human, alias, room.id)
+    result = notify_test(runner, tmp_path, room, room_id=alias)
+    assert result.exit_code == 0, result.output
+    assert store.meta(f"matrix_room:{alias}") == room.id
+    other = synapse.create_room(room.human, invite=[room.bot_id])  # the alias moves; fleetctl keeps its room
+    synapse.join(room.bot, other)
+    synapse.call("DELETE", f"/_matrix/client/v3/directory/room/{quote(alias, safe='')}", room.human)
+    synapse.set_alias(room.human, alias, other)
+    cfg = matrix_cfg(orch, room, room_id=alias)
+    task_through(store, cfg, agent(store, cfg), "after the move", end="failed")
+    assert flush(store, cfg).sent == 1
+    assert notify_test(runner, tmp_path, room, room_id=alias).exit_code == 0
+    assert len(said(room)) == 3 and synapse.messages(room.human, other) == []
 
 
 def test_a_bad_token_is_reported_by_notify_test_and_on_the_outbox_rows(runner, tmp_path, store, orch, synapse):

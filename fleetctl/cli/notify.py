@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from fleetctl.cli._common import ConfigOpt, JsonOpt, cli_errors, load, print_json
+from fleetctl.cli._common import ConfigOpt, JsonOpt, cli_errors, load, open_store, print_json
 
 app = typer.Typer(help="Matrix notifications: check the setup.", no_args_is_help=True)
 
@@ -30,7 +30,8 @@ def notify_test(
     from fleetctl.matrix.setup import DEFAULT_TEST_MESSAGE, check_setup
 
     cfg = load(config)
-    result = check_setup(cfg.matrix, message or DEFAULT_TEST_MESSAGE)
+    with open_store(cfg) as store:  # the room as the outbox knows it (an alias resolved once, kept there)
+        result = check_setup(store, cfg.matrix, message or DEFAULT_TEST_MESSAGE)
     if json_:
         print_json(result)
     else:
