@@ -147,7 +147,8 @@ def dispatch(
         for host_id, row in down.items():
             log("host.skipped", host=host_id, reason="down", since=round(row["since"]), error=row["error"])
         usable = {h.host_id for h in cfg.hosts if h.host_id not in down}
-        pairs, slots = plan_dispatch(store, t0, limit, hosts=usable)
+        # a dry run registers nothing: it plans on the agents as the config would make them (sync_config_agents)
+        pairs, slots = plan_dispatch(store, t0, limit, hosts=usable, configured=cfg if dry_run else None)
         report.queued_ready = store.count_ready(t0)
         by_agent = {s.agent_id: s for s in slots}
         specs = {spec.agent_id: (host, spec) for host, spec in cfg.agent_specs()}
@@ -198,11 +199,25 @@ def flush_outbox(store: Store, cfg: Config, now: Callable[[], float] = time.time
 
 
 def plan_dispatch(
-    store: Store, ts: float, limit: int | None = None, hosts: set[str] | None = None
+    store: Store, ts: float, limit: int | None = None, hosts: set[str] | None = None, configured: Config | None = None
 ) -> tuple[list[tuple[str, str]], list[AgentSlot]]:
-    """Read the queue and the ssh_cli agents with free capacity (on ``hosts``, if given), and plan (no writes)."""
+    """Read the queue and the ssh_cli agents with free capacity (on ``hosts``, if given), and plan (no writes).
+
+    With ``configured``, the agents are those of that config as the next real pass would register them
+    (new ones included, removed ones gone, capabilities and limits from the config; a drained one stays
+    out): what ``dispatch --dry-run`` shows before any pass has registered them.
+    """
     with store.read():
-        agents = store.agents(status=AgentStatus.ONLINE.value, mode=AgentMode.SSH_CLI.value)
+        if configured is None:
+            agents = store.agents(status=AgentStatus.ONLINE.value, mode=AgentMode.SSH_CLI.value)
+        else:
+            known = {a["agent_id"]: a for a in store.agents()}
+            agents = [
+                {"agent_id": spec.agent_id, "capabilities": spec.capabilities, "max_concurrency": spec.max_concurrency,
+                 "host_id": host.host_id, "last_assigned_at": (known.get(spec.agent_id) or {}).get("last_assigned_at")}
+                for host, spec in configured.agent_specs()
+                if (known.get(spec.agent_id) or {}).get("status") != AgentStatus.DRAINING.value
+            ]  # fmt: skip
         if hosts is not None:
             agents = [a for a in agents if a["host_id"] in hosts]
         running = store.running_counts()

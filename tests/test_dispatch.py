@@ -311,3 +311,22 @@ def test_an_unreachable_ssh_host_fails_the_launch_is_marked_down_and_skipped_whi
     check = fleet.run("config", "check")  # and config check says why it cannot work
     assert check.returncode == 2 and "hosts.remote1.known_hosts" in check.stderr and "Traceback" not in check.stderr
     fleet.check_db()
+
+
+def test_a_dry_run_plans_on_the_agents_the_config_makes_and_writes_nothing(fleet):
+    """Before any real pass has registered them, a dry run still shows what the pass would do; a drained
+    agent stays out, and an agent gone from the config is not planned."""
+    fleet.configure(agents=[{"agent_type": "ok", "agent_id": "fresh", "max_concurrency": 1, "capabilities": ["docs"]}])
+    task_id = fleet.create("--title", "write docs", "--label", "agent:docs")
+    before = fleet.events()
+    planned = json.loads(fleet.run("dispatch", "--dry-run", "--json").stdout)["planned"]
+    assert planned == [{"task_id": task_id, "agent_id": "fresh"}]
+    assert fleet.events() == before and fleet.query("SELECT agent_id FROM agents") == []
+    assert fleet.task(task_id)["state"] == "queued"
+
+    assert fleet.run("dispatch", "--limit", "0").returncode == 0  # registers "fresh", launches nothing
+    assert fleet.run("agent", "drain", "fresh").returncode == 0
+    assert json.loads(fleet.run("dispatch", "--dry-run", "--json").stdout)["planned"] == []
+    fleet.configure(agents=[{"agent_type": "ok", "agent_id": "newer", "max_concurrency": 1, "capabilities": ["docs"]}])
+    planned = json.loads(fleet.run("dispatch", "--dry-run", "--json").stdout)["planned"]
+    assert planned == [{"task_id": task_id, "agent_id": "newer"}]  # "fresh" left the config: not planned
