@@ -111,7 +111,7 @@ def _send(store: Store, client: MatrixClient, matrix: MatrixConfig, rows: list[d
             wait = exc.retry_after if exc.status == 429 else None
             if wait is not None and wait <= INLINE_WAIT_SECS and time.monotonic() + wait < deadline:
                 log("matrix.rate_limited", rows=len(ids), wait=f"{wait:.1f}s")
-                sleep(wait)
+                sleep(max(wait, 0.2))  # never a tight loop, whatever the homeserver says
                 continue
             return _failed(store, rows, exc, report, now)
         store.finish_outbox_row(ids, "done", now())
