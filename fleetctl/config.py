@@ -114,6 +114,16 @@ class ForgejoConfig:
     bot_login: str | None = None
     timeout_secs: float = 10.0
     delivery_retention_secs: float = 30 * 86400
+    comment_commands: bool = False  # /fleet retry|cancel|rework in comments by users with write permission
+    permission_cache_secs: float = 60  # how long a user's permission on a repository is remembered
+    max_active_per_repo: int | None = None  # tasks assigned/running/awaiting review per repository (None: no cap)
+    #: per repository (lower-cased owner/name): its own ``max_active_per_repo``
+    repository: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def repo_cap(self, repo: str | None) -> int | None:
+        """The cap on ``repo``'s active tasks: its own, else the default; None for no cap."""
+        own = self.repository.get((repo or "").lower(), {})
+        return own.get("max_active_per_repo", self.max_active_per_repo)
 
     @property
     def api_ready(self) -> bool:
@@ -138,6 +148,27 @@ class OrchestratorConfig:
     output_cap_bytes: int = 1048576
     prompt_template: str | None = None
     workspace_retention_secs: float = 3 * 86400  # 0 keeps workspaces
+    max_review_rounds: int = 3  # rework attempts after "changes requested" (per task: label review-rounds:N)
+    rate_limit_cooldown_secs: float = 900  # an agent's cooldown after a usage limit that names no time
+
+
+@dataclass(frozen=True)
+class BudgetsConfig:
+    """``[budgets]``: spending limits in US dollars, from the ``usage`` agents report (None: no limit)."""
+
+    max_cost_per_task: float | None = None
+    max_cost_per_day: float | None = None  # the whole fleet, per UTC day
+    #: per repository (lower-cased owner/name): its own ``max_cost_per_task`` / ``max_cost_per_day``
+    repository: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def any(self) -> bool:
+        return self.max_cost_per_task is not None or self.max_cost_per_day is not None or bool(self.repository)
+
+    def task_budget(self, repo: str | None) -> float | None:
+        """The per-task budget of a task in ``repo``: its repository's, else the fleet's."""
+        own = self.repository.get((repo or "").lower(), {})
+        return own.get("max_cost_per_task", self.max_cost_per_task)
 
 
 @dataclass(frozen=True)
@@ -169,6 +200,7 @@ class Config:
     agent_types: Mapping[str, AgentTypeConfig]
     matrix: MatrixConfig
     path: Path | None = None  # None: the embedded default
+    budgets: BudgetsConfig = field(default_factory=BudgetsConfig)
     warnings: tuple[str, ...] = ()  # non-fatal findings of the loader; the CLI prints them
 
     def agent_specs(self) -> list[tuple[HostConfig, AgentSpec]]:
@@ -423,6 +455,10 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "bot_login": _Key("optstr"),
         "timeout_secs": _SECS,
         "delivery_retention_secs": _Key("secs", ge=0),
+        "comment_commands": _Key("bool"),
+        "permission_cache_secs": _Key("secs", ge=0),
+        "max_active_per_repo": _Key("int", ge=0),
+        "repository": _Key("repotables"),
     },
     "orchestrator": {
         "db_path": _Key("path"),
@@ -439,6 +475,13 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "output_cap_bytes": _POS_INT,
         "prompt_template": _Key("optstr"),
         "workspace_retention_secs": _Key("secs", ge=0),
+        "max_review_rounds": _Key("int", ge=0),
+        "rate_limit_cooldown_secs": _SECS,
+    },
+    "budgets": {
+        "max_cost_per_task": _Key("num", ge=0),
+        "max_cost_per_day": _Key("num", ge=0),
+        "repository": _Key("repotables"),
     },
     "matrix": {
         "homeserver": _Key("url"),
@@ -475,6 +518,11 @@ _AGENT_TYPE_KEYS: dict[str, _Key] = {
     "timeout_secs": _SECS,
 }
 _TOP_KEYS = (*_SCHEMA, "hosts", "agent_types")
+#: The keys of a ``[forgejo.repository."owner/name"]`` / ``[budgets.repository."owner/name"]`` table.
+_REPO_KEYS: dict[str, dict[str, _Key]] = {
+    "forgejo": {"max_active_per_repo": _Key("int", ge=0)},
+    "budgets": {"max_cost_per_task": _Key("num", ge=0), "max_cost_per_day": _Key("num", ge=0)},
+}
 _RENAMED = {"accept_new_host_keys": 'replaced by host_key_policy = "accept-new" (or "strict", the default)'}
 """Keys of earlier versions, with what to write instead."""
 _EVENT_RE = re.compile(r"^[a-z][a-z_]*\.[a-z][a-z_]*\Z")
@@ -580,7 +628,14 @@ class _Loader:
                 ("orchestrator", "retry_backoff_max_secs"), f"must be >= retry_backoff_secs ({base}), got {cap}"
             )
         self.matrix(sections["matrix"])
-        for sec in ("server", "forgejo", "orchestrator", "matrix"):
+        for sec, key in (("forgejo", "max_active_per_repo"), ("budgets", "max_cost_per_task"),
+                         ("budgets", "max_cost_per_day")):  # fmt: skip
+            if sections[sec].get(key) == 0:  # 0: no limit
+                sections[sec][key] = None
+        for sec in ("forgejo", "budgets"):
+            if "repository" in sections[sec]:
+                sections[sec]["repository"] = self.repo_tables(sec, sections[sec]["repository"])
+        for sec in ("server", "forgejo", "orchestrator", "matrix", "budgets"):
             sections[sec] = {k: v for k, v in sections[sec].items() if v is not _BAD}
         agent_types = self.agent_types(raw.get("agent_types", {}))
         declared = set(agent_types) | set(raw.get("agent_types") or ())  # invalid ones were reported
@@ -593,7 +648,28 @@ class _Loader:
             agent_types=agent_types,
             matrix=MatrixConfig(**sections["matrix"]),
             path=self.path,
+            budgets=BudgetsConfig(**sections["budgets"]),
         )
+
+    def repo_tables(self, section: str, raw: Any) -> Any:
+        """``[<section>.repository."owner/name"]`` tables: valid names, known keys, keyed lower-cased."""
+        if raw is _BAD:
+            return _BAD
+        out: dict[str, dict[str, Any]] = {}
+        for repo, table in raw.items():
+            kp: KeyPath = (section, "repository", repo)
+            if not REPO_RE.match(repo) or ".." in repo:
+                self.problem(kp, f"expected a repository as owner/name, got {repo!r}")
+                continue
+            if not isinstance(table, dict):
+                self.problem(kp, f"expected a table, got {_toml_type(table)}")
+                continue
+            values = self.table(table, kp, _REPO_KEYS[section])
+            if repo.lower() in out:
+                self.problem(kp, f"repository {repo!r} is configured twice (names are case-insensitive)")
+            elif not any(v is _BAD for v in values.values()):
+                out[repo.lower()] = {k: (None if v == 0 else v) for k, v in values.items()}  # 0: no limit
+        return out
 
     def matrix(self, values: dict) -> None:
         """``[matrix]``: the room's shape, known event kinds, a template that can be filled."""
@@ -838,6 +914,10 @@ def _check_value(spec: _Key, value: Any) -> str | None:
     if kind == "strmap":
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             return f"expected a table of strings, got {_toml_type(value)}"
+        return None
+    if kind == "repotables":
+        if not isinstance(value, dict):
+            return f'expected tables [section.repository."owner/name"], got {_toml_type(value)}'
         return None
     if kind == "tables":
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -1098,7 +1178,7 @@ def mask(cfg: Config) -> dict:
         '***'
     """
     out: dict[str, Any] = {}
-    for name in ("server", "forgejo", "orchestrator", "matrix"):
+    for name in ("server", "forgejo", "orchestrator", "matrix", "budgets"):
         section = getattr(cfg, name)
         values = {f.name: _plain(getattr(section, f.name)) for f in fields(section)}
         for key in SECRET_KEYS.get(name, ()):
@@ -1115,7 +1195,7 @@ def mask(cfg: Config) -> dict:
         name: {"command": list(t.command), "prompt": t.prompt, "env": {k: MASK for k in t.env}}
         for name, t in cfg.agent_types.items()
     }
-    return {k: out[k] for k in ("server", "forgejo", "orchestrator", "hosts", "agent_types", "matrix")}
+    return {k: out[k] for k in ("server", "forgejo", "orchestrator", "hosts", "agent_types", "matrix", "budgets")}
 
 
 def render_toml(doc: dict) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from fleetctl.durations import DURATION_HINT, parse_duration
 
-_KNOBS = ("priority", "retries", "timeout")
+_KNOBS = ("priority", "retries", "timeout", "review-rounds")
 _INT_RE = re.compile(r"^[+-]?[0-9]{1,9}\Z")
 _MAX_KNOB = 999_999_999
 
@@ -36,6 +36,7 @@ class LabelKnobs:
     requirements: tuple[str, ...]
     priority: int = 0
     max_retries: int | None = None
+    max_review_rounds: int | None = None  # label review-rounds:N (None: orchestrator.max_review_rounds)
     timeout_secs: int | float | None = None
     problems: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
@@ -49,9 +50,9 @@ def _knob_value(name: str, raw: str) -> tuple[int | float | None, str | None]:
             return None, f"timeout must be greater than 0, in {DURATION_HINT}"
         return secs, None
     n = int(raw) if _INT_RE.match(raw) else None
-    if name == "retries":
+    if name in ("retries", "review-rounds"):
         if n is None or n < 0:
-            return None, f"retries must be a whole number ≥ 0 (at most {_MAX_KNOB})"
+            return None, f"{name} must be a whole number ≥ 0 (at most {_MAX_KNOB})"
         return n, None
     if n is None:
         return None, f"priority must be a whole number from -{_MAX_KNOB} to {_MAX_KNOB} (higher runs first)"
@@ -146,6 +147,7 @@ def parse_labels(labels: Iterable[str], prefix: str = "agent:") -> LabelKnobs:
         priority=value.get("priority", 0),
         max_retries=value.get("retries"),
         timeout_secs=value.get("timeout"),
+        max_review_rounds=value.get("review-rounds"),
         problems=tuple(problems),
         warnings=tuple(warnings),
     )

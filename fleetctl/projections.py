@@ -22,24 +22,28 @@ TASK_COLUMNS = (
     "task_id", "seq", "state", "title", "body", "labels", "requirements", "priority", "repo",
     "issue_number", "attempt", "max_attempts", "timeout_secs", "agent_id", "lease_expires_at",
     "not_before", "failure_reason", "failure_detail", "pull_request", "created_at", "updated_at",
-    "attempt_started_at",
+    "attempt_started_at", "attempt_kind", "review_rounds", "max_review_rounds", "review", "review_pending",
+    "needs_human", "blocked_by", "spent_usd",
 )  # fmt: skip
 AGENT_COLUMNS = (
     "agent_id", "agent_type", "capabilities", "max_concurrency", "mode", "host_id", "status",
     "token_hash", "registered_at", "updated_at", "last_heartbeat_at", "last_assigned_at",
+    "cooldown_until", "cooldown_reason",
 )  # fmt: skip
 ATTEMPT_COLUMNS = (
     "task_id", "attempt", "agent_id", "host_id", "workspace", "token_hash", "assigned_at", "started_at",
     "ended_at", "outcome", "failure_reason", "failure_detail", "receipt", "receipt_pending", "workspace_cleaned_at",
+    "kind", "usage", "cost_usd",
 )  # fmt: skip
 HOST_COLUMNS = ("host_id", "status", "since", "error", "updated_at")
-JSON_COLUMNS = frozenset({"labels", "requirements", "pull_request", "capabilities", "receipt"})
+JSON_COLUMNS = frozenset({"labels", "requirements", "pull_request", "capabilities", "receipt", "review",
+                          "review_pending", "usage"})  # fmt: skip
 VOLATILE = {"tasks": frozenset({"lease_expires_at"}), "agents": frozenset({"last_heartbeat_at"})}
 
 #: Task fields an ``task.updated`` event may change.
 UPDATABLE_TASK_FIELDS = frozenset(
     {"title", "body", "labels", "requirements", "priority", "max_attempts", "timeout_secs", "repo",
-     "issue_number"}
+     "issue_number", "max_review_rounds"}
 )  # fmt: skip
 #: Agent fields an ``agent.registered``/``agent.updated`` event may set.
 AGENT_FIELDS = frozenset({"agent_type", "capabilities", "max_concurrency", "mode", "host_id", "token_hash"})
@@ -115,7 +119,8 @@ def _created(p: Projections, ev: dict, d: dict) -> None:
         task_id=ev["task_id"], seq=ev["id"], state="queued", title=d["title"], body=d.get("body", ""),
         labels=d.get("labels", []), requirements=d.get("requirements", []), priority=d.get("priority", 0),
         repo=d.get("repo"), issue_number=d.get("issue_number"), attempt=0, max_attempts=d["max_attempts"],
-        timeout_secs=d.get("timeout_secs"), created_at=ev["ts"], updated_at=ev["ts"],
+        timeout_secs=d.get("timeout_secs"), created_at=ev["ts"], updated_at=ev["ts"], attempt_kind="run",
+        review_rounds=0, max_review_rounds=d.get("max_review_rounds"), needs_human=0, spent_usd=0.0,
     )  # fmt: skip
     p.tasks[ev["task_id"]] = row
 
@@ -131,12 +136,13 @@ def _assigned(p: Projections, ev: dict, d: dict) -> None:
     task = _task(p, ev)
     task.update(
         state="assigned", agent_id=ev["agent_id"], attempt=ev["attempt"],
-        lease_expires_at=d.get("lease_expires_at"), not_before=None, attempt_started_at=ev["ts"],
+        lease_expires_at=d.get("lease_expires_at"), not_before=None, attempt_started_at=ev["ts"], blocked_by=None,
     )  # fmt: skip
     row = _blank(ATTEMPT_COLUMNS)
     row.update(
         task_id=ev["task_id"], attempt=ev["attempt"], agent_id=ev["agent_id"], host_id=d.get("host_id"),
         workspace=d.get("workspace"), token_hash=d.get("token_hash"), assigned_at=ev["ts"],
+        kind=task.get("attempt_kind") or "run",
     )  # fmt: skip
     p.attempts[(ev["task_id"], ev["attempt"])] = row
     agent = p.agents.get(ev["agent_id"])
@@ -170,6 +176,7 @@ def _awaiting_review(p: Projections, ev: dict, d: dict) -> None:
 
 def _completed(p: Projections, ev: dict, d: dict) -> None:
     _receipt_end(p, ev, d, "completed")
+    _task(p, ev).update(needs_human=0, review_pending=None)
 
 
 def _failure(p: Projections, ev: dict, d: dict, state: str) -> None:
@@ -189,13 +196,68 @@ def _requeued(p: Projections, ev: dict, d: dict) -> None:
     _failure(p, ev, d, "queued")
 
 
+def _rate_limited(p: Projections, ev: dict, d: dict) -> None:
+    """The attempt hit a usage limit: back to the queue with one more attempt allowed (no retry consumed)."""
+    task = _task(p, ev)
+    _failure(p, ev, {**d, "reason": "rate_limited"}, "queued")
+    task["max_attempts"] = (task.get("max_attempts") or 0) + 1
+
+
+def _rework(p: Projections, ev: dict, d: dict) -> None:
+    """Changes were requested on the task's pull request: a new attempt of kind ``rework`` that carries the
+    review; one more attempt allowed (not a failure, no retry consumed)."""
+    task = _task(p, ev)
+    task.update(
+        state="queued", agent_id=None, lease_expires_at=None, not_before=None, failure_reason=None,
+        failure_detail=None, max_attempts=(task.get("max_attempts") or 0) + 1, review_rounds=(task.get("review_rounds") or 0) + 1,
+        review=d.get("review"), review_pending=None, attempt_kind="rework", needs_human=0,
+    )  # fmt: skip
+
+
+def _review_rejected(p: Projections, ev: dict, d: dict) -> None:
+    """Changes were requested on the task's pull request; the rework waits for the review's inline comments."""
+    _task(p, ev)["review_pending"] = d
+
+
+def _needs_human(p: Projections, ev: dict, d: dict) -> None:
+    """Past ``max_review_rounds``: the task stays in review, flagged for a person."""
+    _task(p, ev).update(needs_human=1, review_pending=None)
+
+
+def _needs_human_cleared(p: Projections, ev: dict, d: dict) -> None:
+    _task(p, ev)["needs_human"] = 0
+
+
+def _blocked(p: Projections, ev: dict, d: dict) -> None:
+    """A queued task is not started, and why (``budget``); ``task.unblocked`` (or its claim) clears it."""
+    _task(p, ev)["blocked_by"] = d.get("by")
+
+
+def _unblocked(p: Projections, ev: dict, d: dict) -> None:
+    _task(p, ev)["blocked_by"] = None
+
+
+def _usage(p: Projections, ev: dict, d: dict) -> None:
+    """An attempt's usage so far (tokens, cost): replaces its earlier report; the task's spend follows."""
+    task = _task(p, ev)
+    row = _attempt(p, ev)
+    if row is None:
+        raise ReplayError(f"event {ev.get('id')}: unknown attempt {ev['task_id']!r} #{ev['attempt']}")
+    usage = d.get("usage") or {}
+    cost = usage.get("cost_usd")
+    before = row["cost_usd"] or 0.0
+    row.update(usage=usage, cost_usd=cost)
+    task["spent_usd"] = (task["spent_usd"] or 0.0) + (cost or 0.0) - before
+
+
 def _failed(p: Projections, ev: dict, d: dict) -> None:
     _failure(p, ev, d, "failed")
 
 
 def _cancelled(p: Projections, ev: dict, d: dict) -> None:
     task = _task(p, ev)
-    task.update(state="cancelled", lease_expires_at=None, not_before=None)
+    task.update(state="cancelled", lease_expires_at=None, not_before=None, needs_human=0, review_pending=None,
+                blocked_by=None)  # fmt: skip
     _end_attempt(p, ev, "cancelled", None, d.get("reason"))
 
 
@@ -203,7 +265,8 @@ def _retried(p: Projections, ev: dict, d: dict) -> None:
     task = _task(p, ev)
     task.update(
         state="queued", agent_id=None, lease_expires_at=None, not_before=None, failure_reason=None,
-        failure_detail=None, max_attempts=d["max_attempts"],
+        failure_detail=None, max_attempts=d["max_attempts"], needs_human=0, blocked_by=None, spent_usd=0.0,
+        review_pending=None,
     )  # fmt: skip
 
 
@@ -231,6 +294,14 @@ def _agent_registered(p: Projections, ev: dict, d: dict) -> None:
             agent[key] = value
     agent["status"] = d.get("status", "online")
     agent["updated_at"] = ev["ts"]
+
+
+def _agent_cooled_down(p: Projections, ev: dict, d: dict) -> None:
+    """The agent hit a usage limit: no new work for it until ``until``."""
+    agent = p.agents.get(ev["agent_id"])
+    if agent is None:
+        raise ReplayError(f"event {ev.get('id')}: unknown agent {ev['agent_id']!r}")
+    agent.update(cooldown_until=d.get("until"), cooldown_reason=d.get("reason"), updated_at=ev["ts"])
 
 
 def _agent_updated(p: Projections, ev: dict, d: dict) -> None:
@@ -292,6 +363,15 @@ _HANDLERS = {
     "task.retried": _retried,
     "task.pr_linked": _pr_linked,
     "task.receipt_pending": _receipt_pending,
+    "task.rework": _rework,
+    "task.rate_limited": _rate_limited,
+    "task.review_rejected": _review_rejected,
+    "task.needs_human": _needs_human,
+    "task.needs_human_cleared": _needs_human_cleared,
+    "task.blocked": _blocked,
+    "task.unblocked": _unblocked,
+    "task.usage": _usage,
+    "agent.cooled_down": _agent_cooled_down,
     "agent.registered": _agent_registered,
     "agent.updated": _agent_updated,
     "agent.online": _agent_status("online"),

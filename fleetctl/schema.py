@@ -210,8 +210,40 @@ _M005 = (
 )
 
 
+def m006_reviews_limits_budgets(db) -> None:
+    """Review rework, rate-limit cooldowns, budgets and per-repository limits: the projection columns their
+    events set, and the indexes their claims and sums use."""
+    for statement in _M006:
+        db.execute(statement)
+
+
+_M006 = (
+    # the kind of the task's next attempt ('run' or 'rework': set by task.rework, copied to the attempt it claims)
+    "ALTER TABLE tasks ADD COLUMN attempt_kind TEXT NOT NULL DEFAULT 'run'",
+    "ALTER TABLE tasks ADD COLUMN review_rounds INTEGER NOT NULL DEFAULT 0",  # rework attempts so far
+    "ALTER TABLE tasks ADD COLUMN max_review_rounds INTEGER",  # the label review-rounds:N (NULL: the config's)
+    "ALTER TABLE tasks ADD COLUMN review TEXT",  # the review the rework attempts carry (JSON)
+    "ALTER TABLE tasks ADD COLUMN review_pending TEXT",  # a rejection waiting for its inline comments (JSON)
+    "ALTER TABLE tasks ADD COLUMN needs_human INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE tasks ADD COLUMN blocked_by TEXT",  # why a queued task is not started ('budget')
+    "ALTER TABLE tasks ADD COLUMN spent_usd REAL NOT NULL DEFAULT 0",  # cost since created or last retried
+    "ALTER TABLE attempts ADD COLUMN kind TEXT",  # 'run' or 'rework'
+    "ALTER TABLE attempts ADD COLUMN usage TEXT",  # the attempt's last reported totals (JSON)
+    "ALTER TABLE attempts ADD COLUMN cost_usd REAL",
+    "ALTER TABLE agents ADD COLUMN cooldown_until REAL",
+    "ALTER TABLE agents ADD COLUMN cooldown_reason TEXT",
+    # a repository's tasks holding a slot (assigned, running, awaiting review): the per-repository cap
+    """CREATE INDEX tasks_repo_active ON tasks(repo COLLATE NOCASE)
+        WHERE state IN ('assigned', 'running', 'awaiting_review')""",
+    "CREATE INDEX tasks_review_pending ON tasks(seq) WHERE review_pending IS NOT NULL",
+    # the day's spend (budgets) and the usage report
+    "CREATE INDEX attempts_cost ON attempts(assigned_at) WHERE cost_usd IS NOT NULL",
+)
+
+
 #: Every migration, in order. Append only.
-MIGRATIONS: tuple[Callable, ...] = (m001_initial, m002_token_indexes, m003_forgejo, m004_hosts, m005_outbox_batches)
+MIGRATIONS: tuple[Callable, ...] = (m001_initial, m002_token_indexes, m003_forgejo, m004_hosts, m005_outbox_batches,
+                                    m006_reviews_limits_budgets)  # fmt: skip
 MIGRATION_NAMES: tuple[str, ...] = tuple(f.__name__ for f in MIGRATIONS)
 
 

@@ -41,6 +41,8 @@ class Transition(StrEnum):
     FAILED = "failed"  # the attempt failed and none remain (or it must not be retried)
     CANCELLED = "cancelled"  # operator cancel, issue closed or unlabelled
     RETRIED = "retried"  # operator retry / issue re-opened: queued again with a new attempt budget
+    REWORK = "rework"  # awaiting_review → queued: the pull request got "changes requested" (not a failure)
+    RATE_LIMITED = "rate_limited"  # assigned/running → queued: the agent hit a usage limit (not a failure)
 
 
 class FailureReason(StrEnum):
@@ -53,10 +55,12 @@ class FailureReason(StrEnum):
     RECEIPT_INVALID = "receipt_invalid"
     LAUNCH_FAILED = "launch_failed"
     PR_CLOSED = "pr_closed"
+    RATE_LIMITED = "rate_limited"  # the agent hit a usage limit: re-queued without consuming a retry
+    BUDGET_EXCEEDED = "budget_exceeded"  # over the task's spending budget
 
 
 #: Failures that are never retried automatically, whatever the attempt budget says.
-NOT_RETRIED = frozenset({FailureReason.PR_CLOSED})
+NOT_RETRIED = frozenset({FailureReason.PR_CLOSED, FailureReason.BUDGET_EXCEEDED})
 
 Q, A, R, W, C, F, X = (
     TaskState.QUEUED,
@@ -85,6 +89,9 @@ TRANSITIONS: dict[tuple[TaskState, Transition], TaskState] = {
     (W, Transition.FAILED): F,
     (F, Transition.RETRIED): Q,
     (X, Transition.RETRIED): Q,
+    (W, Transition.REWORK): Q,
+    (A, Transition.RATE_LIMITED): Q,
+    (R, Transition.RATE_LIMITED): Q,
     (Q, Transition.CANCELLED): X,
     (A, Transition.CANCELLED): X,
     (R, Transition.CANCELLED): X,
@@ -125,6 +132,8 @@ _VERBS = {
     Transition.FAILED: "fail",
     Transition.CANCELLED: "cancel",
     Transition.RETRIED: "retry",
+    Transition.REWORK: "send back for rework",
+    Transition.RATE_LIMITED: "re-queue after a usage limit",
 }
 
 #: Each transition's rule in an operator's words (tests/test_states.py checks they match the table).
@@ -137,6 +146,8 @@ _RULE = {
     Transition.FAILED: "only assigned, running or awaiting review tasks have an attempt that can fail",
     Transition.CANCELLED: "completed, failed and cancelled tasks cannot be cancelled",
     Transition.RETRIED: "only failed or cancelled tasks can be retried",
+    Transition.REWORK: "only awaiting review tasks can be sent back for rework",
+    Transition.RATE_LIMITED: "only assigned or running tasks have an attempt that can hit a usage limit",
 }
 
 

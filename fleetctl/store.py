@@ -39,7 +39,7 @@ from fleetctl.projections import (
     apply,
 )
 from fleetctl.schema import MIGRATION_NAMES, MIGRATION_SET, MIGRATIONS_TABLE
-from fleetctl.states import ACTIVE, TERMINAL, AgentStatus, TaskState
+from fleetctl.states import ACTIVE, LEASED, TERMINAL, AgentStatus, TaskState
 
 MIN_SQLITE = (3, 35, 0)
 #: Events after which work may be claimable — a task queued or released, or an agent's slot or status
@@ -75,19 +75,72 @@ _CLAIM_ELIGIBLE = (
     "SELECT 1 FROM json_each(tasks.requirements) AS r "
     "WHERE r.value NOT IN (SELECT value FROM json_each(:caps)))"
 )
+_LEASED = _in(LEASED)  # holding a repository's slot (assigned, running, awaiting review)
+#: Per-repository concurrency (``forgejo.max_active_per_repo`` and per repository): the task's repository has
+#: fewer tasks holding a slot than its cap. Only in the claim when some cap is configured.
+_CLAIM_REPO_CAP = (
+    " AND (tasks.repo IS NULL OR (SELECT count(*) FROM tasks AS t3 INDEXED BY tasks_repo_active "
+    f"WHERE t3.repo = tasks.repo COLLATE NOCASE AND t3.state IN {_LEASED}) < "
+    "coalesce((SELECT value FROM json_each(:repo_caps) WHERE key = lower(tasks.repo)), :repo_cap, 9e18))"
+)
+#: Budgets: the task's spend is under its per-task budget, and its repository is not past its day's budget.
+_CLAIM_BUDGET = (
+    " AND tasks.spent_usd < coalesce((SELECT value FROM json_each(:task_budgets) "
+    "WHERE key = lower(coalesce(tasks.repo, ''))), :task_budget, 9e99)"
+    " AND (tasks.repo IS NULL OR lower(tasks.repo) NOT IN (SELECT value FROM json_each(:blocked_repos)))"
+)
 _CLAIM_SQL = (
     f"UPDATE tasks SET state='{TaskState.ASSIGNED.value}', agent_id=:agent, attempt=attempt+1, "
-    "lease_expires_at=:lease, not_before=NULL, attempt_started_at=:now, updated_at=:now "
-    f"WHERE {{target}} AND {_CLAIM_ELIGIBLE} "
+    "lease_expires_at=:lease, not_before=NULL, attempt_started_at=:now, updated_at=:now, blocked_by=NULL "
+    "WHERE {target} AND {eligible} "
     f"AND EXISTS (SELECT 1 FROM agents WHERE agent_id=:agent AND status='{AgentStatus.ONLINE.value}' "
+    "AND (cooldown_until IS NULL OR cooldown_until <= :now) "
     "AND (:ath IS NULL OR (token_hash=:ath AND json(capabilities)=json(:acaps) AND max_concurrency=:max))) "
     f"AND (SELECT count(*) FROM tasks AS t2 WHERE t2.agent_id=:agent AND t2.state IN {_ACTIVE}) < :max "
     "RETURNING *"
 )
-#: The best eligible task: priority, then age, on the partial index of queued tasks.
-_CLAIM_BEST = _CLAIM_SQL.format(target=f"task_id = (SELECT task_id FROM tasks INDEXED BY tasks_claim WHERE "
-                                       f"{_CLAIM_ELIGIBLE} ORDER BY priority DESC, seq LIMIT 1)")  # fmt: skip
-_CLAIM_ONE = _CLAIM_SQL.format(target="task_id = :tid")
+
+
+@functools.cache
+def _claim_sql(one: bool, repo_cap: bool, budget: bool) -> str:
+    """The claim statement (of a given task, or the best eligible one), with the limits that are configured:
+    a fleet without caps or budgets pays nothing for them."""
+    eligible = _CLAIM_ELIGIBLE + (_CLAIM_REPO_CAP if repo_cap else "") + (_CLAIM_BUDGET if budget else "")
+    if one:
+        target = "task_id = :tid"
+    else:  # the best eligible task: priority, then age, on the partial index of queued tasks
+        target = (f"task_id = (SELECT task_id FROM tasks INDEXED BY tasks_claim WHERE {eligible} "
+                  "ORDER BY priority DESC, seq LIMIT 1)")  # fmt: skip
+    return _CLAIM_SQL.format(target=target, eligible=eligible)
+
+
+@dataclass(frozen=True)
+class ClaimLimits:
+    """The fleet's limits a claim honours beside the agent's own: per-repository concurrency and budgets.
+
+    Repository names are lower-cased (Forgejo's owner/name are case-insensitive). ``day_budget`` and
+    ``repo_day_budgets`` are checked against the day's spend inside the claim's transaction: past the fleet's,
+    nothing is claimed; past a repository's, none of its tasks.
+    """
+
+    repo_cap: int | None = None
+    repo_caps: tuple[tuple[str, int], ...] = ()
+    task_budget: float | None = None
+    repo_task_budgets: tuple[tuple[str, float], ...] = ()
+    day_budget: float | None = None
+    repo_day_budgets: tuple[tuple[str, float], ...] = ()
+    day_start: float = 0.0  # when the budget day began (UTC midnight)
+
+    @property
+    def caps_repos(self) -> bool:
+        return self.repo_cap is not None or bool(self.repo_caps)
+
+    @property
+    def budgets(self) -> bool:
+        return (self.task_budget is not None or bool(self.repo_task_budgets) or self.day_budget is not None
+                or bool(self.repo_day_budgets))  # fmt: skip
+
+
 _EVENT_INSERT_COLUMNS = ("ts", "type", "task_id", "agent_id", "attempt", "data")
 
 
@@ -106,6 +159,7 @@ class ClaimRequest:
     #: that the agent row still has this token and exactly ``capabilities`` (as listed in the row) and
     #: ``max_concurrency`` — so a claim made with a row read before a change claims nothing.
     agent_token_hash: str | None = None
+    limits: ClaimLimits | None = None
 
 
 def _chunks(rows: list) -> Iterator[list]:
@@ -162,6 +216,9 @@ def translate_error(exc: sqlite3.Error, path: Path) -> FleetError:
     if "unable to open" in msg:
         return StoreError(f"cannot open the database {path}: {exc}", code="store_open")
     return StoreError(f"database error on {path}: {exc}")
+
+
+_NO_LIMITS = ClaimLimits()
 
 
 @dataclass
@@ -463,16 +520,18 @@ class Store:
         task_id: str | None = None,
         extra: dict[str, Any] | None = None,
         agent_token_hash: str | None = None,
+        limits: ClaimLimits | None = None,
     ) -> dict | None:
         """Atomically move the best eligible queued task (or ``task_id``) to ``assigned`` for ``agent_id``.
 
         One conditional ``UPDATE … RETURNING``: the task must still be queued and past its backoff, its
-        requirements covered by ``capabilities``, the agent online and under ``max_concurrency`` (and, with
+        requirements covered by ``capabilities``, the agent online, not cooling down after a usage limit and
+        under ``max_concurrency``, the fleet's ``limits`` kept (per-repository caps, budgets) (and, with
         ``agent_token_hash``, the agent row still as the caller read it: see ``ClaimRequest``). Returns
         the claimed task, or None. Runs in its own write transaction unless already inside one.
         """
         request = ClaimRequest(agent_id, capabilities, max_concurrency, lease_secs, ts, task_id, extra,
-                               agent_token_hash)  # fmt: skip
+                               agent_token_hash, limits)  # fmt: skip
         return self.claim_many([request])[0]
 
     def claim_many(self, requests: Sequence[ClaimRequest]) -> list[dict | None]:
@@ -485,16 +544,54 @@ class Store:
         """
         with self.write():
             rows = []
+            spent: dict[tuple[float, str | None], float] = {}
             for r in requests:
                 params = {"agent": r.agent_id, "caps": json.dumps(sorted(set(r.capabilities))), "now": r.ts,
                           "lease": r.ts + r.lease_secs, "max": r.max_concurrency, "tid": r.task_id,
                           "ath": r.agent_token_hash,
                           "acaps": json.dumps(list(r.capabilities)) if r.agent_token_hash else None}  # fmt: skip
-                rows.append(_decode_row(self.execute(_CLAIM_ONE if r.task_id else _CLAIM_BEST, params).fetchone()))
+                lim = r.limits or _NO_LIMITS
+                if lim.budgets:
+                    blocked = self._over_day_budget(lim, spent)
+                    if blocked is None:  # the fleet's day budget is spent: nothing starts
+                        rows.append(None)
+                        continue
+                    params.update(task_budget=lim.task_budget, task_budgets=json.dumps(dict(lim.repo_task_budgets)),
+                                  blocked_repos=json.dumps(blocked))  # fmt: skip
+                if lim.caps_repos:
+                    params.update(repo_cap=lim.repo_cap, repo_caps=json.dumps(dict(lim.repo_caps)))
+                sql = _claim_sql(bool(r.task_id), lim.caps_repos, lim.budgets)
+                rows.append(_decode_row(self.execute(sql, params).fetchone()))
             won = [(r, row) for r, row in zip(requests, rows, strict=True) if row is not None]
             if won:
                 self._record_claims(won)
         return rows
+
+    def _over_day_budget(self, lim: ClaimLimits, memo: dict) -> list[str] | None:
+        """The repositories past their day's budget (lower-cased), or None when the fleet's is spent."""
+        if lim.day_budget is not None and self.spend_since(lim.day_start, memo=memo) >= lim.day_budget:
+            return None
+        return [repo for repo, budget in lim.repo_day_budgets
+                if self.spend_since(lim.day_start, repo, memo=memo) >= budget]  # fmt: skip
+
+    def spend_since(self, since: float, repo: str | None = None, *, memo: dict | None = None) -> float:
+        """Dollars reported by the attempts assigned since ``since`` (the fleet's, or ``repo``'s)."""
+        key = (since, repo.lower() if repo else None)
+        if memo is not None and key in memo:
+            return memo[key]
+        if repo is None:
+            sql, params = (
+                "SELECT total(cost_usd) FROM attempts WHERE cost_usd IS NOT NULL AND assigned_at >= ?",
+                [since],
+            )
+        else:
+            sql = ("SELECT total(a.cost_usd) FROM attempts AS a JOIN tasks AS t USING (task_id) "
+                   "WHERE a.cost_usd IS NOT NULL AND a.assigned_at >= ? AND t.repo = ? COLLATE NOCASE")  # fmt: skip
+            params = [since, repo]
+        value = float(self.execute(sql, params).fetchone()[0])
+        if memo is not None:
+            memo[key] = value
+        return value
 
     def _record_claims(self, won: list[tuple[ClaimRequest, dict]]) -> None:
         """The events and the attempt/agent rows for claims the UPDATEs already wrote to ``tasks``.

@@ -25,6 +25,8 @@ SPEC_ROWS = [
     (["assigned", "running", "awaiting_review"], "failed", "failed"),  # failed, none remain / not retried
     (["failed", "cancelled"], "retried", "queued"),  # operator retry, issue re-opened / re-labelled
     (["queued", "assigned", "running", "awaiting_review"], "cancelled", "cancelled"),  # any non-terminal
+    (["awaiting_review"], "rework", "queued"),  # changes requested: a new attempt carries the review
+    (["assigned", "running"], "rate_limited", "queued"),  # a usage limit: re-queued, the agent cools down
 ]
 EXPECTED = {(src, kind): to for sources, kind, to in SPEC_ROWS for src in sources}
 ALL_PAIRS = list(itertools.product(TaskState, Transition))

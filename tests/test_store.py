@@ -28,16 +28,17 @@ EXPECTED_COLUMNS = {
     "tasks": [
         "task_id", "seq", "state", "title", "body", "labels", "requirements", "priority", "repo", "issue_number",
         "attempt", "max_attempts", "timeout_secs", "agent_id", "lease_expires_at", "not_before", "failure_reason",
-        "failure_detail", "pull_request", "created_at", "updated_at", "attempt_started_at",
+        "failure_detail", "pull_request", "created_at", "updated_at", "attempt_started_at", "attempt_kind",
+        "review_rounds", "max_review_rounds", "review", "review_pending", "needs_human", "blocked_by", "spent_usd",
     ],
     "agents": [
         "agent_id", "agent_type", "capabilities", "max_concurrency", "mode", "host_id", "status", "token_hash",
-        "registered_at", "updated_at", "last_heartbeat_at", "last_assigned_at",
+        "registered_at", "updated_at", "last_heartbeat_at", "last_assigned_at", "cooldown_until", "cooldown_reason",
     ],
     "attempts": [
         "task_id", "attempt", "agent_id", "host_id", "workspace", "token_hash", "assigned_at", "started_at",
         "ended_at", "outcome", "failure_reason", "failure_detail", "receipt", "receipt_pending",
-        "workspace_cleaned_at",
+        "workspace_cleaned_at", "kind", "usage", "cost_usd",
     ],
     "hosts": ["host_id", "status", "since", "error", "updated_at"],
 }  # fmt: skip
@@ -551,8 +552,9 @@ CLAIM_PLAN_SCRIPT = """
 import sys
 from fleetctl import store as S
 st = S.Store.open(sys.argv[1])
-plan = st.conn.execute("EXPLAIN QUERY PLAN " + S._CLAIM_BEST, {"agent": "a", "caps": "[]", "now": 1.0,
-    "lease": 2.0, "max": 5, "tid": None, "ath": None, "acaps": None}).fetchall()
+plan = st.conn.execute("EXPLAIN QUERY PLAN " + S._claim_sql(False, True, True), {"agent": "a", "caps": "[]",
+    "now": 1.0, "lease": 2.0, "max": 5, "tid": None, "ath": None, "acaps": None, "repo_cap": 2, "repo_caps": "{}",
+    "task_budget": None, "task_budgets": "{}", "blocked_repos": "[]"}).fetchall()
 print(" | ".join(r[3] for r in plan))
 """
 
@@ -570,3 +572,4 @@ def test_the_claim_uses_its_partial_indexes_whatever_the_hash_seed(tmp_path, see
                          env={**os.environ, "PYTHONHASHSEED": seed}, timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "tasks_active_agent" in out.stdout and "tasks_claim" in out.stdout, out.stdout
+    assert "tasks_repo_active" in out.stdout, out.stdout  # the per-repository cap counts on its own index

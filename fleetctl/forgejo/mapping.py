@@ -68,12 +68,14 @@ def issue_fields(issue: Issue, prefix: str) -> dict[str, Any]:
     knobs = parse_labels(labels, prefix)
     return {"title": issue.title.strip()[:MAX_TITLE] or f"issue #{issue.number}", "body": issue.body, "labels": labels,
             "requirements": list(knobs.requirements), "priority": knobs.priority,
-            "max_retries": knobs.max_retries, "timeout_secs": knobs.timeout_secs}  # fmt: skip
+            "max_retries": knobs.max_retries, "timeout_secs": knobs.timeout_secs,
+            "max_review_rounds": knobs.max_review_rounds}  # fmt: skip
 
 
 def _differs(task: dict, fields: dict) -> dict[str, Any]:
     """The fields of ``fields`` whose value differs from the task's (max_retries compared by max_attempts)."""
-    out = {k: v for k, v in fields.items() if k in ("title", "body", "requirements", "priority", "timeout_secs")
+    out = {k: v for k, v in fields.items() if k in ("title", "body", "requirements", "priority", "timeout_secs",
+                                                    "max_review_rounds")
            and task.get(k) != v}  # fmt: skip
     if sorted(task.get("labels") or []) != sorted(fields["labels"]) and (out or _knobs_changed(task, fields)):
         out["labels"] = fields["labels"]

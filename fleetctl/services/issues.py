@@ -152,7 +152,7 @@ _DONE = {"update": "updated", "cancel": "cancelled", "requeue": "re-queued", "li
 def _update(store: Store, task_id: str, fields: dict, ts: float) -> None:
     """``task.updated`` with the fields an issue changed (only those a task keeps)."""
     data = {k: v for k, v in fields.items() if k in ("title", "body", "labels", "requirements", "priority",
-                                                       "timeout_secs")}  # fmt: skip
+                                                       "timeout_secs", "max_review_rounds")}  # fmt: skip
     task = store.task(task_id)
     data = {k: v for k, v in data.items() if task.get(k) != v}
     if data:

@@ -20,7 +20,7 @@ from fleetctl.services._common import MAX_MESSAGE, check_text, get_task, new_tok
 from fleetctl.services.tasks import transition
 from fleetctl.services.views import iso, task_view
 from fleetctl.states import ACTIVE, LEASED, TERMINAL, FailureReason, TaskState, Transition
-from fleetctl.store import ClaimRequest, Store
+from fleetctl.store import ClaimLimits, ClaimRequest, Store
 
 if TYPE_CHECKING:
     from fleetctl.receipts import Receipt
@@ -69,7 +69,29 @@ def claim_request(cfg: Config, agent: dict, token_hash: str, *, ts: float, task_
     if host_id is not None:
         extra["host_id"] = host_id
     return ClaimRequest(agent["agent_id"], agent["capabilities"], agent["max_concurrency"], orch.lease_secs, ts,
-                        task_id=task_id, extra=extra)  # fmt: skip
+                        task_id=task_id, extra=extra, limits=claim_limits(cfg, ts))  # fmt: skip
+
+
+def claim_limits(cfg: Config, ts: float) -> ClaimLimits | None:
+    """The fleet's limits every claim honours (dispatch and dequeue alike): the per-repository caps of
+    ``[forgejo]`` and the budgets of ``[budgets]``; None when none is configured."""
+    fj, budgets = cfg.forgejo, cfg.budgets
+    repo_caps = tuple((r, v["max_active_per_repo"]) for r, v in fj.repository.items() if "max_active_per_repo" in v)
+    if fj.max_active_per_repo is None and not repo_caps and not budgets.any:
+        return None
+    per_repo = budgets.repository.items()
+    return ClaimLimits(
+        repo_cap=fj.max_active_per_repo, repo_caps=repo_caps, task_budget=budgets.max_cost_per_task,
+        repo_task_budgets=tuple((r, v["max_cost_per_task"]) for r, v in per_repo if "max_cost_per_task" in v),
+        day_budget=budgets.max_cost_per_day,
+        repo_day_budgets=tuple((r, v["max_cost_per_day"]) for r, v in per_repo if "max_cost_per_day" in v),
+        day_start=day_start(ts),
+    )  # fmt: skip
+
+
+def day_start(ts: float) -> float:
+    """UTC midnight before ``ts``: the start of the day a ``max_cost_per_day`` budget counts."""
+    return ts - ts % 86400
 
 
 def claimed(store_or_none: Store | None, cfg: Config, task: dict, token: str) -> Claim:

@@ -102,6 +102,8 @@ def create_task(
             "priority": knobs.priority, "repo": repo, "issue_number": issue_number,
             "max_attempts": 1 + retries, "timeout_secs": knobs.timeout_secs,
         }  # fmt: skip
+        if knobs.max_review_rounds is not None:
+            data["max_review_rounds"] = knobs.max_review_rounds
         if warnings:
             data["warnings"] = warnings
         store.emit("task.created", ts=ts, task_id=task_id, data=data)

@@ -38,6 +38,9 @@ def task_view(task: dict) -> dict:
         "failure_reason": task["failure_reason"], "failure_detail": task["failure_detail"],
         "pull_request": task["pull_request"], "timeout_secs": task["timeout_secs"],
         "created_at": iso(task["created_at"]), "updated_at": iso(task["updated_at"]),
+        "needs_human": bool(task["needs_human"]), "blocked_by": task["blocked_by"],
+        "attempt_kind": task["attempt_kind"], "review_rounds": task["review_rounds"],
+        "max_review_rounds": task["max_review_rounds"], "spent_usd": round(task["spent_usd"] or 0.0, 6),
     }  # fmt: skip
 
 
@@ -52,6 +55,8 @@ def agent_view(agent: dict, running: int, down_hosts: Container[str] = ()) -> di
         "max_concurrency": agent["max_concurrency"], "mode": agent["mode"], "status": agent["status"],
         "last_heartbeat_at": iso(agent["last_heartbeat_at"]), "running": running, "host_id": agent["host_id"],
         "host_status": host_status, "registered_at": iso(agent["registered_at"]),
+        "cooldown_until": iso(cooldown) if (cooldown := agent["cooldown_until"]) and cooldown > time.time() else None,
+        "cooldown_reason": agent["cooldown_reason"] if cooldown and cooldown > time.time() else None,
     }  # fmt: skip
 
 
@@ -77,6 +82,7 @@ def attempt_view(a: dict) -> dict:
         "assigned_at": iso(a["assigned_at"]), "started_at": iso(a["started_at"]), "ended_at": iso(a["ended_at"]),
         "outcome": a["outcome"], "failure_reason": a["failure_reason"], "failure_detail": a["failure_detail"],
         "receipt": a["receipt"], "workspace_cleaned_at": iso(a["workspace_cleaned_at"]),
+        "kind": a["kind"] or "run", "usage": a["usage"],
     }  # fmt: skip
 
 
