@@ -238,6 +238,27 @@ _M006 = (
     "CREATE INDEX tasks_review_pending ON tasks(seq) WHERE review_pending IS NOT NULL",
     # the day's spend (budgets) and the usage report
     "CREATE INDEX attempts_cost ON attempts(assigned_at) WHERE cost_usd IS NOT NULL",
+    # Comment commands (/fleet retry|cancel|rework) received by webhook: a log like deliveries (they change
+    # tasks only through the task services' events), acted on by the next pass once the commenter's permission
+    # on the repository is known.
+    """CREATE TABLE commands (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        delivery_id TEXT NOT NULL UNIQUE,
+        received_at REAL NOT NULL,
+        repo TEXT NOT NULL,
+        number INTEGER NOT NULL,
+        is_pull INTEGER NOT NULL DEFAULT 0,
+        comment_id INTEGER,
+        sender TEXT NOT NULL,
+        command TEXT NOT NULL,
+        body TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'done', 'refused', 'failed')),
+        detail TEXT NOT NULL DEFAULT '',
+        task_id TEXT,
+        tries INTEGER NOT NULL DEFAULT 0,
+        done_at REAL
+    )""",
+    "CREATE INDEX commands_pending ON commands(id) WHERE state = 'pending'",
 )
 
 

@@ -1,4 +1,4 @@
-"""Task operations an operator (CLI, admin API) or the issue mapping performs: create, cancel, retry."""
+"""Task operations an operator (CLI, admin API) or the issue mapping performs: create, cancel, retry, rework."""
 
 from __future__ import annotations
 
@@ -132,3 +132,18 @@ def retry_task(store: Store, orch: OrchestratorConfig, task_id: str, *, now: flo
         retries = knobs.max_retries if knobs.max_retries is not None else orch.default_max_retries
         return transition(store, task, Transition.RETRIED, now_or(now),
                           data={"max_attempts": task["attempt"] + 1 + retries})  # fmt: skip
+
+
+def rework_task(store: Store, task_id: str, review: dict, *, now: float | None = None) -> dict:
+    """awaiting_review → queued as a ``rework`` attempt that carries ``review`` (SPEC §2 ``rework``): not a
+    failure, one more attempt allowed, ``review_rounds`` + 1, the ``needs_human`` flag cleared.
+
+    The one write of a rework, for every caller (a review asking for changes, sync, ``/fleet rework``);
+    whether one is due (the round cap, one per pull request head) is the caller's decision. ``review`` is
+    what the next attempts' prompts show: ``{"body", "comments": [{"path", "line", "body"}], "pr",
+    "head_sha", "reviewer", "round"}`` (any of them may be missing).
+    """
+    with store.write():
+        task = get_task(store, task_id)
+        review = {**review, "round": (task["review_rounds"] or 0) + 1}
+        return transition(store, task, Transition.REWORK, now_or(now), data={"review": review})
