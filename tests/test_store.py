@@ -83,6 +83,7 @@ def test_fresh_database_has_exactly_the_expected_schema(store):
         "outbox",
         "meta",
         "hosts",
+        "commands",
         MIGRATIONS_TABLE,
     }
     for table, expected in EXPECTED_COLUMNS.items():
