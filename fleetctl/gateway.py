@@ -47,10 +47,11 @@ class Gateway(Protocol):
                  agent_id: str | None = None) -> dict: ...  # fmt: skip
 
     def status(self, task_id: str, status: str, message: str = "", *, attempt: int | None = None,
-               agent_id: str | None = None) -> dict: ...  # fmt: skip
+               agent_id: str | None = None, retry_after: float | None = None,
+               usage: dict | None = None) -> dict: ...  # fmt: skip
 
     def run_ended(self, task_id: str, attempt: int, exit_code: int | None, detail: str = "", *,
-                  agent_id: str | None = None) -> dict: ...  # fmt: skip
+                  agent_id: str | None = None, retry_after: float | None = None) -> dict: ...  # fmt: skip
 
     def register(self, agent_id: str, *, agent_type: str, capabilities: Iterable[str] = (),
                  max_concurrency: int = 1, mode: str = "http_pull") -> dict: ...  # fmt: skip
@@ -61,8 +62,8 @@ class Gateway(Protocol):
 
 
 def check_status(status: str) -> None:
-    if status not in ("running", "progress"):
-        raise UsageError("status must be running or progress", code="invalid_field")
+    if status not in ("running", "progress", "rate_limited"):
+        raise UsageError("status must be running, progress or rate_limited", code="invalid_field")
 
 
 class LocalGateway:
@@ -108,22 +109,26 @@ class LocalGateway:
         return {**services.task_view(result.task), "repeated": result.repeated, "pending": result.pending}
 
     def status(self, task_id: str, status: str, message: str = "", *, attempt: int | None = None,
-               agent_id: str | None = None) -> dict:  # fmt: skip
+               agent_id: str | None = None, retry_after: float | None = None,
+               usage: dict | None = None) -> dict:  # fmt: skip
         from fleetctl import services
 
         check_status(status)
-        task = services.report_status(self.store, self.cfg.orchestrator, task_id, status, message,
-                                      agent_id=agent_id, attempt=attempt)  # one transaction  # fmt: skip
+        task = services.report_status(self.store, self.cfg.orchestrator, task_id, status, message, agent_id=agent_id,
+                                      attempt=attempt, retry_after=retry_after, usage=usage,
+                                      cfg=self.cfg)  # one transaction  # fmt: skip
         return services.task_view(task)
 
     def run_ended(self, task_id: str, attempt: int, exit_code: int | None, detail: str = "", *,
-                  agent_id: str | None = None) -> dict:  # fmt: skip
+                  agent_id: str | None = None, retry_after: float | None = None) -> dict:  # fmt: skip
         from fleetctl import services
+        from fleetctl.receipts import parse_retry_after
 
         services.check_ended_report(attempt, exit_code, detail)
+        retry_after = parse_retry_after(retry_after)
         # Forgejo is asked before the write (never under the write lock), the same way the server does it
         ended = services.prepare_ended_run(self.store, self.cfg, task_id, attempt, exit_code, detail,
-                                           agent_id=agent_id)  # fmt: skip
+                                           agent_id=agent_id, retry_after=retry_after)  # fmt: skip
         return services.run_ended_view(self.store, ended, services.settle_prepared_run(self.store, self.cfg, ended))
 
     def register(self, agent_id: str, *, agent_type: str, capabilities: Iterable[str] = (),
@@ -173,13 +178,16 @@ class RemoteGateway:
         return self.client.complete(task_id, receipt, attempt=attempt)
 
     def status(self, task_id: str, status: str, message: str = "", *, attempt: int | None = None,
-               agent_id: str | None = None) -> dict:  # fmt: skip
+               agent_id: str | None = None, retry_after: float | None = None,
+               usage: dict | None = None) -> dict:  # fmt: skip
         check_status(status)
-        return self.client.status(task_id, attempt=attempt, status=status, message=message)
+        return self.client.status(task_id, attempt=attempt, status=status, message=message, retry_after=retry_after,
+                                  usage=usage)  # fmt: skip
 
     def run_ended(self, task_id: str, attempt: int, exit_code: int | None, detail: str = "", *,
-                  agent_id: str | None = None) -> dict:  # fmt: skip
-        return self.client.run_ended(task_id, attempt=attempt, exit_code=exit_code, detail=detail)
+                  agent_id: str | None = None, retry_after: float | None = None) -> dict:  # fmt: skip
+        return self.client.run_ended(task_id, attempt=attempt, exit_code=exit_code, detail=detail,
+                                     retry_after=retry_after)  # fmt: skip
 
     def register(self, agent_id: str, *, agent_type: str, capabilities: Iterable[str] = (),
                  max_concurrency: int = 1, mode: str = "http_pull") -> dict:  # fmt: skip

@@ -561,7 +561,8 @@ def _sweep_attempt(store: Store, cfg: Config, report: SweepReport, att: dict, ho
         return
     if status.ended:
         settled = services.settle_ended_run(store, cfg, att["task_id"], att["attempt"], status.exit_code,
-                                            status.stderr_tail[-500:], link=link, now=t)  # fmt: skip
+                                            status.stderr_tail[-500:], link=link, now=t,
+                                            retry_after=status.extra.get("retry_after"))  # fmt: skip
         if settled:
             report.add("task.run_ended", **ids, exit_code=status.exit_code, state=settled["state"])
     elif status.vanished:

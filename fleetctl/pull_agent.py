@@ -72,6 +72,7 @@ from fleetctl.executors import (
     workspace_path,
 )
 from fleetctl.ids import check_id
+from fleetctl.receipts import RATE_LIMITED_EXIT
 from fleetctl.remote import REGISTRATION_TOKEN_ENV, Client, Transient, resolve_token
 
 DEFAULT_DEQUEUE_WAIT_SECS = 30.0
@@ -435,6 +436,8 @@ class PullAgent:
         elif code == 0:
             receipt = {"outcome": "success", "summary": _tail(meta / "stdout.log", lines=20) or "exit status 0",
                        "artifacts": []}  # fmt: skip
+        elif code == RATE_LIMITED_EXIT:  # a usage limit: back to the queue, no retry used; this agent rests
+            receipt = _rate_limited(meta, err)
         else:
             receipt = _failure(f"exit status {code}", err)
         self._settle(run, client, receipt)
@@ -631,6 +634,20 @@ def _tail(path: Path, lines: int | None = None, limit: int = TAIL_BYTES) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:]) if lines else text
+
+
+def _rate_limited(meta: Path, err: str) -> dict:
+    """The receipt of a run that exited 75: ``rate_limited``, with the seconds the command wrote into
+    ``.fleet/retry_after`` (whole seconds; anything else is ignored: the fleet's default cooldown applies)."""
+    receipt: dict = {"outcome": "rate_limited", "summary": _failure(f"exit status {RATE_LIMITED_EXIT}", err)["summary"],
+                     "artifacts": []}  # fmt: skip
+    try:
+        text = (meta / "retry_after").read_text(encoding="ascii", errors="replace")[:32].strip()
+    except OSError:
+        text = ""
+    if text.isdigit():
+        receipt["retry_after_secs"] = int(text)
+    return receipt
 
 
 def _failure(summary: str, log_text: str = "") -> dict:

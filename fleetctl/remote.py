@@ -247,12 +247,17 @@ class Client:
         check_id(task_id, "task id")
         return self.request("GET", f"/api/v1/tasks/{task_id}")[1]
 
-    def status(self, task_id: str, *, attempt: int | None, status: str, message: str = "") -> dict:
-        """Report ``running`` or a progress message; the task."""
+    def status(self, task_id: str, *, attempt: int | None, status: str, message: str = "",
+               retry_after: float | None = None, usage: dict | None = None) -> dict:  # fmt: skip
+        """Report ``running``, a progress message, usage so far or ``rate_limited``; the task."""
         check_id(task_id, "task id")
         doc: dict[str, Any] = {"status": status, "message": message}
         if attempt is not None:
             doc["attempt"] = attempt
+        if retry_after is not None:
+            doc["retry_after_secs"] = retry_after
+        if usage is not None:
+            doc["usage"] = usage
         return self.request("POST", f"/api/v1/tasks/{task_id}/status", doc)[1]
 
     def complete(self, task_id: str, receipt: dict, *, attempt: int | None = None) -> dict:
@@ -268,12 +273,15 @@ class Client:
             doc["attempt"] = task["attempt"]
         return self.request("POST", f"/api/v1/tasks/{task_id}/complete", doc)[1]
 
-    def run_ended(self, task_id: str, *, attempt: int, exit_code: int | None, detail: str = "") -> dict:
+    def run_ended(self, task_id: str, *, attempt: int, exit_code: int | None, detail: str = "",
+                  retry_after: float | None = None) -> dict:  # fmt: skip
         """Report that the run of ``attempt`` ended; the task with ``"settled"`` and ``"reason"``."""
         check_id(task_id, "task id")
         doc: dict[str, Any] = {"attempt": attempt, "exit_code": exit_code}
         if detail:
             doc["detail"] = detail
+        if retry_after is not None:
+            doc["retry_after_secs"] = retry_after
         return self.request("POST", f"/api/v1/tasks/{task_id}/run-ended", doc)[1]
 
 

@@ -48,6 +48,7 @@ MIN_SQLITE = (3, 35, 0)
 WAKE_EVENTS = frozenset({
     "task.created", "task.updated", "task.requeued", "task.retried", "task.cancelled", "task.failed",
     "task.completed", "task.awaiting_review", "agent.registered", "agent.updated", "agent.online",
+    "task.rework", "task.rate_limited", "task.unblocked",
 })  # fmt: skip
 BUSY_TIMEOUT_MS = 5000
 OUTBOX_CURSOR = "outbox_cursor"

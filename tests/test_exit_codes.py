@@ -65,8 +65,8 @@ def test_0_success_prints_data_only(fleet):
     "args,needle",
     [
         (["task", "list", "--state", "bogus"], "unknown state 'bogus'"),
-        (["task", "complete", "t-1", "--outcome", "maybe"], "--outcome must be success or failure"),
-        (["task", "status", "t-1", "--status", "sleeping"], "--status must be running or progress"),
+        (["task", "complete", "t-1", "--outcome", "maybe"], "--outcome must be success, failure or rate_limited"),
+        (["task", "status", "t-1", "--status", "sleeping"], "--status must be running, progress or rate_limited"),
         (["events", "--since", "5x"], "--since '5x'"),
         (["agent", "register", "a1", "--type", "t", "--mode", "carrier-pigeon"], "mode must be http_pull or ssh_cli"),
         (["task", "create", "--title", "t", "--repo", "not-a-repo", "--issue", "1"], "invalid repository"),

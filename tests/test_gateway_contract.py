@@ -168,7 +168,7 @@ def test_status_with_a_lost_lease_and_a_bad_status(h):
     gw = h.agent("builder")
     with pytest.raises(LeaseLost):
         gw.status(task_id, "running", attempt=5, agent_id="builder")
-    with pytest.raises(UsageError, match="running or progress"):
+    with pytest.raises(UsageError, match="running, progress or rate_limited"):
         gw.status(task_id, "done", attempt=1, agent_id="builder")
     assert h.task(task_id)["state"] == "assigned"
 

@@ -38,6 +38,28 @@ AttemptOpt = Annotated[
     ),  # fmt: skip
 ]
 AgentOpt = Annotated[str | None, typer.Option("--agent", help="Acting agent id; default $FLEET_AGENT_ID.")]
+RetryAfterOpt = Annotated[
+    float | None,
+    typer.Option("--retry-after", min=0, metavar="SECS",
+                 help="With rate_limited: seconds until the usage limit resets (default: the fleet's cooldown)."),
+]  # fmt: skip
+InputTokensOpt = Annotated[
+    int | None, typer.Option("--input-tokens", min=0, metavar="N", help="Usage: input tokens of this attempt so far.")
+]
+OutputTokensOpt = Annotated[
+    int | None, typer.Option("--output-tokens", min=0, metavar="N", help="Usage: output tokens of this attempt so far.")
+]
+CostOpt = Annotated[
+    float | None,
+    typer.Option("--cost-usd", min=0, metavar="USD", help="Usage: this attempt's cost so far, in dollars."),
+]
+
+
+def _usage(input_tokens: int | None, output_tokens: int | None, cost_usd: float | None) -> dict | None:
+    """The usage options as a receipt's/status report's ``usage`` (None when none is given)."""
+    usage = {"input_tokens": input_tokens, "output_tokens": output_tokens, "cost_usd": cost_usd}
+    usage = {k: v for k, v in usage.items() if v is not None}
+    return usage or None
 
 
 def _env_int(name: str) -> int | None:
@@ -192,7 +214,11 @@ def _done(task: dict, json_: bool) -> None:
 def task_complete(
     task_id: TaskIdArg,
     attempt: AttemptOpt = None,
-    outcome: Annotated[str, typer.Option("--outcome", help="success or failure.")] = "success",
+    outcome: Annotated[
+        str,
+        typer.Option("--outcome", help="success, failure, or rate_limited (a usage limit: re-queued, no retry used)."),
+    ] = "success",
+    retry_after: RetryAfterOpt = None,
     summary: Annotated[str, typer.Option("--summary", help="What was done (or why it failed).")] = "",
     pr: Annotated[
         list[int] | None,
@@ -206,6 +232,9 @@ def task_complete(
         str | None,
         typer.Option("--receipt", help="Receipt JSON file, or - for stdin (shape: skill/SKILL.md, docs/agent-api.md)."),
     ] = None,
+    input_tokens: InputTokensOpt = None,
+    output_tokens: OutputTokensOpt = None,
+    cost_usd: CostOpt = None,
     agent: AgentOpt = None,
     json_: JsonOpt = False,
     config: ConfigOpt = None,
@@ -214,17 +243,28 @@ def task_complete(
 ) -> None:
     """Hand in the receipt for a task's attempt (what agents run when they finish).
 
-    Exit 0 accepted (or an identical repeat), 4 lease lost, 6 receipt rejected. With --api-url or
-    $FLEET_API_URL it goes through that fleetctl serve (the acting agent is the token's).
+    Exit 0 accepted (or an identical repeat), 4 lease lost, 6 receipt rejected. --outcome rate_limited says
+    the agent hit a usage limit: the task goes back to the queue without using a retry and the agent rests for
+    --retry-after seconds. --input-tokens/--output-tokens/--cost-usd report the attempt's usage (for budgets).
+    With --api-url or $FLEET_API_URL it goes through that fleetctl serve (the acting agent is the token's).
 
-    Example: fleetctl task complete "$FLEET_TASK_ID" --summary "Fixed the parser" --pr 12
+    Example: fleetctl task complete "$FLEET_TASK_ID" --summary "Fixed the parser" --pr 12 --cost-usd 0.42
     """
     from fleetctl.gateway import open_gateway
 
     attempt = attempt if attempt is not None else _env_int("FLEET_ATTEMPT")
     agent = agent or os.environ.get("FLEET_AGENT_ID") or None
+    usage = _usage(input_tokens, output_tokens, cost_usd)
+    if retry_after is not None and outcome != "rate_limited":
+        raise UsageError("--retry-after goes with --outcome rate_limited")
+    if receipt is not None and (usage is not None or retry_after is not None):
+        raise UsageError("with --receipt, put usage and retry_after_secs in the receipt itself")
     with open_gateway(api_url, token, "task", lambda: load(config)) as gateway:
         doc = _receipt_doc(receipt, outcome, summary, pr or [], pr_url or [], branch, _receipt_cap(gateway))
+        if retry_after is not None:
+            doc["retry_after_secs"] = retry_after
+        if usage is not None:
+            doc["usage"] = usage
         out = gateway.complete(task_id, doc, attempt=attempt, agent_id=agent)
     if out.get("pending"):
         print(f"{task_id}: Forgejo could not be reached; the receipt is stored and will be validated when "
@@ -246,8 +286,8 @@ def _receipt_cap(gateway) -> int:
 
 def _receipt_doc(path: str | None, outcome: str, summary: str, prs: list[int], urls: list[str], branch: str | None,
                  cap: int) -> dict:  # fmt: skip
-    if outcome not in ("success", "failure"):
-        raise UsageError("--outcome must be success or failure")
+    if outcome not in ("success", "failure", "rate_limited"):
+        raise UsageError("--outcome must be success, failure or rate_limited")
     if path is not None:
         from fleetctl.gateway import read_receipt
 
@@ -263,8 +303,14 @@ def _receipt_doc(path: str | None, outcome: str, summary: str, prs: list[int], u
 @cli_errors
 def task_status(
     task_id: TaskIdArg,
-    status: Annotated[str, typer.Option("--status", help="running (the run started) or progress.")] = "progress",
+    status: Annotated[
+        str, typer.Option("--status", help="running (the run started), progress, or rate_limited (a usage limit).")
+    ] = "progress",
     message: Annotated[str, typer.Option("--message", "-m", help="Progress text.")] = "",
+    retry_after: RetryAfterOpt = None,
+    input_tokens: InputTokensOpt = None,
+    output_tokens: OutputTokensOpt = None,
+    cost_usd: CostOpt = None,
     attempt: AttemptOpt = None,
     agent: AgentOpt = None,
     json_: JsonOpt = False,
@@ -272,21 +318,26 @@ def task_status(
     api_url: ApiUrlOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Report that the run started, or a line of progress, for the current attempt.
+    """Report that the run started, a line of progress, usage so far, or a usage limit, for the current attempt.
 
     With --status running and a --message, both are recorded or neither (a refused message leaves the
-    task as it was). With --api-url or $FLEET_API_URL it goes through that fleetctl serve.
+    task as it was). --status rate_limited ends the attempt: the task goes back to the queue without using a
+    retry and the agent rests for --retry-after seconds. A report whose usage takes the task over its budget
+    ends the attempt (budget_exceeded). With --api-url or $FLEET_API_URL it goes through that fleetctl serve.
 
-    Example: fleetctl task status "$FLEET_TASK_ID" --message "tests pass, opening the PR"
+    Example: fleetctl task status "$FLEET_TASK_ID" --message "tests pass, opening the PR" --cost-usd 0.31
     """
     from fleetctl.gateway import open_gateway
 
-    if status not in ("running", "progress"):
-        raise UsageError("--status must be running or progress")
+    if status not in ("running", "progress", "rate_limited"):
+        raise UsageError("--status must be running, progress or rate_limited")
+    if retry_after is not None and status != "rate_limited":
+        raise UsageError("--retry-after goes with --status rate_limited")
     attempt = attempt if attempt is not None else _env_int("FLEET_ATTEMPT")
     agent = agent or os.environ.get("FLEET_AGENT_ID") or None
     with open_gateway(api_url, token, "task", lambda: load(config)) as gateway:
-        view = gateway.status(task_id, status, message, attempt=attempt, agent_id=agent)
+        view = gateway.status(task_id, status, message, attempt=attempt, agent_id=agent, retry_after=retry_after,
+                              usage=_usage(input_tokens, output_tokens, cost_usd))  # fmt: skip
     print_json(view) if json_ else print(f"{view['task_id']} {view['state']}")
 
 
@@ -307,6 +358,7 @@ def task_run_ended(
     ],
     attempt: AttemptOpt = None,
     detail: Annotated[str, typer.Option("--detail", help="A note kept with the failure, e.g. the end of stderr.")] = "",
+    retry_after: RetryAfterOpt = None,
     agent: AgentOpt = None,
     json_: JsonOpt = False,
     config: ConfigOpt = None,
@@ -315,8 +367,9 @@ def task_run_ended(
 ) -> None:
     """Settle an attempt whose run ended (the run wrapper calls this; the sweep does it otherwise).
 
-    If the agent handed in no receipt, the attempt fails: no_receipt (exit 0) or agent_error. If it did, nothing
-    changes (exit 0, "not settled"). With --api-url or $FLEET_API_URL it goes through that fleetctl serve.
+    If the agent handed in no receipt, the attempt fails: no_receipt (exit 0) or agent_error; exit code 75 is a
+    usage limit (re-queued, the agent rests for --retry-after seconds). If it did, nothing changes (exit 0,
+    "not settled"). With --api-url or $FLEET_API_URL it goes through that fleetctl serve.
 
     Example: fleetctl task run-ended t-3f9a1c2b7e --attempt 1 --exit-code 0
     """
@@ -327,7 +380,7 @@ def task_run_ended(
         raise UsageError("--attempt (or $FLEET_ATTEMPT) is required")
     agent = agent or os.environ.get("FLEET_AGENT_ID") or None
     with open_gateway(api_url, token, "task", lambda: load(config)) as gateway:
-        out = gateway.run_ended(task_id, attempt, exit_code, detail, agent_id=agent)
+        out = gateway.run_ended(task_id, attempt, exit_code, detail, agent_id=agent, retry_after=retry_after)
     if json_:
         print_json(out)
     elif out["settled"]:

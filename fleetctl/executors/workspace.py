@@ -10,6 +10,7 @@ A run of attempt N of task T lives in ``{work_dir}/{T}/{N}``; its bookkeeping is
 | ``started_at`` | the wrapper | Unix time of the start |
 | ``stdout.log``, ``stderr.log`` | the wrapper | the command's output, each capped at ``output_cap_bytes`` |
 | ``exit_status`` | the wrapper, last | the command's exit status (written atomically) |
+| ``retry_after`` | the agent, optionally | with exit status 75 (a usage limit): whole seconds until it resets |
 | ``report.log`` | the wrapper | how it reported the end of the run: the output of ``fleetctl task run-ended`` |
 | | | (local runs), or of ``curl``/``wget`` posting ``run-ended`` to ``$FLEET_API_URL`` (remote runs) |
 
@@ -61,7 +62,7 @@ from fleetctl.executors.base import PROMPT_MODES, LaunchSpec, RunStatus
 META = ".fleet"
 """The bookkeeping directory inside a workspace."""
 
-STALE_FILES = ("pid", "exit_status", "started_at", "report.log", "run-ended.json", "wgetrc")
+STALE_FILES = ("pid", "exit_status", "started_at", "report.log", "run-ended.json", "wgetrc", "retry_after")
 """What a launch into a workspace whose earlier run has ended removes first (the logs are rewritten anyway)."""
 
 TAIL_BYTES = 2000
@@ -110,7 +111,8 @@ report() {
   url="${FLEET_API_URL%/}/api/v1/tasks/$FLEET_TASK_ID/run-ended"
   detail=$(tail -c 500 "$m/stderr.log" 2>/dev/null | tr '\t\r\n' '   ' | LC_ALL=C tr -cd ' -~' | tr -s ' ' |
     sed 's/^ //; s/ $//; s/[\\"]/\\&/g')
-  printf '{"attempt": %s, "exit_code": %s, "detail": "%s"}\n' "$FLEET_ATTEMPT" "$1" "$detail" > "$m/run-ended.json"
+  extra=; [ -n "$2" ] && extra=", \"retry_after_secs\": $2"
+  printf '{"attempt": %s, "exit_code": %s, "detail": "%s"%s}\n' "$FLEET_ATTEMPT" "$1" "$detail" "$extra" > "$m/run-ended.json"
   if command -v curl > /dev/null 2>&1; then
     printf 'header = "Authorization: Bearer %s"\n' "$FLEET_TASK_TOKEN" |
       curl -q -sS -K - --proto =http,https --connect-timeout 5 --max-time 15 --retry 3 --retry-delay 2 \
@@ -127,13 +129,17 @@ report() {
   fi
   rm -f "$m/run-ended.json"
 }
+# exit 75 (EX_TEMPFAIL) is a usage limit; the agent may have written the seconds to wait into .fleet/retry_after
+wait_secs=; if [ "$code" = 75 ]; then
+  { read -r wait_secs < "$m/retry_after"; } 2>/dev/null; case $wait_secs in ''|*[!0-9]*) wait_secs= ;; esac
+fi
 if [ "$reporting" != report ]; then
   :  # whoever launched the run settles it (a pull agent)
 elif [ -n "${FLEET_PYTHON:-}" ]; then  # a local run: this fleetctl, straight into the database (not the API)
   FLEET_API_URL= "$FLEET_PYTHON" -m fleetctl task run-ended "$FLEET_TASK_ID" --attempt "$FLEET_ATTEMPT" \
-    --exit-code "$code" >> "$m/report.log" 2>&1 || true
+    --exit-code "$code" ${wait_secs:+--retry-after "$wait_secs"} >> "$m/report.log" 2>&1 || true
 elif [ -n "${FLEET_API_URL:-}" ] && [ -n "${FLEET_TASK_TOKEN:-}" ]; then
-  report "$code" >> "$m/report.log" 2>&1
+  report "$code" "$wait_secs" >> "$m/report.log" 2>&1
 fi
 exit "$code"
 """
@@ -189,6 +195,7 @@ echo "pid=$pid"
 echo "alive=$alive"
 echo "exit_status=$code"
 echo "started_at=$(num "$m/started_at")"
+echo "retry_after=$(num "$m/retry_after")"
 echo "--stderr-tail--"
 if [ -f "$m/stderr.log" ]; then tail -c "$tail_bytes" "$m/stderr.log"; fi
 exit 0
@@ -388,10 +395,9 @@ def parse_probe(out: bytes) -> RunStatus:
         value = fields.get(key, "")
         return int(value) if value.isdigit() else None
 
-    started = num("started_at")
+    extra = {key: value for key in ("started_at", "retry_after") if (value := num(key)) is not None}
     return RunStatus(exists=True, pid=num("pid"), alive=fields.get("alive") == "1", exit_code=num("exit_status"),
-                     stderr_tail=tail.decode("utf-8", "replace").strip(),
-                     extra={"started_at": started} if started is not None else {})  # fmt: skip
+                     stderr_tail=tail.decode("utf-8", "replace").strip(), extra=extra)  # fmt: skip
 
 
 def parse_kill(out: bytes) -> tuple[bool, str]:

@@ -26,6 +26,7 @@ from fleetctl.errors import FleetError, Forbidden, LeaseLost, NotFound, StoreBus
 from fleetctl.ids import check_id
 from fleetctl.jsondoc import parse_json_object
 from fleetctl.log import log
+from fleetctl.receipts import parse_retry_after
 from fleetctl.server.http import Response, error_response, json_response
 from fleetctl.server.metrics import Metrics
 from fleetctl.server.writer import Writer
@@ -46,7 +47,7 @@ AUTH_CACHE_MAX = 10_000
 #: The agent fields a claim depends on.
 CLAIM_FIELDS = ("status", "capabilities", "max_concurrency")
 #: The body of ``POST …/run-ended``, refused with any other field.
-RUN_ENDED_FIELDS = ("attempt", "exit_code", "detail")
+RUN_ENDED_FIELDS = ("attempt", "exit_code", "detail", "retry_after_secs")
 OPENAPI_PATH = Path(__file__).resolve().parent.parent / "openapi.json"
 
 
@@ -551,8 +552,10 @@ class Api:
         message = _str_field(doc, "message", default="") or ""
         if token_attempt is not None and attempt != token_attempt:
             raise LeaseLost("this task token is for another attempt")
+        retry_after, usage = doc.get("retry_after_secs"), doc.get("usage")
         task = self._write_as(req.principal, lambda s: services.report_status(
-            s, self.orch, task_id, status, message, agent_id=agent_id, attempt=attempt, now=self.clock()))  # fmt: skip
+            s, self.orch, task_id, status, message, agent_id=agent_id, attempt=attempt, now=self.clock(),
+            retry_after=retry_after, usage=usage, cfg=self.cfg))  # fmt: skip
         return json_response(200, services.task_view(task))
 
     def tasks_complete(self, req: Request) -> Response:
@@ -596,6 +599,7 @@ class Api:
         _known_fields(doc, RUN_ENDED_FIELDS, required=("attempt", "exit_code"))
         attempt = doc["attempt"]
         services.check_ended_report(attempt, doc["exit_code"], doc.get("detail", ""))
+        retry_after = parse_retry_after(doc.get("retry_after_secs"))
         if token_attempt is not None and attempt != token_attempt:
             raise LeaseLost("this task token is for another attempt")
         p = req.principal
@@ -603,7 +607,8 @@ class Api:
             with store.read():
                 self._verify(store, p)
             ended = services.prepare_ended_run(store, self.cfg, task_id, attempt, doc["exit_code"],
-                                               doc.get("detail", ""), agent_id=agent_id)  # fmt: skip
+                                               doc.get("detail", ""), agent_id=agent_id,
+                                               retry_after=retry_after)  # fmt: skip
             if ended.skip:
                 return json_response(200, services.run_ended_view(store, ended, None))
 

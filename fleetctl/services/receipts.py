@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from fleetctl.config import Config
 from fleetctl.errors import FleetError, LeaseLost, UsageError
 from fleetctl.log import log
-from fleetctl.receipts import Receipt, parse_receipt
+from fleetctl.receipts import RATE_LIMITED_EXIT, Receipt, parse_receipt
 from fleetctl.services._common import MAX_MESSAGE, check_text, get_task, now_or
 from fleetctl.states import ACTIVE
 from fleetctl.store import Store
@@ -301,6 +301,7 @@ class EndedRun:
     skip: str | None = None
     found: tuple[dict, Verdict] | None = None
     agent_id: str | None = None
+    retry_after: float | None = None  # exit 75 (a usage limit): how long the run asked its agent to rest
 
 
 EXIT_CODE_RANGE = (-(2**31), 2**31 - 1)
@@ -324,7 +325,7 @@ def check_ended_report(attempt: Any, exit_code: Any, detail: Any) -> None:
 
 def prepare_ended_run(store: Store, cfg: Config, task_id: str, attempt: int, exit_code: int | None, detail: str = "",
                       *, link: ForgejoLink | None = None, past_timeout: bool = False,
-                      agent_id: str | None = None) -> EndedRun:  # fmt: skip
+                      agent_id: str | None = None, retry_after: float | None = None) -> EndedRun:  # fmt: skip
     """Read the task (one short snapshot) and, for a Forgejo task whose attempt is still open, look for its pull
     request by branch (outside any transaction). ``NotFound`` for an unknown task; with ``agent_id``,
     ``LeaseLost`` when the open attempt is another agent's. Forgejo unreachable → ``deferred`` (unless
@@ -334,7 +335,7 @@ def prepare_ended_run(store: Store, cfg: Config, task_id: str, attempt: int, exi
     with store.read():
         task = get_task(store, task_id)
         pending = _receipt_pending(store, task)
-    ended = EndedRun(task_id, attempt, exit_code, detail, agent_id=task["agent_id"])
+    ended = EndedRun(task_id, attempt, exit_code, detail, agent_id=task["agent_id"], retry_after=retry_after)
     if task["attempt"] != attempt or task["state"] not in ACTIVE:
         return replace(ended, skip="attempt_over")
     if agent_id is not None and task["agent_id"] != agent_id:
@@ -343,7 +344,8 @@ def prepare_ended_run(store: Store, cfg: Config, task_id: str, attempt: int, exi
     if pending:
         return replace(ended, skip="receipt_pending")
     never_ran = exit_code in (126, 127)  # the shell could not start the agent: it opened no pull request
-    lookup = not never_ran and checks_forgejo(cfg, task)
+    # a usage limit (exit 75) is not a finished run: its attempt goes back to the queue, whatever the branch holds
+    lookup = not never_ran and exit_code != RATE_LIMITED_EXIT and checks_forgejo(cfg, task)
     if lookup and not cfg.forgejo.api_ready:
         if link is None:  # the run's own report, in a process without the token: the sweep looks it up
             return replace(ended, skip="deferred")
@@ -379,19 +381,21 @@ def settle_prepared_run(store: Store, cfg: Config, ended: EndedRun, *, now: floa
                                    now=now, verdict=verdict).task  # fmt: skip
         except LeaseLost:
             return None
-    return settle_run(store, cfg.orchestrator, ended.task_id, ended.attempt, ended.exit_code, ended.detail, now=now)
+    return settle_run(store, cfg.orchestrator, ended.task_id, ended.attempt, ended.exit_code, ended.detail, now=now,
+                      retry_after=ended.retry_after)  # fmt: skip
 
 
 def settle_ended_run(store: Store, cfg: Config, task_id: str, attempt: int, exit_code: int | None, detail: str = "",
                      *, link: ForgejoLink | None = None, past_timeout: bool = False,
-                     now: float | None = None) -> dict | None:  # fmt: skip
+                     now: float | None = None, retry_after: float | None = None) -> dict | None:  # fmt: skip
     """A run ended: for a Forgejo task whose attempt is still open, look for its pull request by branch first
     (outside any transaction) and hand that in as the receipt (→ awaiting_review); else ``settle_run`` as
     before (``no_receipt`` / ``agent_error``). Forgejo unreachable → None, left for the next sweep (unless
     ``past_timeout``). The task afterwards, or None when nothing was settled. The sweep, ``fleetctl task
     run-ended`` and ``POST …/run-ended`` all come here (the last two in two steps: ``prepare_ended_run``,
     then ``settle_prepared_run``), so they agree."""
-    ended = prepare_ended_run(store, cfg, task_id, attempt, exit_code, detail, link=link, past_timeout=past_timeout)
+    ended = prepare_ended_run(store, cfg, task_id, attempt, exit_code, detail, link=link, past_timeout=past_timeout,
+                              retry_after=retry_after)  # fmt: skip
     return settle_prepared_run(store, cfg, ended, now=now)
 
 

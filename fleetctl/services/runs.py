@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from fleetctl.retry import RetryPolicy
     from fleetctl.services.receipts import Verdict
 
-STATUSES = ("running", "progress")
+STATUSES = ("running", "progress", "rate_limited")
 
 
 # ---------------------------------------------------------------------------------------------- claims
@@ -172,21 +172,62 @@ def start_task(store: Store, task_id: str, *, agent_id: str | None = None, attem
 
 
 def report_status(store: Store, orch: OrchestratorConfig, task_id: str, status: str = "progress", message: str = "",
-                  *, agent_id: str | None = None, attempt: int | None = None, now: float | None = None) -> dict:  # fmt: skip
+                  *, agent_id: str | None = None, attempt: int | None = None, now: float | None = None,
+                  retry_after: Any = None, usage: Any = None, cfg: Config | None = None) -> dict:  # fmt: skip
     """What an agent reports while it works, in one transaction: ``running`` (assigned → running; a no-op when
-    already running) and/or a progress ``message`` (an event). Input is checked before anything is written,
-    so a refused message leaves the task as it was."""
+    already running) and/or a progress ``message`` (an event); its ``usage`` so far (``task.usage``, checked
+    against the budgets of ``cfg``); or ``rate_limited``: it hit a usage limit (``rate_limit_attempt``, with
+    the ``message`` as the detail and ``retry_after`` seconds). Input is checked before anything is written,
+    so a refused report leaves the task as it was."""
+    from fleetctl.receipts import parse_retry_after, parse_usage
+    from fleetctl.services.budgets import record_usage
+
     if status not in STATUSES:
-        raise UsageError("status must be running or progress", code="invalid_field")
+        raise UsageError("status must be running, progress or rate_limited", code="invalid_field")
     message = check_text(message, "message", MAX_MESSAGE)
+    retry_after = parse_retry_after(retry_after)
+    if retry_after is not None and status != "rate_limited":
+        raise UsageError("retry_after_secs goes with status rate_limited", code="invalid_field")
+    usage = parse_usage(usage)
     ts = now_or(now)
     with store.write():
         task = _fenced(store, task_id, agent_id, attempt)
+        if usage is not None and record_usage(store, cfg, task, usage, ts):
+            return store.task(task_id)  # over its budget: the attempt failed budget_exceeded
+        if status == "rate_limited":
+            return rate_limit_attempt(store, orch, task_id, retry_after, message, agent_id=agent_id,
+                                      attempt=attempt, now=ts)  # fmt: skip
         if status == "running" and task["state"] == TaskState.ASSIGNED:
             task = transition(store, task, Transition.STARTED, ts)
-        if message or status == "progress":
+        if message or (status == "progress" and usage is None):
             store.emit("task.progress", ts=ts, task_id=task_id, data={"message": message})
         return store.task(task_id)
+
+
+def rate_limit_attempt(store: Store, orch: OrchestratorConfig, task_id: str, retry_after: float | None = None,
+                       detail: str = "", *, agent_id: str | None = None, attempt: int | None = None,
+                       receipt: dict | None = None, now: float | None = None) -> dict:  # fmt: skip
+    """The current attempt hit a usage limit (SPEC §2 ``rate_limited``): the task goes back to the queue without
+    consuming a retry (one more attempt allowed, no backoff: another agent may take it at once) and the agent
+    that ran it cools down until ``now + retry_after`` (else ``orchestrator.rate_limit_cooldown_secs``) —
+    skipped by dispatch and dequeue meanwhile. Both are events of one transaction (``task.rate_limited``,
+    ``agent.cooled_down``); a cooldown already running longer is kept."""
+    ts = now_or(now)
+    with store.write():
+        task = _fenced(store, task_id, agent_id, attempt)
+        wait = retry_after if retry_after is not None else orch.rate_limit_cooldown_secs
+        holder, n, until = task["agent_id"], task["attempt"], ts + wait
+        data: dict[str, Any] = {"reason": FailureReason.RATE_LIMITED.value, "detail": (detail or "")[:MAX_MESSAGE],
+                                "retry_after_secs": retry_after, "cooldown_until": until}  # fmt: skip
+        if receipt is not None:
+            data["receipt"] = receipt
+        task = transition(store, task, Transition.RATE_LIMITED, ts, data=data)
+        agent = store.agent(holder) if holder else None
+        if agent is not None and (agent["cooldown_until"] or 0) < until:
+            store.emit("agent.cooled_down", ts=ts, agent_id=holder,
+                       data={"until": until, "reason": f"usage limit on task {task_id} attempt {n}",
+                             "task_id": task_id, "attempt": n})  # fmt: skip
+        return task
 
 
 def report_progress(store: Store, task_id: str, message: str, *, agent_id: str | None = None,
@@ -321,7 +362,15 @@ def hand_in_receipt(
 def _apply_receipt(store: Store, cfg: Config, task: dict, receipt: Receipt, verdict: Verdict | None,
                    ts: float) -> CompletionResult:  # fmt: skip
     """The one write of a receipt for the fenced ``task`` (inside the caller's transaction)."""
+    from fleetctl.services.budgets import record_usage
+
     orch, task_id = cfg.orchestrator, task["task_id"]
+    if receipt.usage is not None and record_usage(store, cfg, task, receipt.usage, ts, receipt=receipt):
+        return CompletionResult(store.task(task_id))  # over its budget: the attempt failed budget_exceeded
+    if receipt.outcome == "rate_limited":
+        result = rate_limit_attempt(store, orch, task_id, receipt.retry_after_secs, receipt.summary,
+                                    receipt=receipt.to_json(), now=ts)  # fmt: skip
+        return CompletionResult(result)
     if receipt.outcome == "failure":
         result = fail_attempt(store, orch, task_id, FailureReason.AGENT_ERROR, receipt.summary or "failure receipt",
                               receipt=receipt.to_json(), now=ts)  # fmt: skip
@@ -363,15 +412,21 @@ def _receipt_problem(task: dict, receipt: Receipt, require_pull_request: bool) -
 
 
 def settle_run(store: Store, orch: OrchestratorConfig, task_id: str, attempt: int, exit_code: int | None,
-               detail: str = "", *, now: float | None = None) -> dict | None:  # fmt: skip
-    """A run ended. If its attempt is still open (no receipt came), fail it by exit status; else no-op.
+               detail: str = "", *, now: float | None = None, retry_after: float | None = None) -> dict | None:  # fmt: skip
+    """A run ended. If its attempt is still open (no receipt came), fail it by exit status; else no-op. Exit 75
+    (``EX_TEMPFAIL``) is a usage limit: ``rate_limit_attempt`` with ``retry_after`` (from ``.fleet/retry_after``).
 
     An attempt whose receipt is pending (Forgejo could not be asked) is not settled: it did hand one in.
     """
+    from fleetctl.receipts import RATE_LIMITED_EXIT
+
     with store.write():
         task = get_task(store, task_id)
         if task["attempt"] != attempt or task["state"] not in ACTIVE or _receipt_pending(store, task):
             return None
+        if exit_code == RATE_LIMITED_EXIT:
+            why = f"the run exited {RATE_LIMITED_EXIT} (a usage limit){': ' + detail if detail else ''}"
+            return rate_limit_attempt(store, orch, task_id, retry_after, why, attempt=attempt, now=now)
         if exit_code in (126, 127):  # the shell's "not executable" / "command not found": it never ran
             reason, why = FailureReason.LAUNCH_FAILED, f"the agent command could not be started (exit {exit_code})"
         elif exit_code == 0:
