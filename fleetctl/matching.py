@@ -183,10 +183,17 @@ class QueuedTask:
 
     task_id: str
     requirements: tuple[str, ...]
+    group: str | None = None  # the repository (lower-cased) whose cap the task counts against, if any
 
 
-def plan(tasks: Sequence[QueuedTask], agents: Iterable[AgentSlot], now: float = 0.0) -> list[tuple[str, str]]:
-    """Pairs ``(task_id, agent_id)`` in dispatch order. Mutates the slots' ``running`` counts."""
+def plan(tasks: Sequence[QueuedTask], agents: Iterable[AgentSlot], now: float = 0.0,
+         room: dict[str, int] | None = None) -> list[tuple[str, str]]:  # fmt: skip
+    """Pairs ``(task_id, agent_id)`` in dispatch order. Mutates the slots' ``running`` counts.
+
+    ``room``: how many more tasks each group (a repository with a ``max_active_per_repo`` cap) may start; a task
+    of a group without room is passed over (the next one of another group gets the slot), and each pair uses
+    one. Groups not in ``room`` are unlimited. Mutated.
+    """
     slots = [a for a in agents if a.max_concurrency > 0]
     free_total = sum(max(0, a.free) for a in slots)
     heaps: dict[tuple[str, ...], list] = {}
@@ -210,6 +217,8 @@ def plan(tasks: Sequence[QueuedTask], agents: Iterable[AgentSlot], now: float = 
     for task in tasks:
         if free_total <= 0:
             break
+        if room is not None and task.group is not None and room.get(task.group, 1) <= 0:
+            continue
         heap = heap_for(task.requirements)
         while heap:
             _, version, slot = heapq.heappop(heap)
@@ -218,6 +227,8 @@ def plan(tasks: Sequence[QueuedTask], agents: Iterable[AgentSlot], now: float = 
         else:
             continue
         out.append((task.task_id, slot.agent_id))
+        if room is not None and task.group in room:
+            room[task.group] -= 1
         slot.running += 1
         slot.idle_since = now
         slot.version += 1

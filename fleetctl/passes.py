@@ -148,7 +148,8 @@ def dispatch(
             log("host.skipped", host=host_id, reason="down", since=round(row["since"]), error=row["error"])
         usable = {h.host_id for h in cfg.hosts if h.host_id not in down}
         # a dry run registers nothing: it plans on the agents as the config would make them (sync_config_agents)
-        pairs, slots = plan_dispatch(store, t0, limit, hosts=usable, configured=cfg if dry_run else None)
+        pairs, slots = plan_dispatch(store, t0, limit, hosts=usable, configured=cfg if dry_run else None,
+                                     limits_cfg=cfg)  # fmt: skip
         report.queued_ready = store.count_ready(t0)
         by_agent = {s.agent_id: s for s in slots}
         specs = {spec.agent_id: (host, spec) for host, spec in cfg.agent_specs()}
@@ -199,13 +200,22 @@ def flush_outbox(store: Store, cfg: Config, now: Callable[[], float] = time.time
 
 
 def plan_dispatch(
-    store: Store, ts: float, limit: int | None = None, hosts: set[str] | None = None, configured: Config | None = None
+    store: Store,
+    ts: float,
+    limit: int | None = None,
+    hosts: set[str] | None = None,
+    configured: Config | None = None,
+    limits_cfg: Config | None = None,
 ) -> tuple[list[tuple[str, str]], list[AgentSlot]]:
-    """Read the queue and the ssh_cli agents with free capacity (on ``hosts``, if given), and plan (no writes).
+    """Read the queue and the ssh_cli agents with free capacity (on ``hosts``, if given; not cooling down), and
+    plan (no writes).
 
     With ``configured``, the agents are those of that config as the next real pass would register them
     (new ones included, removed ones gone, capabilities and limits from the config; a drained one stays
-    out): what ``dispatch --dry-run`` shows before any pass has registered them.
+    out): what ``dispatch --dry-run`` shows before any pass has registered them. The fleet's limits of
+    ``limits_cfg`` (else ``configured``) are kept as the claims keep them: tasks a budget holds back are left
+    out, and a repository at its ``max_active_per_repo`` gets no more (so its tasks never take the slot that
+    another repository's task could use).
     """
     with store.read():
         if configured is None:
@@ -214,12 +224,15 @@ def plan_dispatch(
             known = {a["agent_id"]: a for a in store.agents()}
             agents = [
                 {"agent_id": spec.agent_id, "capabilities": spec.capabilities, "max_concurrency": spec.max_concurrency,
-                 "host_id": host.host_id, "last_assigned_at": (known.get(spec.agent_id) or {}).get("last_assigned_at")}
+                 "host_id": host.host_id, **{k: (known.get(spec.agent_id) or {}).get(k)
+                                             for k in ("last_assigned_at", "cooldown_until")}}
                 for host, spec in configured.agent_specs()
                 if (known.get(spec.agent_id) or {}).get("status") != AgentStatus.DRAINING.value
             ]  # fmt: skip
         if hosts is not None:
             agents = [a for a in agents if a["host_id"] in hosts]
+        # an agent cooling down after a usage limit takes nothing (the claim refuses it too)
+        agents = [a for a in agents if not (a.get("cooldown_until") and a["cooldown_until"] > ts)]
         running = store.running_counts()
         slots = [
             AgentSlot(
@@ -233,10 +246,28 @@ def plan_dispatch(
         ]
         if not any(s.free > 0 for s in slots):
             return [], slots
-        tasks = [QueuedTask(task_id, tuple(reqs)) for task_id, reqs in store.ready_tasks(ts)]
+        cfg = limits_cfg or configured
+        held = services.blocking(store, cfg, ts) if cfg is not None else None
+        if held is not None and held.fleet:
+            return [], slots  # the fleet's day budget is spent: nothing starts
+        tasks = [QueuedTask(task_id, tuple(reqs), (repo or "").lower() or None)
+                 for task_id, reqs, repo, spent in store.ready_tasks(ts)
+                 if held is None or held.why({"repo": repo, "spent_usd": spent}) is None]  # fmt: skip
+        room = _repo_room(store, cfg, tasks) if cfg is not None else None
     pairs = plan(tasks, [AgentSlot(s.agent_id, s.capabilities, s.max_concurrency, s.running, s.idle_since)
-                         for s in slots], now=ts)  # fmt: skip
+                         for s in slots], now=ts, room=room)  # fmt: skip
     return (pairs[:limit] if limit is not None else pairs), slots
+
+
+def _repo_room(store: Store, cfg: Config, tasks: list[QueuedTask]) -> dict[str, int] | None:
+    """How many more tasks each capped repository among ``tasks`` may start (``max_active_per_repo``: its own,
+    else the default), or None when no cap is configured."""
+    fj = cfg.forgejo
+    if fj.max_active_per_repo is None and not any(v.get("max_active_per_repo") for v in fj.repository.values()):
+        return None
+    active = store.active_by_repo()
+    caps = {g: fj.repo_cap(g) for g in {t.group for t in tasks if t.group}}
+    return {g: cap - active.get(g, 0) for g, cap in caps.items() if cap is not None}
 
 
 def launch(store: Store, cfg: Config, host: HostConfig, agent_type: str, claim: services.Claim,

@@ -754,12 +754,22 @@ class Store:
                            (task_id,)).fetchone()  # fmt: skip
         return _loads(row[0]).get("reason") if row else None
 
-    def ready_tasks(self, ts: float) -> list[tuple[str, list[str]]]:
-        """``(task_id, requirements)`` of the queued tasks past their backoff, best first (for planning)."""
+    def ready_tasks(self, ts: float) -> list[tuple[str, list[str], str | None, float]]:
+        """``(task_id, requirements, repo, spent_usd)`` of the queued tasks past their backoff, best first (for
+        planning: the repository for its cap, the spend for its budget)."""
         sql = (
-            f"SELECT task_id, requirements FROM tasks INDEXED BY tasks_claim WHERE {_READY} ORDER BY priority DESC, seq"
+            "SELECT task_id, requirements, repo, spent_usd FROM tasks INDEXED BY tasks_claim "
+            f"WHERE {_READY} ORDER BY priority DESC, seq"
         )
-        return [(r[0], _loads(r[1])) for r in self.execute(sql, {"now": ts})]
+        return [(r[0], _loads(r[1]), r[2], r[3]) for r in self.execute(sql, {"now": ts})]
+
+    def active_by_repo(self) -> dict[str, int]:
+        """Tasks holding a repository's slot (assigned, running, awaiting review), by lower-cased repository."""
+        rows = self.execute(
+            f"SELECT lower(repo), count(*) FROM tasks INDEXED BY tasks_repo_active WHERE state IN {_LEASED} "
+            "AND repo IS NOT NULL GROUP BY lower(repo)"
+        )
+        return {r[0]: r[1] for r in rows}
 
     def count_ready(self, ts: float) -> int:
         """Queued tasks past their backoff."""

@@ -212,15 +212,25 @@ def _host_cell(agent: dict) -> str | None:
     return f"{host} (down)" if host and agent.get("host_status") == "down" else host
 
 
+def cooldown(agent: dict, now: float) -> str:
+    """'until 21:30:00 (in 12m)' while an agent rests after a usage limit, else ''."""
+    until = ts(agent.get("cooldown_until"))
+    if until is None or until <= now:
+        return ""
+    return f"until {clock(until, now)} ({ago(until, now)})"
+
+
 def render_agents(items: Sequence[dict]) -> None:
     """``agent list``: agent views as a table."""
     now = time.time()
     print_table(
         None,
-        [Col("AGENT", "id"), Col("TYPE", drop=3), Col("MODE", drop=4), Col("STATUS"), Col("RUNNING", drop=1),
-         Col("CAPABILITIES", "text", min=14), Col("HOST", "id", drop=5), Col("HEARTBEAT", drop=2)],
-        ([a["agent_id"], a["agent_type"], a["mode"], a["status"], f"{a['running']}/{a['max_concurrency']}",
-          a["capabilities"], _host_cell(a), ago(a.get("last_heartbeat_at"), now)] for a in items),
+        [Col("AGENT", "id"), Col("TYPE", drop=3), Col("MODE", drop=4), Col("STATUS"), Col("COOLDOWN", drop=6),
+         Col("RUNNING", drop=1), Col("CAPABILITIES", "text", min=14), Col("HOST", "id", drop=5),
+         Col("HEARTBEAT", drop=2)],
+        ([a["agent_id"], a["agent_type"], a["mode"], a["status"], cooldown(a, now),
+          f"{a['running']}/{a['max_concurrency']}", a["capabilities"], _host_cell(a),
+          ago(a.get("last_heartbeat_at"), now)] for a in items),
         _cell_style,
     )  # fmt: skip
 

@@ -493,7 +493,9 @@ class Api:
             left = deadline - time.monotonic()
             if left <= 0 or self.closing:
                 return Response(204)
-            self.waker.wait(seen, min(left, self._next_backoff_in()))
+            # an agent cooling down after a usage limit is woken when its cooldown ends (no event marks that)
+            cooling = (agent.get("cooldown_until") or 0) - self.clock()
+            self.waker.wait(seen, min(left, self._next_backoff_in(), *((cooling + 0.005,) if cooling > 0 else ())))
 
     def _claim(self, p: Principal, agent: dict) -> tuple[dict | None, dict]:
         """Claim for the agent of token ``p``, with ``agent`` its row as last read (maybe from the cache):

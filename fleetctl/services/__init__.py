@@ -6,8 +6,8 @@ inside one ``Store.write()`` transaction. Time is injected (``now=``), never rea
 
 The rooms: ``tasks`` (create, cancel, retry), ``runs`` (claim, start, status, receipts, how an attempt
 ends), ``receipts`` (receipts checked against Forgejo: the verdict computed before the write, pending
-receipts, runs that ended without one), ``agents`` (the registry), ``hosts`` (SSH hosts up or down), ``views`` (the JSON shapes and the read
-services every caller renders).
+receipts, runs that ended without one), ``agents`` (the registry), ``hosts`` (SSH hosts up or down), ``budgets``
+(usage reports and what the budgets hold back), ``views`` (the JSON shapes and the read services every caller renders).
 Callers use the names re-exported here.
 """
 
@@ -25,6 +25,7 @@ from fleetctl.services.agents import (
     set_agent_status,
     sync_config_agents,
 )
+from fleetctl.services.budgets import Blocking, blocking, record_usage
 from fleetctl.services.hosts import lose_attempts_of_down_host, mark_host_down, mark_host_up
 from fleetctl.services.receipts import (
     EndedRun,
@@ -49,6 +50,7 @@ from fleetctl.services.runs import (
     fail_attempt,
     hand_in_receipt,
     new_claim_token,
+    rate_limit_attempt,
     release_claim,
     report_progress,
     report_status,
@@ -57,7 +59,7 @@ from fleetctl.services.runs import (
     start_task,
     workspace_cleaned,
 )
-from fleetctl.services.tasks import cancel_task, create_task, retry_task
+from fleetctl.services.tasks import cancel_task, create_task, retry_task, rework_task
 from fleetctl.services.views import (
     agent_detail,
     agent_view,
@@ -72,6 +74,7 @@ from fleetctl.services.views import (
 )
 
 __all__ = [
+    "Blocking", "blocking", "record_usage", "rate_limit_attempt", "rework_task",
     "MAX_MESSAGE", "Claim", "CompletionResult", "ForgejoLink", "Registration", "Verdict", "agent_detail", "agent_view", "agent_views", "attempt_view",
     "cancel_task", "claim_request", "claim_task", "claimed", "complete_task", "config_agent_ids", "create_task",
     "deregister_agent", "drain_agent", "event_view", "expire_or_time_out", "fail_attempt", "get_agent", "get_task",

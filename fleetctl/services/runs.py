@@ -76,17 +76,23 @@ def claim_limits(cfg: Config, ts: float) -> ClaimLimits | None:
     """The fleet's limits every claim honours (dispatch and dequeue alike): the per-repository caps of
     ``[forgejo]`` and the budgets of ``[budgets]``; None when none is configured."""
     fj, budgets = cfg.forgejo, cfg.budgets
-    repo_caps = tuple((r, v["max_active_per_repo"]) for r, v in fj.repository.items() if "max_active_per_repo" in v)
+    # a repository's own limit wins over the fleet's; its own 0 in the file (None here) means "no limit there"
+    repo_caps = tuple((r, _NO_CAP if v["max_active_per_repo"] is None else v["max_active_per_repo"])
+                      for r, v in fj.repository.items() if "max_active_per_repo" in v)  # fmt: skip
     if fj.max_active_per_repo is None and not repo_caps and not budgets.any:
         return None
     per_repo = budgets.repository.items()
     return ClaimLimits(
         repo_cap=fj.max_active_per_repo, repo_caps=repo_caps, task_budget=budgets.max_cost_per_task,
-        repo_task_budgets=tuple((r, v["max_cost_per_task"]) for r, v in per_repo if "max_cost_per_task" in v),
+        repo_task_budgets=tuple((r, _NO_BUDGET if v["max_cost_per_task"] is None else v["max_cost_per_task"])
+                                for r, v in per_repo if "max_cost_per_task" in v),
         day_budget=budgets.max_cost_per_day,
-        repo_day_budgets=tuple((r, v["max_cost_per_day"]) for r, v in per_repo if "max_cost_per_day" in v),
+        repo_day_budgets=tuple((r, v["max_cost_per_day"]) for r, v in per_repo if v.get("max_cost_per_day") is not None),
         day_start=day_start(ts),
     )  # fmt: skip
+
+
+_NO_CAP, _NO_BUDGET = 2**62, 9e99
 
 
 def day_start(ts: float) -> float:
