@@ -38,6 +38,7 @@ _LABEL_OF: dict[str, str | None] = {
     "task.created": "fleet/queued",
     "task.requeued": "fleet/queued",
     "task.retried": "fleet/queued",
+    "task.rate_limited": "fleet/queued",
     "task.assigned": "fleet/running",
     "task.started": "fleet/running",
     "task.awaiting_review": "fleet/review",
