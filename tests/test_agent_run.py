@@ -431,3 +431,21 @@ def test_the_run_environment_is_the_shared_whitelist(tmp_path, monkeypatch):
                                              "FLEET_TASK_TOKEN", "FLEET_BRANCH", "FLEET_WORKSPACE",
                                              "FLEET_PROMPT_FILE", "FLEET_REPO", "FLEET_ISSUE"}  # fmt: skip
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)  # its `fleetctl` is ours
+
+
+def test_a_command_exiting_75_is_handed_in_as_a_usage_limit_and_the_agent_rests(server, agents, tmp_path):
+    task_id = create(server, "limited", labels=("agent:py", "retries:0"))
+    agent = agents("$ echo 90 > .fleet/retry_after; echo 'quota exhausted' >&2; exit 75", "--shell", "--one-job",
+                   "--agent-id", "tired", "-C", "py")  # fmt: skip
+    assert agent.wait() == 0, agent.log
+    t = task(server, task_id)
+    assert (t["state"], t["failure_reason"], t["max_attempts"]) == ("queued", "rate_limited", 2), t
+    receipt = t["attempts"][0]["receipt"]
+    assert receipt["outcome"] == "rate_limited" and receipt["retry_after_secs"] == 90
+    assert "quota exhausted" in receipt["summary"]
+    with server.client(ADMIN_TOKEN) as admin:
+        (tired,) = [a for a in admin.get("/api/v1/agents").json()["items"] if a["agent_id"] == "tired"]
+    assert tired["cooldown_until"] is not None
+    cooled = [e for e in t["events"] if e["type"] == "task.rate_limited"]
+    assert len(cooled) == 1 and cooled[0]["data"]["retry_after_secs"] == 90
+    db_check(server)
