@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fleetctl.retry import RetryPolicy
-from fleetctl.states import FailureReason
+from fleetctl.states import NOT_RETRIED, FailureReason
 
 DEFAULT = RetryPolicy()  # SPEC defaults: 30 s doubling per attempt, capped at 600 s, half of it jitter
 
@@ -75,7 +75,7 @@ def test_decide_table(attempt, max_attempts, reason, retry, not_before, why):
     assert (d.retry, d.not_before, d.why) == (retry, not_before, why)
 
 
-@pytest.mark.parametrize("reason", [r for r in FailureReason if r != FailureReason.PR_CLOSED], ids=str)
+@pytest.mark.parametrize("reason", [r for r in FailureReason if r not in NOT_RETRIED], ids=str)
 def test_every_other_reason_is_retried_while_attempts_remain(reason):
     d = DEFAULT.decide(attempt=1, max_attempts=2, reason=reason, now=0.0, rand=lambda: 0.0)
     assert d.retry and d.not_before == 15.0

@@ -39,8 +39,8 @@ AttemptOpt = Annotated[
 ]
 AgentOpt = Annotated[str | None, typer.Option("--agent", help="Acting agent id; default $FLEET_AGENT_ID.")]
 RetryAfterOpt = Annotated[
-    float | None,
-    typer.Option("--retry-after", min=0, metavar="SECS",
+    int | None,
+    typer.Option("--retry-after", min=0, max=INT64_MAX, metavar="SECS",
                  help="With rate_limited: seconds until the usage limit resets (default: the fleet's cooldown)."),
 ]  # fmt: skip
 InputTokensOpt = Annotated[
@@ -59,7 +59,10 @@ def _usage(input_tokens: int | None, output_tokens: int | None, cost_usd: float 
     """The usage options as a receipt's/status report's ``usage`` (None when none is given)."""
     usage = {"input_tokens": input_tokens, "output_tokens": output_tokens, "cost_usd": cost_usd}
     usage = {k: v for k, v in usage.items() if v is not None}
-    return usage or None
+    try:
+        return parse_usage(usage) or None
+    except UsageError as exc:
+        raise UsageError(exc.message.replace("usage.", "--").replace("_", "-")) from None
 
 
 def _env_int(name: str) -> int | None:
