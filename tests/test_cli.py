@@ -175,8 +175,17 @@ def test_agent_register_human_output(cli):
     again = cli("agent", "register", "builder-1", "--type", "codex-cli")
     assert again.stdout.splitlines()[0] == "builder-1 updated (online)"
     table = cli("agent", "list").stdout
-    assert table.split()[:9] == ["AGENT", "TYPE", "MODE", "STATUS", "COOLDOWN", "RUNNING", "CAPABILITIES", "HOST",
-                                 "HEARTBEAT"]
+    assert table.split()[:9] == [
+        "AGENT",
+        "TYPE",
+        "MODE",
+        "STATUS",
+        "COOLDOWN",
+        "RUNNING",
+        "CAPABILITIES",
+        "HOST",
+        "HEARTBEAT",
+    ]
     assert "builder-1" in table and "0/1" in table
 
 

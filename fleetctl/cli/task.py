@@ -44,20 +44,33 @@ RetryAfterOpt = Annotated[
                  help="With rate_limited: seconds until the usage limit resets (default: the fleet's cooldown)."),
 ]  # fmt: skip
 InputTokensOpt = Annotated[
-    int | None, typer.Option("--input-tokens", min=0, metavar="N", help="Usage: input tokens of this attempt so far.")
+    int | None,
+    typer.Option(
+        "--input-tokens", min=0, max=INT64_MAX, metavar="N", help="Usage: input tokens of this attempt so far."
+    ),
 ]
 OutputTokensOpt = Annotated[
-    int | None, typer.Option("--output-tokens", min=0, metavar="N", help="Usage: output tokens of this attempt so far.")
-]
+    int | None,
+    typer.Option("--output-tokens", min=0, max=INT64_MAX, metavar="N",
+                 help="Usage: output tokens of this attempt so far."),
+]  # fmt: skip
 CostOpt = Annotated[
-    float | None,
-    typer.Option("--cost-usd", min=0, metavar="USD", help="Usage: this attempt's cost so far, in dollars."),
+    str | None, typer.Option("--cost-usd", metavar="USD", help="Usage: this attempt's cost so far, in dollars (0.42).")
 ]
 
 
-def _usage(input_tokens: int | None, output_tokens: int | None, cost_usd: float | None) -> dict | None:
-    """The usage options as a receipt's/status report's ``usage`` (None when none is given)."""
-    usage = {"input_tokens": input_tokens, "output_tokens": output_tokens, "cost_usd": cost_usd}
+def _usage(input_tokens: int | None, output_tokens: int | None, cost_usd: str | None) -> dict | None:
+    """The usage options as a receipt's/status report's ``usage`` (None when none is given); checked by
+    ``receipts.parse_usage`` on the way (a bad value is exit 2 before anything is sent)."""
+    from fleetctl.receipts import parse_usage
+
+    cost: float | str | None = cost_usd
+    if cost_usd is not None:
+        try:
+            cost = float(cost_usd)
+        except ValueError:
+            raise UsageError(f"--cost-usd must be a number of dollars >= 0, got {cost_usd!r}") from None
+    usage = {"input_tokens": input_tokens, "output_tokens": output_tokens, "cost_usd": cost}
     usage = {k: v for k, v in usage.items() if v is not None}
     try:
         return parse_usage(usage) or None
