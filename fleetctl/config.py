@@ -176,7 +176,8 @@ class MatrixConfig:
     homeserver: str | None = None
     access_token: str | None = None
     room_id: str | None = None  # a room id (!…) or an alias (#name:server), resolved once
-    events: tuple[str, ...] = ("task.failed", "task.awaiting_review", "task.completed", "agent.offline")
+    events: tuple[str, ...] = ("task.failed", "task.awaiting_review", "task.completed", "task.needs_human",
+                               "agent.offline")  # fmt: skip
     template: str | None = None  # a message template ({placeholders}: fleetctl.matrix.messages.FIELDS)
     timeout_secs: float = 10
 

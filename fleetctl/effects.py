@@ -21,6 +21,9 @@ from fleetctl.config import ForgejoConfig, MatrixConfig
 TARGET = "forgejo"
 COMMENT = "comment"
 STATUS_LABEL = "status_label"
+FLAG_LABEL = "flag_label"
+NEEDS_HUMAN_LABEL = "fleet/needs-human"
+NEEDS_HUMAN_COLOR = ("#e99695", "fleetctl: its review rounds are used up; a person must look")
 MATRIX = "matrix"
 MESSAGE = "message"
 
@@ -39,6 +42,7 @@ _LABEL_OF: dict[str, str | None] = {
     "task.requeued": "fleet/queued",
     "task.retried": "fleet/queued",
     "task.rate_limited": "fleet/queued",
+    "task.rework": "fleet/queued",
     "task.assigned": "fleet/running",
     "task.started": "fleet/running",
     "task.awaiting_review": "fleet/review",
@@ -72,6 +76,9 @@ def effects_for(event: dict, task: dict | None, forgejo: ForgejoConfig) -> list[
             rows.append(_row(event, task, COMMENT, {"body": body + "\n\n" + marker(event["id"])}))
     if forgejo.status_labels and event["type"] in _LABEL_OF:
         rows.append(_row(event, task, STATUS_LABEL, {"label": _LABEL_OF[event["type"]]}))
+    if event["type"] in ("task.needs_human", "task.needs_human_cleared"):  # a flag beside the status, always kept
+        rows.append(_row(event, task, FLAG_LABEL, {"label": NEEDS_HUMAN_LABEL,
+                                                   "on": event["type"] == "task.needs_human"}))  # fmt: skip
     return rows
 
 
@@ -113,6 +120,17 @@ def comment_body(event: dict, task: dict, forgejo_url: str) -> str | None:
                 "waiting for review and merge.")  # fmt: skip
     if kind == "task.completed":
         return f"**fleetctl**: the task is completed{_completion(data, task, forgejo_url)}."
+    if kind == "task.rework":
+        review = data.get("review") if isinstance(data.get("review"), dict) else {}
+        pr = {"number": review.get("pr"), "repo": task["repo"]}
+        return (f"**fleetctl**: changes were requested on {_pr_link(pr, task, forgejo_url)}; a rework attempt "
+                f"(review round {review.get('round', '?')}) is queued with the review's comments.")  # fmt: skip
+    if kind == "task.needs_human":
+        pr = {"number": data.get("pr"), "repo": task["repo"]}
+        return (f"**fleetctl**: changes were requested on {_pr_link(pr, task, forgejo_url)} again, and its "
+                f"{data.get('max_review_rounds', '?')} review rounds are used up: this needs a person. Approve or "
+                "merge the pull request, push the fix yourself, or retry or cancel the task "
+                f"(label `{NEEDS_HUMAN_LABEL}`).")  # fmt: skip
     return None
 
 

@@ -218,7 +218,26 @@ def _perform(store: Store, client: ForgejoClient, row: dict) -> str:
             return "superseded"  # a later status of the same issue will be set: skip the intermediate one
         _status_label(client, row["repo"], row["issue_number"], row["payload"].get("label"))
         return "done"
+    if row["kind"] == effects.FLAG_LABEL:
+        if store.newer_outbox_row(row):
+            return "superseded"  # the flag is set or cleared again later: only the last word counts
+        _flag_label(client, row["repo"], row["issue_number"], row["payload"]["label"], bool(row["payload"]["on"]))
+        return "done"
     raise ValueError(f"unknown outbox row kind {row['kind']!r}")
+
+
+def _flag_label(client: ForgejoClient, repo: str, number: int, name: str, on: bool) -> None:
+    """Put ``name`` (``fleet/needs-human``) on the issue, or take it off; created in the repository if missing."""
+    from fleetctl.forgejo.client import ForgejoError
+
+    issue = client.get_issue(repo, number)
+    if issue is None:
+        raise ForgejoError(f"issue {repo}#{number} not found on Forgejo (404)", status=404)
+    have = {label["name"]: label["id"] for label in issue.get("labels") or []}
+    if on and name not in have:
+        client.add_labels(repo, number, [_repo_label_id(client, repo, name)])
+    elif not on and name in have:
+        client.remove_label(repo, number, have[name])
 
 
 def _comment(client: ForgejoClient, row: dict) -> None:
@@ -250,7 +269,9 @@ def _repo_label_id(client: ForgejoClient, repo: str, name: str) -> int:
     for label in client.list_labels(repo):
         if label.get("name") == name:
             return int(label["id"])
-    color, description = effects.STATUS_LABELS.get(name, ("#ededed", ""))
+    color, description = effects.STATUS_LABELS.get(name) or (
+        effects.NEEDS_HUMAN_COLOR if name == effects.NEEDS_HUMAN_LABEL else ("#ededed", "")
+    )
     return int(client.create_label(repo, name, color, description)["id"])
 
 

@@ -142,6 +142,7 @@ def dispatch(
         if not dry_run:
             services.sync_config_agents(store, cfg, t0)
             _validate_pending(store, cfg, None, t0)
+            _settle_reviews(store, cfg, t0)
         with store.read():
             down = store.down_hosts()
         for host_id, row in down.items():
@@ -181,6 +182,17 @@ def dispatch(
     if not dry_run:  # after the pass lock: a slow Forgejo never holds up the next dispatch
         report.outbox = flush_outbox(store, cfg, now)
     return report
+
+
+def _settle_reviews(store: Store, cfg: Config, t: float) -> None:
+    """Pending "changes requested" become rework attempts once their comments are read (``services.reviews``):
+    before planning, so a rework is dispatched in the same pass. A failure is logged, never the pass's."""
+    from fleetctl.services.reviews import settle_pending
+
+    try:
+        settle_pending(store, cfg, now=t)
+    except FleetError as exc:
+        log("review.settle_failed", error=exc.message)
 
 
 def flush_outbox(store: Store, cfg: Config, now: Callable[[], float] = time.time) -> dict:
@@ -375,6 +387,7 @@ def sweep(
 
         try:
             report.actions += _validate_pending(store, cfg, link, t)
+            _settle_reviews(store, cfg, t)
             _sweep_agents(store, cfg, report, t)
             down = _check_down_hosts(store, cfg, report, hosts, executor, now)
             for att in store.open_attempts():

@@ -22,7 +22,7 @@ DEFAULT_TEMPLATE = """\
 - Clone URL: {clone_url}
 - Labels: {labels}
 - Work on the branch `{branch}` (reuse it if it exists: this attempt may be a retry).
-
+{review}
 ## When you are done
 Hand in a receipt, once, from your workspace:
 
@@ -37,7 +37,7 @@ same branch and pull request, not open new ones.
 
 FIELDS = (
     "task_id", "attempt", "max_attempts", "title", "body", "repo", "repo_or_none", "issue_number", "issue_ref",
-    "issue_or_n", "clone_url", "labels", "branch",
+    "issue_or_n", "clone_url", "labels", "branch", "review",
 )  # fmt: skip
 """The placeholders a template may use: exactly the values ``render_prompt`` supplies."""
 
@@ -108,6 +108,34 @@ def render_prompt(task: dict, attempt: int, template: str | None = None, forgejo
         body=task.get("body") or "", repo=repo or "", repo_or_none=repo or "(none)",
         issue_ref=f"{repo}#{issue}" if repo and issue else "(none)", issue_or_n=issue or "N",
         issue_number=issue or "", clone_url=clone, labels=", ".join(task.get("labels") or []) or "(none)",
-        branch=f"fleet/{task['task_id']}",
+        branch=f"fleet/{task['task_id']}", review=review_section(task),
     )  # fmt: skip
-    return text.format_map({k: str(v) for k, v in values.items()})
+    out = text.format_map({k: str(v) for k, v in values.items()})
+    if values["review"] and "{review}" not in text:  # an operator's template without the placeholder
+        out = out.rstrip("\n") + "\n" + values["review"]
+    return out
+
+
+def review_section(task: dict) -> str:
+    """For a ``rework`` attempt: the review to address — its round, the reviewer's words, each inline comment as
+    ``path:line`` and its text — and where to push; '' for any other attempt."""
+    review = task.get("review")
+    if task.get("attempt_kind") != "rework" or not isinstance(review, dict):
+        return ""
+    pr = review.get("pr")
+    who = f" by @{review['reviewer']}" if review.get("reviewer") else ""
+    lines = ["", f"## Review to address (review round {review.get('round', '?')})", "",
+             f"Changes were requested on pull request #{pr}{who}. Address every point below, then push to the same "
+             f"branch `fleet/{task['task_id']}` and update the same pull request #{pr}; do not open a new one. Hand "
+             "in your receipt naming that pull request again.", ""]  # fmt: skip
+    if review.get("body"):
+        lines += ["The reviewer wrote:", "", *("> " + line for line in str(review["body"]).splitlines()), ""]
+    comments = review.get("comments") or []
+    if comments:
+        lines += ["Inline comments:", ""]
+        for c in comments:
+            where = f"{c.get('path') or '?'}:{c['line']}" if c.get("line") else f"{c.get('path') or '?'}"
+            text = " ".join(str(c.get("body") or "").split())
+            lines.append(f"- `{where}`: {text}")
+        lines.append("")
+    return "\n".join(lines)

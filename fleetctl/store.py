@@ -763,6 +763,24 @@ class Store:
         )
         return [(r[0], _loads(r[1]), r[2], r[3]) for r in self.execute(sql, {"now": ts})]
 
+    def review_handled(self, task_id: str, head_sha: str) -> bool:
+        """Whether changes requested on ``head_sha`` of the task's pull request were already acted on (a
+        rejection recorded, a rework made, or the task flagged for a person): one rework per head commit."""
+        row = self.execute(
+            "SELECT 1 FROM events WHERE task_id = ? AND type IN ('task.review_rejected', 'task.rework', "
+            "'task.needs_human') AND coalesce(json_extract(data, '$.head_sha'), json_extract(data, '$.review.head_sha')) = ? "
+            "LIMIT 1",
+            (task_id, head_sha),
+        ).fetchone()
+        return row is not None
+
+    def reviews_pending(self, limit: int = 20) -> list[dict]:
+        """Tasks whose pull request got "changes requested" and whose rework waits for the review's comments."""
+        return self._all(
+            "SELECT * FROM tasks INDEXED BY tasks_review_pending WHERE review_pending IS NOT NULL ORDER BY seq LIMIT ?",
+            (limit,),
+        )
+
     def active_by_repo(self) -> dict[str, int]:
         """Tasks holding a repository's slot (assigned, running, awaiting review), by lower-cased repository."""
         rows = self.execute(

@@ -79,6 +79,10 @@ def sync(store: Store, cfg: Config, *, client: Any = None, repos: list[str] | No
                 except RemoteError as exc:
                     report.errors.append({"repo": repo, "error": exc.message})
                     log("sync.failed", repo=repo, error=exc.message)
+            from fleetctl.services.reviews import settle_pending
+
+            for entry in settle_pending(store, cfg, client, now=now()):
+                report.changes.append({**entry, "detail": f"rework {entry['round']}: the review's comments were read"})
         finally:
             if own:
                 client.close()
@@ -111,6 +115,8 @@ def _sync_repo(store: Store, cfg: Config, client: Any, repo: str, report: SyncRe
         change = _change(repo, pull=raw) if raw is not None else None
         if change is not None:
             _apply(store, cfg, change, report, now)
+            if task["state"] == "awaiting_review" and raw.get("state") == "open":
+                _sync_review(store, cfg, client, repo, raw, report, now)
     # 2. open issues (issues only, every page)
     listed: set[int] = set()
     for raw in client.list_issues(repo, state="open", type="issues"):
@@ -132,6 +138,29 @@ def _sync_repo(store: Store, cfg: Config, client: Any, repo: str, report: SyncRe
         change = _change(repo, issue=raw)
         if change is not None:
             _apply(store, cfg, change, report, now)
+
+
+def _sync_review(store: Store, cfg: Config, client: Any, repo: str, raw: dict, report: SyncReport,
+                 now: Callable[[], float]) -> None:  # fmt: skip
+    """The pull request's newest decisive review on its current head, as the webhook would have said it: changes
+    requested (→ the same ``review_rejected`` as a delivery; a head already handled changes nothing) or approved."""
+    from fleetctl.forgejo.webhooks import REVIEW_APPROVED, REVIEW_REJECTED
+
+    head = (raw.get("head") or {}).get("sha")
+    decisive = [r for r in client.list_reviews(repo, raw["number"]) if r.get("state") in ("REQUEST_CHANGES", "APPROVED")
+                and not r.get("dismissed") and r.get("commit_id") == head]  # fmt: skip
+    if not decisive:
+        return
+    review = decisive[-1]
+    kind = REVIEW_REJECTED if review["state"] == "REQUEST_CHANGES" else REVIEW_APPROVED
+    user = (review.get("user") or {}).get("login")
+    try:
+        change = Change(kind, "reviewed", repo, user, pull=pull_from(raw), review=str(review.get("body") or ""),
+                        review_id=review.get("id") if isinstance(review.get("id"), int) else None)  # fmt: skip
+    except BadPayload as exc:
+        log("sync.unreadable", repo=repo, error=exc.message)
+        return
+    _apply(store, cfg, change, report, now)
 
 
 def _cancel_orphan(store: Store, task: dict, report: SyncReport, now: Callable[[], float]) -> None:

@@ -108,6 +108,7 @@ def test_every_fake_answer_validates_against_the_swagger(forgejo, swagger):
     forgejo.comment(REPO, pr, "on the PR")
     merged = forgejo.open_pull(REPO, "agent/other")
     forgejo.merge_pull(REPO, merged)
+    review = forgejo.review(REPO, pr, "REQUEST_CHANGES", "not yet", comments=[("a.py", 3, "rename")])
     label = forgejo.label_id(REPO, "agent-task")
     calls = [
         ("GET", "/user", None), ("GET", "/version", None), ("GET", f"/repos/{REPO}", None),
@@ -132,6 +133,8 @@ def test_every_fake_answer_validates_against_the_swagger(forgejo, swagger):
         ("GET", f"/repos/{REPO}/pulls/{pr}/merge", None),
         ("POST", f"/repos/{REPO}/pulls", {"head": "agent/issue-1", "base": "main", "title": "again"}),
         ("GET", f"/repos/{REPO}/branches/main", None), ("GET", f"/repos/{REPO}/branches/nope", None),
+        ("GET", f"/repos/{REPO}/pulls/{pr}/reviews", None), ("GET", f"/repos/{REPO}/pulls/{pr}/reviews/{review}/comments", None),
+        ("GET", f"/repos/{REPO}/pulls/{pr}/reviews/999/comments", None),
     ]  # fmt: skip
     forgejo.push_branch(REPO, "agent/api")
     calls.append(("POST", f"/repos/{REPO}/pulls", {"head": "agent/api", "base": "main", "title": "new"}))

@@ -51,6 +51,8 @@ ROUTES: dict[str, tuple[str, str]] = {
     "list_issues": ("GET", "/repos/{owner}/{repo}/issues"),
     "get_pull": ("GET", "/repos/{owner}/{repo}/pulls/{index}"),
     "pull_by_branch": ("GET", "/repos/{owner}/{repo}/pulls/{base}/{head}"),
+    "list_reviews": ("GET", "/repos/{owner}/{repo}/pulls/{index}/reviews"),
+    "review_comments": ("GET", "/repos/{owner}/{repo}/pulls/{index}/reviews/{id}/comments"),
     "list_comments": ("GET", "/repos/{owner}/{repo}/issues/{index}/comments"),
     "create_comment": ("POST", "/repos/{owner}/{repo}/issues/{index}/comments"),
     "list_labels": ("GET", "/repos/{owner}/{repo}/labels"),
@@ -343,6 +345,19 @@ class ForgejoClient:
         status, doc, _ = self._call("pull_by_branch", path={"owner": owner, "repo": name, "base": base, "head": head},
                                     none_on=frozenset({404}))  # fmt: skip
         return None if status == 404 else _expect_dict(doc, "pull_by_branch")
+
+    def list_reviews(self, repo: str, number: int) -> list[dict]:
+        """The reviews of pull request ``number`` (PullReview objects), oldest first; [] if there is no such PR."""
+        owner, name = _split_repo(repo)
+        return list(self._pages("list_reviews", {"owner": owner, "repo": name, "index": int(number)}, {}, PAGE_LIMIT))
+
+    def review_comments(self, repo: str, number: int, review_id: int) -> list[dict] | None:
+        """The inline comments of review ``review_id`` (PullReviewComment objects: ``path``, ``position`` — the
+        line in the new file —, ``body``…); None if the review is gone."""
+        owner, name = _split_repo(repo)
+        status, doc, _ = self._call("review_comments", path={"owner": owner, "repo": name, "index": int(number),
+                                                             "id": int(review_id)}, none_on=frozenset({404}))  # fmt: skip
+        return None if status == 404 else _expect_list(doc, "review_comments")
 
     def list_comments(self, repo: str, number: int) -> list[dict]:
         """The comments of issue or PR ``number``, oldest first."""

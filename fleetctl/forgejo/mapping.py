@@ -17,6 +17,9 @@ Rules, in an operator's words:
 - a pull request whose head branch is ``fleet/<task-id>``, or that says ``Closes|Fixes|Resolves #N`` for
   a task's issue, is linked to the task; merged → the task completes; closed unmerged (the task's own pull
   request only) → the attempt fails ``pr_closed``, which is never retried automatically;
+- "changes requested" on the task's own pull request while it awaits review → ``review_rejected`` (the review
+  service decides: a rework, the ``needs_human`` flag past the cap, or nothing for a head already handled); an
+  approval of it while flagged → the flag is cleared;
 - pull requests never become tasks.
 """
 
@@ -26,7 +29,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleetctl.forgejo.webhooks import Change, Issue, Pull
+from fleetctl.forgejo.webhooks import REVIEW_APPROVED, REVIEW_REJECTED, Change, Issue, Pull
 from fleetctl.matching import parse_labels
 from fleetctl.states import TERMINAL
 
@@ -165,6 +168,8 @@ def pull_op(change: Change, task: dict) -> Op:
     tid = task["task_id"]
     if task["state"] in TERMINAL:
         return Op("none", f"the task is {task['state']}", tid)
+    if change.event_type in (REVIEW_REJECTED, REVIEW_APPROVED):
+        return _review_op(change, task)
     link = pull.link(change.repo or task.get("repo") or "")
     own = _is_tasks_pull(pull, task)
     if pull.merged:
@@ -183,6 +188,23 @@ def pull_op(change: Change, task: dict) -> Op:
     if task.get("pull_request") and not own and task["pull_request"].get("number") != pull.number:
         return Op("none", f"the task already has pull request #{task['pull_request'].get('number')}", tid)
     return Op("link_pr", f"pull request #{pull.number} references the task", tid, {"pull_request": link})
+
+
+def _review_op(change: Change, task: dict) -> Op:
+    """A review of a pull request that references ``task``: only the task's own, while it awaits review, counts."""
+    pull, tid = change.pull, task["task_id"]
+    if task["state"] != "awaiting_review" or not _is_tasks_pull(pull, task):
+        return Op("none", f"a review of pull request #{pull.number}, which the task is not awaiting", tid)
+    if change.event_type == REVIEW_APPROVED:
+        if task.get("needs_human"):
+            return Op("clear_needs_human", f"pull request #{pull.number} was approved", tid)
+        return Op("none", f"pull request #{pull.number} was approved; the task waits for the merge", tid)
+    if not pull.head_sha:
+        return Op("none", f"changes were requested on pull request #{pull.number}, but its head commit is unknown", tid)
+    review = {"pr": pull.number, "head_sha": pull.head_sha, "body": change.review or "", "reviewer": change.sender}
+    if change.review_id is not None:
+        review["review_id"] = change.review_id
+    return Op("review_rejected", f"changes were requested on pull request #{pull.number}", tid, {"review": review})
 
 
 def _is_tasks_pull(pull: Pull, task: dict) -> bool:

@@ -43,7 +43,11 @@ HANDLED = {
     "issue_label": frozenset({"label_updated", "label_cleared"}),
     "pull_request": frozenset({"opened", "edited", "closed", "reopened"}),
     "pull_request_sync": frozenset({"synchronized"}),
+    "pull_request_review_rejected": frozenset({"reviewed"}),
+    "pull_request_review_approved": frozenset({"reviewed"}),
 }
+REVIEW_REJECTED, REVIEW_APPROVED = "pull_request_review_rejected", "pull_request_review_approved"
+MAX_REVIEW_BODY = 16 * 1024
 
 
 #: (coarse event, action) → the fine event type Forgejo names in X-Forgejo-Event-Type.
@@ -51,6 +55,8 @@ _FINE_TYPE = {
     ("issues", "label_updated"): "issue_label",
     ("issues", "label_cleared"): "issue_label",
     ("pull_request", "synchronized"): "pull_request_sync",
+    ("pull_request_rejected", "reviewed"): REVIEW_REJECTED,
+    ("pull_request_approved", "reviewed"): REVIEW_APPROVED,
 }
 
 
@@ -182,6 +188,8 @@ class Change:
     pull: Pull | None = None
     commit_id: str = ""  # set on issues/closed when a commit or a merged PR closed the issue
     ignored: str | None = None  # why fleetctl does nothing with this delivery, when it does nothing
+    review: str | None = None  # a review's body (pull_request_review_rejected/approved), by ``sender``
+    review_id: int | None = None  # the review's id, when known (sync reads it; a webhook does not carry it)
 
     @property
     def number(self) -> int | None:
@@ -219,6 +227,8 @@ class Change:
             parts += sorted(self.issue.labels)
         if self.pull:
             parts += [str(self.pull.merged), self.pull.head_sha or "", self.pull.head_branch, self.pull.head_repo or ""]
+        if self.review is not None:  # two reviews of one pull request state are two changes
+            parts += [self.sender or "", self.review]
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
@@ -284,7 +294,12 @@ def to_change(event_type: str, action: str, payload: dict) -> Change:
     raw = payload.get("pull_request")
     if not isinstance(raw, dict):
         raise BadPayload(f"a {event_type} payload needs a pull_request object")
-    return Change(event_type, action, repo, sender, pull=pull_from(raw))
+    review = None
+    if event_type in (REVIEW_REJECTED, REVIEW_APPROVED):
+        raw_review = payload.get("review")
+        content = raw_review.get("content") if isinstance(raw_review, dict) else None
+        review = content[:MAX_REVIEW_BODY] if isinstance(content, str) else ""
+    return Change(event_type, action, repo, sender, pull=pull_from(raw), review=review)
 
 
 def _repo(payload: dict) -> str | None:

@@ -22,6 +22,8 @@ KINDS: dict[str, str] = {
     "task.awaiting_review": "an agent opened a pull request: it waits for review and merge",
     "task.completed": "a task completed (its pull request merged, or its receipt accepted)",
     "task.cancelled": "a task was cancelled",
+    "task.rework": "changes were requested on a task's pull request: a rework attempt is queued",
+    "task.needs_human": "a task's pull request used up its review rounds: a person must look",
     "agent.offline": "an agent went offline (missed heartbeats, deregistered or removed from the config)",
     "agent.online": "an agent came (back) online",
     "host.down": "an SSH host was marked down (unreachable)",
@@ -29,7 +31,7 @@ KINDS: dict[str, str] = {
 }
 """The event kinds a ``[matrix] events`` list may name, with what each announces."""
 
-DEFAULT_KINDS = ("task.failed", "task.awaiting_review", "task.completed", "agent.offline")
+DEFAULT_KINDS = ("task.failed", "task.awaiting_review", "task.completed", "task.needs_human", "agent.offline")
 """What is announced when ``[matrix] events`` is not set (SPEC §4)."""
 
 FIELDS = (
@@ -53,13 +55,15 @@ _WHAT = {
     "task.awaiting_review": "awaits review",
     "task.completed": "completed",
     "task.cancelled": "was cancelled",
+    "task.rework": "goes back for rework (changes requested)",
+    "task.needs_human": "needs a person (its review rounds are used up)",
     "agent.offline": "went offline",
     "agent.online": "is online",
     "host.down": "is down",
     "host.up": "is up again",
 }
 _MARK = {"task.failed": "❌", "task.completed": "✅", "task.awaiting_review": "👀", "agent.offline": "⚠️",
-         "host.down": "⚠️", "task.requeued": "🔁"}  # fmt: skip
+         "host.down": "⚠️", "task.requeued": "🔁", "task.rework": "🔁", "task.needs_human": "🙋"}  # fmt: skip
 
 
 def fields_for(event: dict, task: dict | None, forgejo_url: str | None = None) -> dict[str, str]:
@@ -71,6 +75,9 @@ def fields_for(event: dict, task: dict | None, forgejo_url: str | None = None) -
     base = (forgejo_url or "").rstrip("/")
     pr = data.get("pull_request") if isinstance(data.get("pull_request"), dict) else {}
     pr_number = pr.get("number") if isinstance(pr.get("number"), int) else None
+    review = data.get("review") if isinstance(data.get("review"), dict) else data  # task.rework / task.needs_human
+    if pr_number is None and isinstance(review.get("pr"), int):
+        pr_number = review["pr"]
     pr_url = pr.get("html_url") or pr.get("url") or ""
     if not pr_url and pr_number is not None and base and (pr.get("repo") or repo):
         pr_url = f"{base}/{pr.get('repo') or repo}/pulls/{pr_number}"

@@ -140,13 +140,21 @@ def _execute(store: Store, cfg: Config, change: Change, op: mapping.Op, ts: floa
         transition(store, store.task(tid), Transition.COMPLETED, ts, data={**op.fields, "why": op.why})
     elif kind == "fail_pr_closed":
         fail_attempt(store, orch, tid, FailureReason.PR_CLOSED, op.why, now=ts, states=LEASED)
+    elif kind == "review_rejected":
+        from fleetctl.services.reviews import changes_requested
+
+        done = changes_requested(store, cfg, tid, op.fields["review"], ts)
+        return Applied("accepted", f"{op.why}: {done}", tid, not done.startswith("nothing"))
+    elif kind == "clear_needs_human":
+        store.emit("task.needs_human_cleared", ts=ts, task_id=tid, data={"why": op.why})
     else:  # pragma: no cover - mapping and this list are kept together
         raise ValueError(f"unknown operation {kind}")
     return Applied("accepted", f"{op.why}: task {tid} {_DONE[kind]}", tid, True)
 
 
 _DONE = {"update": "updated", "cancel": "cancelled", "requeue": "re-queued", "link_pr": "linked",
-         "complete": "completed", "fail_pr_closed": "failed (pr_closed)"}  # fmt: skip
+         "complete": "completed", "fail_pr_closed": "failed (pr_closed)",
+         "clear_needs_human": "no longer needs a person"}  # fmt: skip
 
 
 def _update(store: Store, task_id: str, fields: dict, ts: float) -> None:

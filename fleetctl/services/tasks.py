@@ -47,9 +47,15 @@ def transition(store: Store, task: dict, kind: Transition, ts: float, *, data: d
     only gives the caller the operator-worded refusal before anything is written.
     """
     next_state(task["state"], kind)
+    if task.get("needs_human") and kind in _ENDS_NEEDS_HUMAN:  # the flag (and its label) goes with it
+        store.emit("task.needs_human_cleared", ts=ts, task_id=task["task_id"], data={"why": f"task {kind.value}"})
     store.emit(f"task.{kind.value}", ts=ts, task_id=task["task_id"], attempt=attempt, agent_id=agent_id,
                data=data or {})  # fmt: skip
     return store.task(task["task_id"])
+
+
+_ENDS_NEEDS_HUMAN = frozenset({Transition.COMPLETED, Transition.CANCELLED, Transition.FAILED, Transition.REQUEUED,
+                               Transition.REWORK})  # fmt: skip
 
 
 def create_task(
@@ -134,16 +140,23 @@ def retry_task(store: Store, orch: OrchestratorConfig, task_id: str, *, now: flo
                           data={"max_attempts": task["attempt"] + 1 + retries})  # fmt: skip
 
 
-def rework_task(store: Store, task_id: str, review: dict, *, now: float | None = None) -> dict:
+def rework_task(
+    store: Store, task_id: str, review: dict, *, now: float | None = None, expect_pending: dict | None = None
+) -> dict | None:
     """awaiting_review → queued as a ``rework`` attempt that carries ``review`` (SPEC §2 ``rework``): not a
     failure, one more attempt allowed, ``review_rounds`` + 1, the ``needs_human`` flag cleared.
 
     The one write of a rework, for every caller (a review asking for changes, sync, ``/fleet rework``);
     whether one is due (the round cap, one per pull request head) is the caller's decision. ``review`` is
     what the next attempts' prompts show: ``{"body", "comments": [{"path", "line", "body"}], "pr",
-    "head_sha", "reviewer", "round"}`` (any of them may be missing).
+    "head_sha", "reviewer", "round"}`` (any of them may be missing). With ``expect_pending``, only if that is
+    still the task's pending rejection (``review_pending``), else None and nothing is written.
     """
     with store.write():
         task = get_task(store, task_id)
+        if expect_pending is not None and (
+            task["review_pending"] != expect_pending or task["state"] != "awaiting_review"
+        ):
+            return None
         review = {**review, "round": (task["review_rounds"] or 0) + 1}
         return transition(store, task, Transition.REWORK, now_or(now), data={"review": review})

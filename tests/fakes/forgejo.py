@@ -138,6 +138,7 @@ class Issue:
     merged_at: str | None = None
     merge_sha: str | None = None
     merged_by: str | None = None
+    reviews: list[dict] = field(default_factory=list)  # {id, state, body, user, commit_id, dismissed, comments, at}
 
 
 @dataclass
@@ -178,6 +179,8 @@ _ROUTES = [
     ("GET", "/repos/{owner}/{repo}/pulls", "h_list_pulls"),
     ("POST", "/repos/{owner}/{repo}/pulls", "h_create_pull"),
     ("GET", "/repos/{owner}/{repo}/pulls/{index}/merge", "h_is_merged"),
+    ("GET", "/repos/{owner}/{repo}/pulls/{index}/reviews", "h_list_reviews"),
+    ("GET", "/repos/{owner}/{repo}/pulls/{index}/reviews/{id}/comments", "h_review_comments"),
     ("GET", "/repos/{owner}/{repo}/pulls/{index}", "h_get_pull"),
     ("GET", "/repos/{owner}/{repo}/pulls/{base}/{head}", "h_pull_by_branch"),
     ("GET", "/repos/{owner}/{repo}/branches/{branch}", "h_branch"),
@@ -563,8 +566,11 @@ class FakeForgejo:
             self._set_state(r, r.issues[n], "closed", user)
 
     @_emits
-    def review(self, repo: str, n: int, state: str = "APPROVED", body: str = "", user: str = HUMAN) -> None:
-        """Review PR ``n`` (``APPROVED``, ``REQUEST_CHANGES`` or ``COMMENT``): the ``pull_request_review_*`` event."""
+    def review(self, repo: str, n: int, state: str = "APPROVED", body: str = "", user: str = HUMAN,
+               comments: list[tuple[str, int, str]] = (), hook: bool = True) -> int:  # fmt: skip
+        """Review PR ``n`` (``APPROVED``, ``REQUEST_CHANGES`` or ``COMMENT``) on its head commit, with inline
+        ``comments`` (path, line in the new file, text): the ``pull_request_review_*`` event (unless ``hook`` is
+        False: a delivery Forgejo never made). The review's id."""
         kinds = {"APPROVED": ("pull_request_approved", "pull_request_review_approved"),
                  "REQUEST_CHANGES": ("pull_request_rejected", "pull_request_review_rejected"),
                  "COMMENT": ("pull_request_comment", "pull_request_review_comment")}  # fmt: skip
@@ -573,8 +579,34 @@ class FakeForgejo:
             r = self.repos[repo]
             pr = r.issues[n]
             pr.updated_at = _now()
-            self._pull_hook(r, pr, event_type, "reviewed", user, event=event,
-                            review={"type": event_type, "content": body}, requested_reviewer=user)  # fmt: skip
+            review_id = self._next("review")
+            pr.reviews.append({"id": review_id, "state": state, "body": body, "user": user, "commit_id": pr.head_sha,
+                               "dismissed": False, "at": pr.updated_at,
+                               "comments": [{"id": self._next("review_comment"), "path": path, "line": line,
+                                             "body": text} for path, line, text in comments]})  # fmt: skip
+            if hook:
+                self._pull_hook(r, pr, event_type, "reviewed", user, event=event,
+                                review={"type": event_type, "content": body}, requested_reviewer=user)  # fmt: skip
+            return review_id
+
+    def _review_json(self, r: Repo, pr: Issue, rv: dict) -> dict:
+        html = self._html(r, pr)
+        return {
+            "id": rv["id"], "user": self.user_json(rv["user"]), "team": None, "state": rv["state"], "body": rv["body"],
+            "commit_id": rv["commit_id"], "stale": rv["commit_id"] != pr.head_sha, "official": True,
+            "dismissed": rv["dismissed"], "comments_count": len(rv["comments"]), "submitted_at": rv["at"],
+            "updated_at": rv["at"], "html_url": f"{html}#issuecomment-{rv['id']}", "pull_request_url": html,
+        }  # fmt: skip
+
+    def _review_comment_json(self, r: Repo, pr: Issue, rv: dict, c: dict) -> dict:
+        html = self._html(r, pr)
+        return {
+            "id": c["id"], "body": c["body"], "user": self.user_json(rv["user"]), "resolver": None,
+            "pull_request_review_id": rv["id"], "created_at": rv["at"], "updated_at": rv["at"], "path": c["path"],
+            "commit_id": rv["commit_id"], "original_commit_id": rv["commit_id"], "diff_hunk": "@@ -1 +1 @@",
+            "position": c["line"], "original_position": 0, "html_url": f"{html}/files#issuecomment-{c['id']}",
+            "pull_request_url": html,
+        }  # fmt: skip
 
     # ------------------------------------------------------------------ labels (shared by API and test side)
 
@@ -1056,6 +1088,21 @@ class FakeForgejo:
         if not pr.is_pull:
             raise ApiError(404, not_found=True)
         return 200, {}, self.pull_json(r, pr)
+
+    def h_list_reviews(self, login, query, body, owner, repo, index):  # noqa: ANN001
+        r = self._repo(f"{owner}/{repo}")
+        pr = self._issue(r, index)
+        if not pr.is_pull:
+            raise ApiError(404, not_found=True)
+        return self._paged(query, pr.reviews, lambda rv: self._review_json(r, pr, rv))
+
+    def h_review_comments(self, login, query, body, owner, repo, index, id):  # noqa: ANN001, A002
+        r = self._repo(f"{owner}/{repo}")
+        pr = self._issue(r, index)
+        review = next((rv for rv in pr.reviews if str(rv["id"]) == str(id)), None) if pr.is_pull else None
+        if review is None:
+            raise ApiError(404, not_found=True)
+        return 200, {}, [self._review_comment_json(r, pr, review, c) for c in review["comments"]]
 
     def h_pull_by_branch(self, login, query, body, owner, repo, base, head):  # noqa: ANN001
         r = self._repo(f"{owner}/{repo}")
