@@ -114,11 +114,12 @@ class DispatchReport:
     lost_races: int = 0
     queued_ready: int = 0
     outbox: dict | None = None
+    budget: dict | None = None  # what a budget holds back: {"why", "blocked", "unblocked"} (None: nothing)
 
     def to_json(self) -> dict:
         return {"skipped": self.skipped, "planned": self.planned, "launched": self.launched, "failed": self.failed,
                 "skipped_down": self.skipped_down, "lost_races": self.lost_races, "queued_ready": self.queued_ready,
-                "outbox": self.outbox}  # fmt: skip
+                "outbox": self.outbox, "budget": self.budget}  # fmt: skip
 
 
 @_closing_executors
@@ -143,6 +144,10 @@ def dispatch(
             services.sync_config_agents(store, cfg, t0)
             _validate_pending(store, cfg, None, t0)
             _settle_reviews(store, cfg, t0)
+            if cfg.budgets.any:
+                report.budget = services.mark_blocked(store, cfg, t0)
+                if report.budget is not None and (report.budget["blocked"] or report.budget["unblocked"]):
+                    log("dispatch.budget", **report.budget)  # said once: when tasks are newly held back or freed
         with store.read():
             down = store.down_hosts()
         for host_id, row in down.items():
@@ -388,6 +393,8 @@ def sweep(
         try:
             report.actions += _validate_pending(store, cfg, link, t)
             _settle_reviews(store, cfg, t)
+            if cfg.budgets.any:
+                services.mark_blocked(store, cfg, t)
             _sweep_agents(store, cfg, report, t)
             down = _check_down_hosts(store, cfg, report, hosts, executor, now)
             for att in store.open_attempts():

@@ -774,6 +774,29 @@ class Store:
         ).fetchone()
         return row is not None
 
+    _USAGE_KEYS = {"task": "a.task_id", "repo": "coalesce(lower(t.repo), '')", "agent": "a.agent_id",
+                   "day": "date(a.assigned_at, 'unixepoch')"}  # fmt: skip
+
+    def usage_totals(self, by: str, since: float | None = None) -> list[dict]:
+        """Recorded usage summed per ``by`` (task, repo, agent or the UTC day an attempt started): attempts with
+        a report, input and output tokens, dollars; biggest spender first."""
+        key = self._USAGE_KEYS[by]
+        sql = (
+            f"SELECT {key} AS key, count(*) AS attempts, total(json_extract(a.usage, '$.input_tokens')) AS input_tokens, "
+            "total(json_extract(a.usage, '$.output_tokens')) AS output_tokens, total(a.cost_usd) AS cost_usd "
+            "FROM attempts AS a JOIN tasks AS t USING (task_id) WHERE a.usage IS NOT NULL AND a.assigned_at >= ? "
+            "GROUP BY 1 ORDER BY cost_usd DESC, key"
+        )
+        return self._all(sql, (since or 0.0,))
+
+    def blocked_tasks(self, by: str, limit: int = 200) -> list[dict]:
+        """Queued tasks marked ``blocked_by = by``, oldest first."""
+        return self._all(
+            "SELECT task_id, repo, spent_usd FROM tasks INDEXED BY tasks_claim WHERE state = 'queued' AND blocked_by = ? "
+            "ORDER BY priority DESC, seq LIMIT ?",
+            (by, limit),
+        )
+
     def reviews_pending(self, limit: int = 20) -> list[dict]:
         """Tasks whose pull request got "changes requested" and whose rework waits for the review's comments."""
         return self._all(
@@ -836,11 +859,11 @@ class Store:
         )
 
     def runs_to_stop_since(self, since: float) -> list[dict]:
-        """Attempts on a host that were cancelled, or lost with their agent or host, since ``since`` (their
-        process may live on: the sweep kills it)."""
+        """Attempts on a host that were cancelled, lost with their agent or host, or stopped over their budget, since
+        ``since`` (their process may live on: the sweep kills it)."""
         return self._all(
             "SELECT task_id, attempt, agent_id, host_id, workspace, outcome, failure_reason FROM attempts "
-            "WHERE (outcome='cancelled' OR failure_reason='agent_lost') "
+            "WHERE (outcome='cancelled' OR failure_reason IN ('agent_lost', 'budget_exceeded')) "
             "AND host_id IS NOT NULL AND workspace IS NOT NULL AND ended_at >= ?",
             (since,),
         )

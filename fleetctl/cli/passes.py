@@ -38,6 +38,8 @@ def dispatch(
         verb = "would assign" if dry_run else "launched"
         count = len(report.planned) if dry_run else len(report.launched)
         print(f"{verb} {count}, launch failures {len(report.failed)}, ready in queue {report.queued_ready}")
+        if report.budget and report.budget["why"]:
+            print(f"held back by a budget: {report.budget['why']}")
         for p in report.planned if dry_run else report.launched:
             print(f"  {p['task_id']} -> {p['agent_id']}")
 

@@ -25,7 +25,7 @@ from fleetctl.services.agents import (
     set_agent_status,
     sync_config_agents,
 )
-from fleetctl.services.budgets import Blocking, blocking, record_usage
+from fleetctl.services.budgets import Blocking, blocking, mark_blocked, record_usage, usage_report
 from fleetctl.services.hosts import lose_attempts_of_down_host, mark_host_down, mark_host_up
 from fleetctl.services.receipts import (
     EndedRun,
@@ -74,7 +74,7 @@ from fleetctl.services.views import (
 )
 
 __all__ = [
-    "Blocking", "blocking", "record_usage", "rate_limit_attempt", "rework_task",
+    "Blocking", "blocking", "mark_blocked", "record_usage", "usage_report", "rate_limit_attempt", "rework_task",
     "MAX_MESSAGE", "Claim", "CompletionResult", "ForgejoLink", "Registration", "Verdict", "agent_detail", "agent_view", "agent_views", "attempt_view",
     "cancel_task", "claim_request", "claim_task", "claimed", "complete_task", "config_agent_ids", "create_task",
     "deregister_agent", "drain_agent", "event_view", "expire_or_time_out", "fail_attempt", "get_agent", "get_task",

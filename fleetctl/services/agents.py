@@ -95,7 +95,8 @@ def register_agent(
 
 
 #: Why an attempt may end while its agent still runs it (other than a cancel), as the heartbeat reply says it.
-_STOP_REASONS = {FailureReason.TIMEOUT.value: "timeout", FailureReason.AGENT_LOST.value: "lease_lost"}
+_STOP_REASONS = {FailureReason.TIMEOUT.value: "timeout", FailureReason.AGENT_LOST.value: "lease_lost",
+                 FailureReason.BUDGET_EXCEEDED.value: "over_budget"}  # fmt: skip
 
 
 def heartbeat(store: Store, orch: OrchestratorConfig, agent_id: str, *, now: float | None = None) -> dict:
