@@ -187,3 +187,25 @@ def test_usage_totals_equal_the_recorded_usage(fleet):
                                   "--json").stdout)  # fmt: skip
     assert all("usage" in a for a in detail["attempts"])
     fleet.check_db()
+
+
+def test_a_dispatched_run_over_its_budget_is_killed_by_the_sweep(fleet):
+    fleet.configure(agents=[{"agent_type": "hang", "agent_id": "w", "max_concurrency": 1}],
+                    agent_types={"hang": {"command": ["sleep", "30"], "prompt": "stdin"}})  # fmt: skip
+    fleet.config.write_text(fleet.config.read_text() + "\n[budgets]\nmax_cost_per_task = 0.5\n")
+    tid = fleet.create("--title", "expensive")
+    (launched,) = dispatch(fleet)["launched"]
+    assert fleet.pid_alive(launched["pid"])
+    done = fleet.run("task", "status", tid, "--cost-usd", "0.75", "--json", env={"FLEET_AGENT_ID": "w",
+                                                                                  "FLEET_ATTEMPT": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (json.loads(done.stdout)["state"], json.loads(done.stdout)["failure_reason"]) == (
+        "failed",
+        "budget_exceeded",
+    )
+    swept = fleet.run("sweep-timeouts", "--json")
+    assert swept.returncode == 0, swept.stderr
+    killed = [a for a in json.loads(swept.stdout)["actions"] if a["action"] == "task.run_killed"]
+    assert [(a["task"], a["why"]) for a in killed] == [(tid, "budget_exceeded")]
+    wait_for(lambda: not fleet.pid_alive(launched["pid"]), what="the run to be gone")
+    fleet.check_db()
