@@ -67,6 +67,12 @@ def effects_for(event: dict, task: dict | None, forgejo: ForgejoConfig) -> list[
     Only for a task of an issue (``repo`` and ``issue_number``) and only with Forgejo configured.
     Example: a ``task.failed`` event gives a comment row (reason and detail) and a ``fleet/failed`` row.
     """
+    if event["type"] == "command.reply":  # an answer to a /fleet comment: on the issue it was written on
+        data = event.get("data") or {}
+        if not forgejo.url or not data.get("repo") or not data.get("number"):
+            return []
+        where = {"task_id": event.get("task_id"), "repo": data["repo"], "issue_number": data["number"]}
+        return [_row(event, where, COMMENT, {"body": f"**fleetctl**: {data['text']}\n\n" + marker(event["id"])})]
     if not forgejo.url or not task or not task.get("repo") or not task.get("issue_number"):
         return []
     rows = []

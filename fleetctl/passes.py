@@ -190,14 +190,17 @@ def dispatch(
 
 
 def _settle_reviews(store: Store, cfg: Config, t: float) -> None:
-    """Pending "changes requested" become rework attempts once their comments are read (``services.reviews``):
-    before planning, so a rework is dispatched in the same pass. A failure is logged, never the pass's."""
+    """Pending "changes requested" become rework attempts once their comments are read (``services.reviews``),
+    and pending ``/fleet`` comment commands are carried out (``services.commands``): before planning, so what
+    they queue is dispatched in the same pass. A failure is logged, never the pass's."""
+    from fleetctl.services.commands import process_pending
     from fleetctl.services.reviews import settle_pending
 
-    try:
-        settle_pending(store, cfg, now=t)
-    except FleetError as exc:
-        log("review.settle_failed", error=exc.message)
+    for step, name in ((settle_pending, "review"), (process_pending, "command")):
+        try:
+            step(store, cfg, now=t)
+        except FleetError as exc:
+            log(f"{name}.pass_failed", error=exc.message)
 
 
 def flush_outbox(store: Store, cfg: Config, now: Callable[[], float] = time.time) -> dict:

@@ -240,10 +240,11 @@ _M006 = (
     "CREATE INDEX attempts_cost ON attempts(assigned_at) WHERE cost_usd IS NOT NULL",
     # Comment commands (/fleet retry|cancel|rework) received by webhook: a log like deliveries (they change
     # tasks only through the task services' events), acted on by the next pass once the commenter's permission
-    # on the repository is known.
+    # on the repository is known. One row per comment (comment_key "owner/name#comment-id", lower-cased): a
+    # re-delivered or replayed webhook records nothing new.
     """CREATE TABLE commands (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
-        delivery_id TEXT NOT NULL UNIQUE,
+        comment_key TEXT NOT NULL UNIQUE,
         received_at REAL NOT NULL,
         repo TEXT NOT NULL,
         number INTEGER NOT NULL,

@@ -789,6 +789,24 @@ class Store:
         )
         return self._all(sql, (since or 0.0,))
 
+    def add_command(self, row: dict[str, Any]) -> bool:
+        """Record a comment command (``commands``); False, writing nothing, when its comment was recorded already."""
+        cols = ("comment_key", "received_at", "repo", "number", "is_pull", "comment_id", "sender", "command", "body")
+        cur = self.execute(f"INSERT OR IGNORE INTO commands ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                           [row[c] for c in cols])  # fmt: skip
+        return cur.rowcount == 1
+
+    def pending_commands(self, limit: int = 20) -> list[dict]:
+        return self._all("SELECT * FROM commands WHERE state = 'pending' ORDER BY id LIMIT ?", (limit,))
+
+    def finish_command(self, command_id: int, state: str, detail: str, task_id: str | None, ts: float | None) -> None:
+        """A command's outcome (``done``, ``refused``, ``failed``), or another try later (``pending``, tries + 1)."""
+        self.execute("UPDATE commands SET state = ?, detail = ?, task_id = coalesce(?, task_id), tries = tries + 1, "
+                     "done_at = ? WHERE id = ?", (state, detail[:1000], task_id, ts, command_id))  # fmt: skip
+
+    def commands(self, limit: int = 50) -> list[dict]:
+        return self._all("SELECT * FROM commands ORDER BY id DESC LIMIT ?", (limit,))
+
     def blocked_tasks(self, by: str, limit: int = 200) -> list[dict]:
         """Queued tasks marked ``blocked_by = by``, oldest first."""
         return self._all(

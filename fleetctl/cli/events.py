@@ -11,7 +11,7 @@ import typer
 from fleetctl.cli._common import MAX_LIMIT, ConfigOpt, cli_errors, load, open_store
 
 #: Events that change no state: what agents report while they work (informational).
-INFORMATIONAL_EVENT_TYPES = frozenset({"task.progress"})
+INFORMATIONAL_EVENT_TYPES = frozenset({"task.progress", "command.reply"})
 
 
 def known_event_types() -> list[str]:

@@ -52,6 +52,7 @@ ROUTES: dict[str, tuple[str, str]] = {
     "get_pull": ("GET", "/repos/{owner}/{repo}/pulls/{index}"),
     "pull_by_branch": ("GET", "/repos/{owner}/{repo}/pulls/{base}/{head}"),
     "list_reviews": ("GET", "/repos/{owner}/{repo}/pulls/{index}/reviews"),
+    "permission": ("GET", "/repos/{owner}/{repo}/collaborators/{collaborator}/permission"),
     "review_comments": ("GET", "/repos/{owner}/{repo}/pulls/{index}/reviews/{id}/comments"),
     "list_comments": ("GET", "/repos/{owner}/{repo}/issues/{index}/comments"),
     "create_comment": ("POST", "/repos/{owner}/{repo}/issues/{index}/comments"),
@@ -358,6 +359,17 @@ class ForgejoClient:
         status, doc, _ = self._call("review_comments", path={"owner": owner, "repo": name, "index": int(number),
                                                              "id": int(review_id)}, none_on=frozenset({404}))  # fmt: skip
         return None if status == 404 else _expect_list(doc, "review_comments")
+
+    def permission(self, repo: str, login: str) -> str:
+        """``login``'s access to ``repo``: ``none``, ``read``, ``write``, ``admin`` or ``owner`` (``none`` when Forgejo
+        does not know the user there: 404)."""
+        owner, name = _split_repo(repo)
+        status, doc, _ = self._call("permission", path={"owner": owner, "repo": name, "collaborator": login},
+                                    none_on=frozenset({404}))  # fmt: skip
+        if status == 404:
+            return "none"
+        value = _expect_dict(doc, "permission").get("permission")
+        return value if isinstance(value, str) else "none"
 
     def list_comments(self, repo: str, number: int) -> list[dict]:
         """The comments of issue or PR ``number``, oldest first."""

@@ -133,6 +133,28 @@ def issue_op(change: Change, active: dict | None, last: dict | None, *, prefix: 
               last["task_id"])  # fmt: skip
 
 
+COMMANDS = ("retry", "cancel", "rework")
+"""What ``/fleet <command>`` in a comment may ask (``forgejo.comment_commands``)."""
+_COMMAND = re.compile(r"^/fleet(?=\s|$)\s*(\S*)(.*)$", re.IGNORECASE)
+
+
+def comment_command(body: str) -> tuple[str, str] | None:
+    """The ``/fleet`` command of a comment: its first line that starts with ``/fleet``, as ``(command, the rest
+    of the comment)`` — command lower-cased, ``"?word"`` for an unknown one — or None when there is none.
+
+    Example: ``comment_command("/fleet rework\nuse the new API")`` → ``("rework", "use the new API")``.
+    """
+    lines = (body or "").splitlines()
+    for i, line in enumerate(lines):
+        m = _COMMAND.match(line.strip())
+        if m is None:
+            continue
+        word = (m.group(1) or "").lower()
+        rest = "\n".join([m.group(2).strip(), *lines[i + 1 :]]).strip()
+        return (word if word in COMMANDS else f"?{word}"), rest
+    return None
+
+
 def branch_task_id(branch: str) -> str | None:
     """The task id in a head branch ``fleet/<task-id>`` (or ``owner:fleet/<task-id>``), else None."""
     branch = branch.rpartition(":")[2]

@@ -45,6 +45,8 @@ HANDLED = {
     "pull_request_sync": frozenset({"synchronized"}),
     "pull_request_review_rejected": frozenset({"reviewed"}),
     "pull_request_review_approved": frozenset({"reviewed"}),
+    "issue_comment": frozenset({"created"}),  # only new comments: an edit never runs a command
+    "pull_request_comment": frozenset({"created"}),
 }
 REVIEW_REJECTED, REVIEW_APPROVED = "pull_request_review_rejected", "pull_request_review_approved"
 MAX_REVIEW_BODY = 16 * 1024
@@ -177,6 +179,16 @@ class Pull:
 
 
 @dataclass(frozen=True)
+class Comment:
+    """A new comment on an issue or pull request (``number``): who wrote what."""
+
+    id: int
+    number: int
+    body: str
+    is_pull: bool
+
+
+@dataclass(frozen=True)
 class Change:
     """What one delivery says happened: an issue's or a pull request's new state, or something ignored."""
 
@@ -190,15 +202,20 @@ class Change:
     ignored: str | None = None  # why fleetctl does nothing with this delivery, when it does nothing
     review: str | None = None  # a review's body (pull_request_review_rejected/approved), by ``sender``
     review_id: int | None = None  # the review's id, when known (sync reads it; a webhook does not carry it)
+    comment: Comment | None = None  # a new comment on ``number`` (issue_comment / pull_request_comment)
 
     @property
     def number(self) -> int | None:
+        if self.comment is not None:
+            return self.comment.number
         item = self.issue or self.pull
         return item.number if item else None
 
     @property
     def updated_ts(self) -> float | None:
         """When Forgejo says the issue or pull request last changed (its ``updated_at``), as epoch seconds."""
+        if self.comment is not None:
+            return None  # a comment is never stale: it is a command, not a state
         item = self.issue or self.pull
         if item is None or not item.updated_at:
             return None
@@ -210,6 +227,8 @@ class Change:
     def semantic_key(self) -> str | None:
         """A digest of what changed (not of who sent it or when): a re-sent copy of the same change — Forgejo's
         "Replay" makes a new delivery id with an identical body — has the same key."""
+        if self.comment is not None:  # one comment is one change, whatever the issue's state
+            return hashlib.sha256(f"comment\0{(self.repo or '').lower()}\0{self.comment.id}".encode()).hexdigest()
         item = self.issue or self.pull
         if item is None or not item.updated_at:
             return None
@@ -282,6 +301,16 @@ def to_change(event_type: str, action: str, payload: dict) -> Change:
         return Change(event_type, action, repo, sender, ignored=f"fleetctl does not act on {what}")
     if repo is None:
         raise BadPayload("the payload has no repository.full_name of the form owner/name")
+    if event_type in ("issue_comment", "pull_request_comment"):
+        raw, issue = payload.get("comment"), payload.get("issue")
+        if not isinstance(raw, dict) or not isinstance(issue, dict):
+            raise BadPayload(f"an {event_type} payload needs comment and issue objects")
+        cid, number, body = raw.get("id"), issue.get("number"), raw.get("body")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (cid, number)):
+            raise BadPayload(f"an {event_type} payload needs a comment id and an issue number")
+        is_pull = payload.get("is_pull") is True or issue.get("pull_request") is not None
+        comment = Comment(cid, number, body if isinstance(body, str) else "", is_pull)
+        return Change(event_type, action, repo, sender, comment=comment)
     if event_type in ("issues", "issue_label"):
         raw = payload.get("issue")
         if not isinstance(raw, dict):

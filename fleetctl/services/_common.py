@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fleetctl.errors import NotFound, UsageError
@@ -92,3 +93,19 @@ def new_token(nbytes: int = 24) -> tuple[str, str]:
 
     token = secrets.token_urlsafe(nbytes)
     return token, hash_token(token)
+
+
+@contextmanager
+def forgejo_api(cfg: Any, client: Any = None) -> Iterator[Any]:
+    """``client`` if given; else a Forgejo client for ``cfg.forgejo``, closed afterwards; None when this process
+    has no API token (the passes that need Forgejo then leave their work for one that has)."""
+    if client is not None or not cfg.forgejo.api_ready:
+        yield client
+        return
+    from fleetctl.forgejo.client import client_for
+
+    own = client_for(cfg.forgejo)
+    try:
+        yield own
+    finally:
+        own.close()

@@ -67,6 +67,11 @@ def apply_change(store: Store, cfg: Config, change: Change, *, now: float | None
     if change.ignored:
         return Applied("ignored", change.ignored)
     with store.write():
+        if change.comment is not None:
+            from fleetctl.services.commands import record
+
+            verdict, detail = record(store, cfg, change, bot_login(store, cfg), ts)
+            return Applied(verdict, detail, None, verdict == "accepted")
         if change.issue is not None:
             return _apply_issue(store, cfg, change, ts)
         return _apply_pull(store, cfg, change, ts)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from fleetctl.errors import FleetError
 from fleetctl.log import log
-from fleetctl.services._common import now_or
+from fleetctl.services._common import forgejo_api, now_or
 from fleetctl.services.tasks import rework_task
 from fleetctl.store import Store
 
@@ -65,16 +65,9 @@ def settle_pending(store: Store, cfg: Config, client: Any = None, *, now: float 
         pending = store.reviews_pending(PER_PASS)
     if not pending:
         return []
-    own = client is None
-    if own:
-        if not cfg.forgejo.api_ready:
-            return []
-        from fleetctl.forgejo.client import client_for
-
-        client = client_for(cfg.forgejo)
     done = []
-    try:
-        for task in pending:
+    with forgejo_api(cfg, client) as client:
+        for task in pending if client is not None else ():
             rejection = task["review_pending"]
             try:
                 feedback = _feedback(client, task["repo"], rejection)
@@ -87,9 +80,6 @@ def settle_pending(store: Store, cfg: Config, client: Any = None, *, now: float 
                          "comments": len(feedback["comments"])}  # fmt: skip
                 log("task.rework", **entry)
                 done.append(entry)
-    finally:
-        if own:
-            client.close()
     return done
 
 

@@ -179,6 +179,7 @@ _ROUTES = [
     ("GET", "/repos/{owner}/{repo}/pulls", "h_list_pulls"),
     ("POST", "/repos/{owner}/{repo}/pulls", "h_create_pull"),
     ("GET", "/repos/{owner}/{repo}/pulls/{index}/merge", "h_is_merged"),
+    ("GET", "/repos/{owner}/{repo}/collaborators/{collaborator}/permission", "h_permission"),
     ("GET", "/repos/{owner}/{repo}/pulls/{index}/reviews", "h_list_reviews"),
     ("GET", "/repos/{owner}/{repo}/pulls/{index}/reviews/{id}/comments", "h_review_comments"),
     ("GET", "/repos/{owner}/{repo}/pulls/{index}", "h_get_pull"),
@@ -236,6 +237,7 @@ class FakeForgejo:
         self._outbox: list[tuple[dict[str, str], bytes]] = []
         self._path = ""
         self.delivery_results: list[tuple[int | None, float]] = []
+        self.permissions: dict[tuple[str, str], str] = {}
         self.hook_url: str | None = None
         self.hook_secret = ""
         self._fail: list[tuple[int, float | str | None]] = []
@@ -1088,6 +1090,21 @@ class FakeForgejo:
         if not pr.is_pull:
             raise ApiError(404, not_found=True)
         return 200, {}, self.pull_json(r, pr)
+
+    def set_permission(self, repo: str, login: str, permission: str) -> None:
+        """``login``'s access to ``repo`` as Forgejo computes it: none, read, write, admin or owner (default read;
+        the repository's owner is owner)."""
+        with self.lock:
+            self.permissions[(repo, login)] = permission
+
+    def h_permission(self, login, query, body, owner, repo, collaborator):  # noqa: ANN001
+        r = self._repo(f"{owner}/{repo}")
+        if collaborator not in self.users:
+            raise ApiError(404, not_found=True)
+        default = "owner" if collaborator == r.owner else "read"
+        perm = self.permissions.get((r.full_name, collaborator), default)
+        role = {"owner": "Owner", "admin": "Administrator", "write": "Write", "read": "Read"}.get(perm, "None")
+        return 200, {}, {"permission": perm, "role_name": role, "user": self.user_json(collaborator)}
 
     def h_list_reviews(self, login, query, body, owner, repo, index):  # noqa: ANN001
         r = self._repo(f"{owner}/{repo}")
