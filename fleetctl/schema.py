@@ -228,6 +228,7 @@ _M006 = (
     "ALTER TABLE tasks ADD COLUMN blocked_by TEXT",  # why a queued task is not started ('budget')
     "ALTER TABLE tasks ADD COLUMN spent_usd REAL NOT NULL DEFAULT 0",  # cost since created or last retried
     "ALTER TABLE attempts ADD COLUMN kind TEXT",  # 'run' or 'rework'
+    "UPDATE attempts SET kind = 'run'",  # every attempt before this was a plain run (as db check replays it)
     "ALTER TABLE attempts ADD COLUMN usage TEXT",  # the attempt's last reported totals (JSON)
     "ALTER TABLE attempts ADD COLUMN cost_usd REAL",
     "ALTER TABLE agents ADD COLUMN cooldown_until REAL",

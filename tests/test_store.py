@@ -125,8 +125,20 @@ def seed_m001(conn: sqlite3.Connection) -> None:
                  (json.dumps(agent),))  # fmt: skip
     conn.execute(
         "INSERT INTO agents (agent_id, agent_type, capabilities, max_concurrency, mode, status, registered_at, "
-        "updated_at) VALUES ('old-a', 'codex-cli', '[\"py\"]', 2, 'http_pull', 'online', 6.0, 6.0)"
+        "updated_at, last_assigned_at) VALUES ('old-a', 'codex-cli', '[\"py\"]', 2, 'http_pull', 'online', 6.0, 6.0, 7.0)"
     )
+    # a second task, claimed by the agent: an attempt as m001 wrote it
+    ev = conn.execute("INSERT INTO events (ts, type, task_id, data) VALUES (6.5, 'task.created', 'old-2', ?)",
+                      (json.dumps({**created, "title": "claimed"}),)).lastrowid  # fmt: skip
+    conn.execute("INSERT INTO events (ts, type, task_id, agent_id, attempt, data) VALUES (7.0, 'task.assigned', "
+                 "'old-2', 'old-a', 1, '{\"lease_expires_at\": 67.0}')")  # fmt: skip
+    conn.execute(
+        "INSERT INTO tasks (task_id, seq, state, title, body, labels, requirements, priority, attempt, max_attempts, "
+        "agent_id, lease_expires_at, created_at, updated_at, attempt_started_at) VALUES ('old-2', ?, 'assigned', "
+        "'claimed', '', '[\"agent:py\"]', '[\"py\"]', 2, 1, 3, 'old-a', 67.0, 6.5, 7.0, 7.0)",
+        (ev,),
+    )
+    conn.execute("INSERT INTO attempts (task_id, attempt, agent_id, assigned_at) VALUES ('old-2', 1, 'old-a', 7.0)")
     conn.commit()
 
 
@@ -155,10 +167,11 @@ def test_upgraded_schema_equals_fresh(tmp_path, k):
         assert s.applied_migrations() == list(MIGRATION_NAMES)
         report = s.check()
         assert report.ok, report.problems
-        assert (report.tasks, report.agents) == (1, 1)
+        assert (report.tasks, report.agents, report.attempts) == (2, 1, 1)
+        assert s.attempt("old-2", 1)["kind"] == "run"
         assert s.task("old-1")["requirements"] == ["py"]
         if k < MIGRATION_NAMES.index("m003_forgejo") + 1:  # upgraded across m003: past events are not announced
-            assert s.outbox_cursor() == s.max_event_id() == 2
+            assert s.outbox_cursor() == s.max_event_id() == 4
     assert schema(old) == schema(tmp_path / "fresh.db")
 
 
