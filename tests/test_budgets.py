@@ -209,3 +209,15 @@ def test_a_dispatched_run_over_its_budget_is_killed_by_the_sweep(fleet):
     assert [(a["task"], a["why"]) for a in killed] == [(tid, "budget_exceeded")]
     wait_for(lambda: not fleet.pid_alive(launched["pid"]), what="the run to be gone")
     fleet.check_db()
+
+
+def test_a_failure_receipt_over_budget_fails_the_task_and_its_repeat_is_answered_as_recorded(store, orch, agent):
+    cfg = _cfg(orch, max_cost_per_task=1.0)
+    tid = services.create_task(store, cfg.orchestrator, title="t", now=T0)["task_id"]
+    _claim(store, cfg, agent, T0)
+    receipt = {"outcome": "failure", "summary": "gave up", "usage": {"cost_usd": 3.0}}
+    first = services.hand_in_receipt(store, cfg, tid, receipt, agent_id=agent, attempt=1, now=T0 + 1)
+    assert (first.task["state"], first.task["failure_reason"]) == ("failed", "budget_exceeded")
+    again = services.hand_in_receipt(store, cfg, tid, receipt, agent_id=agent, attempt=1, now=T0 + 2)
+    assert again.repeated and again.task["state"] == "failed"
+    assert not store.check().problems

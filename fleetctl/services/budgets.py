@@ -36,7 +36,7 @@ def record_usage(store: Store, cfg: Config | None, task: dict, usage: dict, ts: 
         return False  # the work is done: it is accepted (and the spend is on record); nothing more starts
     why = f"the task has spent ${spent:.2f}, over its ${budget:.2f} budget"
     fail_attempt(store, cfg.orchestrator, task["task_id"], FailureReason.BUDGET_EXCEEDED, why, attempt=task["attempt"],
-                 agent_id=task["agent_id"], now=ts)  # fmt: skip
+                 agent_id=task["agent_id"], now=ts, receipt=receipt.to_json() if receipt is not None else None)  # fmt: skip
     return True
 
 
