@@ -192,11 +192,19 @@ def dispatch(
 def _settle_reviews(store: Store, cfg: Config, t: float) -> None:
     """Pending "changes requested" become rework attempts once their comments are read (``services.reviews``),
     and pending ``/fleet`` comment commands are carried out (``services.commands``): before planning, so what
-    they queue is dispatched in the same pass. A failure is logged, never the pass's."""
-    from fleetctl.services.commands import process_pending
+    they queue is dispatched in the same pass. Only with Forgejo's API at hand (and, for commands, with
+    ``comment_commands`` on: a timer's pass without them imports nothing more). A failure is logged, never the
+    pass's."""
+    if not cfg.forgejo.api_ready:
+        return
     from fleetctl.services.reviews import settle_pending
 
-    for step, name in ((settle_pending, "review"), (process_pending, "command")):
+    steps = [(settle_pending, "review")]
+    if cfg.forgejo.comment_commands:
+        from fleetctl.services.commands import process_pending
+
+        steps.append((process_pending, "command"))
+    for step, name in steps:
         try:
             step(store, cfg, now=t)
         except FleetError as exc:
