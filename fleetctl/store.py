@@ -816,9 +816,12 @@ class Store:
         )
 
     def reviews_pending(self, limit: int = 20) -> list[dict]:
-        """Tasks whose pull request got "changes requested" and whose rework waits for the review's comments."""
+        """Tasks awaiting review whose pull request got "changes requested" and whose rework waits for the review's
+        comments. A task that left review meanwhile (its pull request closed unmerged: failed) is not one, though
+        its ``review_pending`` stays until a retry: it must not take a place of the pass's bound, nor a request."""
         return self._all(
-            "SELECT * FROM tasks INDEXED BY tasks_review_pending WHERE review_pending IS NOT NULL ORDER BY seq LIMIT ?",
+            "SELECT * FROM tasks INDEXED BY tasks_review_pending WHERE review_pending IS NOT NULL "
+            "AND state = 'awaiting_review' ORDER BY seq LIMIT ?",
             (limit,),
         )
 

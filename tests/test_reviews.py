@@ -78,9 +78,9 @@ def in_review(server, forgejo, title: str, labels: list[str]) -> tuple[str, int,
     """An issue whose task an agent took, worked on ``fleet/<task-id>`` and handed in with its pull request:
     ``(task id, issue, pull request, agent token)``."""
     n = forgejo.open_issue(REPO, title, "", labels=labels)
-    (task,) = json.loads(fleet(server, "task", "list", "--json").stdout)["items"]
-    tid = task["task_id"]
-    token = server.register("coder", capabilities=["code"])
+    items = json.loads(fleet(server, "task", "list", "--json").stdout)["items"]
+    (tid,) = [t["task_id"] for t in items if t["issue_number"] == n]
+    token = server.register(f"coder-{n}", capabilities=["code"])
     with server.client(token) as agent:
         job = agent.post("/api/v1/tasks/dequeue", json={"wait": 0}).json()
         forgejo.push_branch(REPO, f"fleet/{tid}")
@@ -181,6 +181,43 @@ def test_sync_finds_a_rejection_that_no_webhook_delivered(make_server, forgejo):
     assert (after["state"], after["attempt_kind"], after["review_rounds"]) == ("queued", "rework", 1)
     again = json.loads(fleet(server, "sync", "--json").stdout)
     assert again["changes"] == [] and events(server, tid).count("task.rework") == 1
+    db_check(server)
+    stop_cleanly(server)
+
+
+def test_forgejo_unreachable_leaves_rejections_pending_and_the_pass_stops_asking(make_server, forgejo):
+    server = serve(make_server, forgejo)
+    first = in_review(server, forgejo, "One", ["agent:code"])
+    second = in_review(server, forgejo, "Two", ["agent:code"])
+    for _tid, _n, pr, _token in (first, second):
+        forgejo.review(REPO, pr, "REQUEST_CHANGES", "Not yet.", user="alice", comments=COMMENTS[:1])
+    forgejo.down()
+    try:
+        done = fleet(server, "dispatch")
+        assert done.returncode == 0, done.stderr
+        # one try, not one per task: each would wait for an unreachable Forgejo as long again
+        assert done.stderr.count("action=review.fetch_failed") == 1, done.stderr
+        assert [show(server, t[0])["state"] for t in (first, second)] == ["awaiting_review"] * 2
+    finally:
+        forgejo.up()
+    passes(server)  # Forgejo is back: both become rework attempts
+    assert [show(server, t[0])["attempt_kind"] for t in (first, second)] == ["rework"] * 2
+    db_check(server)
+    stop_cleanly(server)
+
+
+def test_a_rejection_whose_pull_request_is_closed_before_the_pass_costs_no_request(make_server, forgejo):
+    server = serve(make_server, forgejo)
+    tid, _n, pr, _token = in_review(server, forgejo, "Closed", ["agent:code"])
+    forgejo.review(REPO, pr, "REQUEST_CHANGES", "No.", user="alice")
+    forgejo.close_pull(REPO, pr, user="alice")  # closed unmerged: the attempt fails pr_closed
+    assert show(server, tid)["state"] == "failed"
+    before = len(forgejo.requests)
+    passes(server)
+    passes(server)
+    reviews = "/repos/{owner}/{repo}/pulls/{index}/reviews"
+    assert [r for r in forgejo.requests[before:] if r[1] == reviews] == []
+    assert "task.rework" not in events(server, tid)
     db_check(server)
     stop_cleanly(server)
 

@@ -90,6 +90,12 @@ class ForgejoError(RemoteError):
         self.status = status
         self.retryable = retryable
 
+    @property
+    def unreachable(self) -> bool:
+        """Forgejo was not reached at all (refused, timed out; no HTTP status): the next request would only wait
+        as long again, so a pass stops asking until its next run."""
+        return self.status is None and self.retryable
+
 
 class _Retry(Exception):
     """Internal: a failed try that may be repeated, carrying the error to raise if it is the last."""

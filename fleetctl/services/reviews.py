@@ -9,8 +9,9 @@ Two steps, so that no network call ever runs in a webhook request or under the w
    (``task.review_rejected``: the task's ``review_pending``).
 2. ``settle_pending`` (the dispatch and sweep passes, and ``sync``): for each pending rejection, the review and
    its inline comments are read from Forgejo (outside any transaction), then ``rework_task`` re-queues the task
-   as a ``rework`` attempt carrying them — if the rejection is still the pending one. Forgejo unreachable: it
-   stays pending for the next pass.
+   as a ``rework`` attempt carrying them — if the rejection is still the pending one. Forgejo failing: it
+   stays pending for the next pass (unreachable: the pass stops asking at the first task, it would only wait
+   again for each of the others).
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def settle_pending(store: Store, cfg: Config, client: Any = None, *, now: float 
                 feedback = _feedback(client, task["repo"], rejection)
             except FleetError as exc:  # Forgejo down or refusing: the rejection stays pending
                 log("review.fetch_failed", task=task["task_id"], error=exc.message)
+                if getattr(exc, "unreachable", False):  # each next task would wait as long: the next pass tries
+                    break
                 continue
             reworked = rework_task(store, task["task_id"], feedback, now=now_or(now), expect_pending=rejection)
             if reworked is not None:
