@@ -118,7 +118,8 @@ def render_prompt(task: dict, attempt: int, template: str | None = None, forgejo
 
 def review_section(task: dict) -> str:
     """For a ``rework`` attempt: the review to address — its round, the reviewer's words, each inline comment as
-    ``path:line`` and its text — and where to push; '' for any other attempt."""
+    ``path:line`` (a removed line: its line before the change) and its text — and where to push; '' for any
+    other attempt."""
     review = task.get("review")
     if task.get("attempt_kind") != "rework" or not isinstance(review, dict):
         return ""
@@ -134,8 +135,11 @@ def review_section(task: dict) -> str:
     if comments:
         lines += ["Inline comments:", ""]
         for c in comments:
-            where = f"{c.get('path') or '?'}:{c['line']}" if c.get("line") else f"{c.get('path') or '?'}"
+            path, line = c.get("path") or "?", c.get("line")
             text = " ".join(str(c.get("body") or "").split())
-            lines.append(f"- `{where}`: {text}")
+            if line and c.get("old"):  # a removed line: its number in the version before the pull request
+                lines.append(f"- `{path}` (line {line} before your change, now removed): {text}")
+            else:
+                lines.append(f"- `{path}:{line}`: {text}" if line else f"- `{path}`: {text}")
         lines.append("")
     return "\n".join(lines)

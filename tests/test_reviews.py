@@ -21,6 +21,7 @@ from fleetctl import effects
 from fleetctl.forgejo import mapping
 from fleetctl.forgejo.webhooks import REVIEW_REJECTED, Change, Pull
 from fleetctl.prompt import render_prompt
+from fleetctl.services import reviews
 
 REPO = "acme/widgets"
 SECRET = "review-webhook-secret"
@@ -172,8 +173,10 @@ def test_past_the_cap_the_task_waits_for_a_person_with_one_comment_and_one_label
 
 def test_sync_finds_a_rejection_that_no_webhook_delivered(make_server, forgejo):
     server = serve(make_server, forgejo)
-    tid, _n, pr, _token = in_review(server, forgejo, "Missed", ["agent:code"])
-    forgejo.review(REPO, pr, "REQUEST_CHANGES", "Webhook lost this.", user="alice", comments=COMMENTS, hook=False)
+    tid, _n, pr, token = in_review(server, forgejo, "Missed", ["agent:code"])
+    removed = ("src/legacy.py", -7, "Keep this check.")  # on a removed line: Forgejo's original_position
+    forgejo.review(REPO, pr, "REQUEST_CHANGES", "Webhook lost this.", user="alice", comments=[*COMMENTS, removed],
+                   hook=False)  # fmt: skip
     assert show(server, tid)["state"] == "awaiting_review"
     synced = json.loads(fleet(server, "sync", "--json").stdout)
     assert synced["errors"] == [], synced
@@ -181,6 +184,10 @@ def test_sync_finds_a_rejection_that_no_webhook_delivered(make_server, forgejo):
     assert (after["state"], after["attempt_kind"], after["review_rounds"]) == ("queued", "rework", 1)
     again = json.loads(fleet(server, "sync", "--json").stdout)
     assert again["changes"] == [] and events(server, tid).count("task.rework") == 1
+    with server.client(token) as agent:
+        prompt = agent.post("/api/v1/tasks/dequeue", json={"wait": 0}).json()["prompt"]
+    assert "`src/http.py:12`: Retry only idempotent methods." in prompt
+    assert "`src/legacy.py` (line 7 before your change, now removed): Keep this check." in prompt
     db_check(server)
     stop_cleanly(server)
 
@@ -246,12 +253,22 @@ def test_the_prompt_of_a_rework_and_of_a_custom_template_without_the_placeholder
             "labels": [], "attempt_kind": "rework",
             "review": {"pr": 7, "round": 2, "reviewer": "alice", "body": "two things",
                        "comments": [{"path": "a.py", "line": 3, "body": "rename"}, {"path": "b.py", "line": None,
-                                                                                     "body": "whole file"}]}}  # fmt: skip
+                                                                                     "body": "whole file"},
+                                    {"path": "c.py", "line": 9, "old": True, "body": "keep"}]}}  # fmt: skip
     text = render_prompt(task, 2)
     assert "review round 2" in text and "`a.py:3`: rename" in text and "`b.py`: whole file" in text
+    assert "`c.py` (line 9 before your change, now removed): keep" in text
     custom = render_prompt(task, 2, "Do {title} on {branch}.")
     assert custom.startswith("Do T on fleet/t1.") and "`a.py:3`: rename" in custom
     assert render_prompt({**task, "attempt_kind": "run"}, 2, "Do {title}.{review}") == "Do T."
+
+
+def test_an_inline_comments_line_follows_forgejos_position_and_original_position():
+    c = {"path": "a.py", "body": "x" * (reviews.MAX_COMMENT + 5)}
+    assert reviews._comment({**c, "position": 4, "original_position": 0})["line"] == 4
+    assert reviews._comment({**c, "position": 0, "original_position": 6}) == {
+        "path": "a.py", "line": 6, "old": True, "body": "x" * reviews.MAX_COMMENT}  # fmt: skip
+    assert reviews._comment({**c, "position": 0, "original_position": 0})["line"] is None
 
 
 def test_effects_of_the_flag_and_of_a_rework():

@@ -103,14 +103,29 @@ def _feedback(client: Any, repo: str, rejection: dict) -> dict:
     comments = []
     if review is not None and isinstance(review.get("id"), int):
         for c in (client.review_comments(repo, pr, review["id"]) or [])[:MAX_COMMENTS]:
-            line = c.get("position") or c.get("original_position") or None
-            comments.append({"path": str(c.get("path") or ""), "line": line if isinstance(line, int) else None,
-                             "body": str(c.get("body") or "")[:MAX_COMMENT]})  # fmt: skip
+            comments.append(_comment(c))
     body = rejection.get("body") or (review or {}).get("body") or ""
     out = {"pr": pr, "head_sha": head, "reviewer": rejection.get("reviewer") or _login(review), "body": body,
            "comments": comments}  # fmt: skip
     if review is not None:
         out["review_id"] = review.get("id")
+    return out
+
+
+def _comment(c: dict) -> dict:
+    """One inline comment as a prompt shows it. Forgejo's ``position`` is the line in the pull request's version
+    of the file; a comment on a removed line has ``position`` 0 and its line in the old version in
+    ``original_position`` (kept with ``"old": True``); neither: a comment on the file as a whole."""
+    new, old = c.get("position"), c.get("original_position")
+    out: dict[str, Any] = {
+        "path": str(c.get("path") or ""),
+        "line": None,
+        "body": str(c.get("body") or "")[:MAX_COMMENT],
+    }
+    if isinstance(new, int) and new > 0:
+        out["line"] = new
+    elif isinstance(old, int) and old > 0:
+        out.update(line=old, old=True)
     return out
 
 

@@ -571,7 +571,8 @@ class FakeForgejo:
     def review(self, repo: str, n: int, state: str = "APPROVED", body: str = "", user: str = HUMAN,
                comments: list[tuple[str, int, str]] = (), hook: bool = True) -> int:  # fmt: skip
         """Review PR ``n`` (``APPROVED``, ``REQUEST_CHANGES`` or ``COMMENT``) on its head commit, with inline
-        ``comments`` (path, line in the new file, text): the ``pull_request_review_*`` event (unless ``hook`` is
+        ``comments`` (path, line in the new file — negative: on a removed line, its number in the old file, as
+        Forgejo stores it —, text): the ``pull_request_review_*`` event (unless ``hook`` is
         False: a delivery Forgejo never made). The review's id."""
         kinds = {"APPROVED": ("pull_request_approved", "pull_request_review_approved"),
                  "REQUEST_CHANGES": ("pull_request_rejected", "pull_request_review_rejected"),
@@ -606,7 +607,7 @@ class FakeForgejo:
             "id": c["id"], "body": c["body"], "user": self.user_json(rv["user"]), "resolver": None,
             "pull_request_review_id": rv["id"], "created_at": rv["at"], "updated_at": rv["at"], "path": c["path"],
             "commit_id": rv["commit_id"], "original_commit_id": rv["commit_id"], "diff_hunk": "@@ -1 +1 @@",
-            "position": c["line"], "original_position": 0, "html_url": f"{html}/files#issuecomment-{c['id']}",
+            "position": max(c["line"], 0), "original_position": max(-c["line"], 0), "html_url": f"{html}/files#issuecomment-{c['id']}",
             "pull_request_url": html,
         }  # fmt: skip
 
