@@ -77,7 +77,7 @@ def effects_for(event: dict, task: dict | None, forgejo: ForgejoConfig) -> list[
         return []
     rows = []
     if forgejo.comments:
-        body = comment_body(event, task, forgejo.url)
+        body = comment_body(event, task, forgejo.url, commands=forgejo.comment_commands)
         if body is not None:
             rows.append(_row(event, task, COMMENT, {"body": body + "\n\n" + marker(event["id"])}))
     if forgejo.status_labels and event["type"] in _LABEL_OF:
@@ -109,8 +109,9 @@ def _row(event: dict, task: dict, kind: str, payload: dict[str, Any]) -> dict:
             "repo": task["repo"], "issue_number": task["issue_number"], "payload": payload, "ts": event["ts"]}  # fmt: skip
 
 
-def comment_body(event: dict, task: dict, forgejo_url: str) -> str | None:
-    """The Markdown of the comment an event announces on its issue (without the marker), or None."""
+def comment_body(event: dict, task: dict, forgejo_url: str, *, commands: bool = False) -> str | None:
+    """The Markdown of the comment an event announces on its issue (without the marker), or None. ``commands``:
+    ``/fleet`` comment commands are on (a comment may suggest one)."""
     data = event.get("data") or {}
     attempt = event.get("attempt")
     kind = event["type"]
@@ -133,9 +134,11 @@ def comment_body(event: dict, task: dict, forgejo_url: str) -> str | None:
                 f"(review round {review.get('round', '?')}) is queued with the review's comments.")  # fmt: skip
     if kind == "task.needs_human":
         pr = {"number": data.get("pr"), "repo": task["repo"]}
+        # a task awaiting review cannot be retried (only failed or cancelled ones): never suggest it
+        again = "comment `/fleet rework` for one more rework attempt, " if commands else ""
         return (f"**fleetctl**: changes were requested on {_pr_link(pr, task, forgejo_url)} again, and its "
                 f"{data.get('max_review_rounds', '?')} review rounds are used up: this needs a person. Approve or "
-                "merge the pull request, push the fix yourself, or retry or cancel the task "
+                f"merge the pull request (pushing the fix yourself, if you like), {again}or cancel the task "
                 f"(label `{NEEDS_HUMAN_LABEL}`).")  # fmt: skip
     return None
 

@@ -281,5 +281,11 @@ def test_effects_of_the_flag_and_of_a_rework():
     assert [r["kind"] for r in flag] == [effects.COMMENT, effects.FLAG_LABEL]
     assert flag[1]["payload"] == {"label": "fleet/needs-human", "on": True}
     assert "pulls/7" in flag[0]["payload"]["body"]
+    # a task in review cannot be retried: the comment never suggests it; /fleet rework only where it works
+    assert "retry" not in flag[0]["payload"]["body"] and "/fleet rework" not in flag[0]["payload"]["body"]
+    on = effects.effects_for({"id": 5, "type": "task.needs_human", "ts": 1.0, "data": {"pr": 7}}, task,
+                             ForgejoConfig(url="https://forge.example.org", token="t", comments=True,
+                                           comment_commands=True))  # fmt: skip
+    assert "comment `/fleet rework` for one more rework attempt" in on[0]["payload"]["body"]
     cleared = effects.effects_for({"id": 6, "type": "task.needs_human_cleared", "ts": 2.0, "data": {}}, task, fj)
     assert [(r["kind"], r["payload"]["on"]) for r in cleared] == [(effects.FLAG_LABEL, False)]
