@@ -282,6 +282,19 @@ def test_get_pull_is_none_for_a_plain_issue_and_get_issue_for_nothing(client, fo
     assert client.get_issue(REPO, 999) is None and client.get_pull(REPO, 999) is None
 
 
+def test_reviews_and_their_inline_comments_and_none_for_what_is_not_there(client, forgejo):
+    n = forgejo.open_issue(REPO, "plain")
+    pr = forgejo.open_pull(REPO, "agent/r")
+    review = forgejo.review(REPO, pr, "REQUEST_CHANGES", "no", comments=[("a.py", 3, "new"), ("b.py", -4, "old")])
+    (got,) = client.list_reviews(REPO, pr)
+    assert (got["id"], got["state"], got["body"], got["dismissed"]) == (review, "REQUEST_CHANGES", "no", False)
+    assert [(c["path"], c["position"], c["original_position"], c["body"])
+            for c in client.review_comments(REPO, pr, review)] == [("a.py", 3, 0, "new"), ("b.py", 0, 4, "old")]  # fmt: skip
+    # a plain issue or no such pull request: no reviews (the rework goes on with the webhook's body only)
+    assert client.list_reviews(REPO, n) == [] and client.list_reviews(REPO, 999) == []
+    assert client.review_comments(REPO, pr, 999) is None
+
+
 def test_comments_and_labels(client, forgejo):
     n = forgejo.open_issue(REPO, "x")
     comment = client.create_comment(REPO, n, "Picked up: task t-1 <b>")

@@ -356,7 +356,13 @@ class ForgejoClient:
     def list_reviews(self, repo: str, number: int) -> list[dict]:
         """The reviews of pull request ``number`` (PullReview objects), oldest first; [] if there is no such PR."""
         owner, name = _split_repo(repo)
-        return list(self._pages("list_reviews", {"owner": owner, "repo": name, "index": int(number)}, {}, PAGE_LIMIT))
+        try:
+            return list(self._pages("list_reviews", {"owner": owner, "repo": name, "index": int(number)}, {},
+                                    PAGE_LIMIT))  # fmt: skip
+        except ForgejoError as exc:
+            if exc.status == 404:  # as documented: a caller then works without the reviews, never waits for them
+                return []
+            raise
 
     def review_comments(self, repo: str, number: int, review_id: int) -> list[dict] | None:
         """The inline comments of review ``review_id`` (PullReviewComment objects: ``path``, ``position`` — the
