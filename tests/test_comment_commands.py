@@ -16,6 +16,13 @@ from test_reviews import REPO, db_check, events, fleet, in_review, passes, serve
 from fleetctl.forgejo.mapping import comment_command
 
 
+def _serve(make_server, forgejo, **settings):
+    """serve with comment commands; fleetctl's account is an admin of the repository, as Forgejo requires for
+    asking another user's permission (docs/forgejo.md §10)."""
+    forgejo.set_permission(REPO, "fleet-bot", "admin")
+    return serve(make_server, forgejo, **settings)
+
+
 def _task(server) -> dict:
     (task,) = json.loads(fleet(server, "task", "list", "--json").stdout)["items"]
     return task
@@ -28,7 +35,7 @@ def _replies(forgejo, n: int) -> list[str]:
 def test_a_writer_cancels_and_retries_a_reader_gets_one_reply_and_fleetctls_own_comment_does_nothing(
     make_server, forgejo
 ):
-    server = serve(make_server, forgejo, comment_commands=True)
+    server = _serve(make_server, forgejo, comment_commands=True)
     forgejo.add_user("carol")
     forgejo.set_permission(REPO, "alice", "write")
     forgejo.set_permission(REPO, "carol", "read")
@@ -71,7 +78,7 @@ def test_a_writer_cancels_and_retries_a_reader_gets_one_reply_and_fleetctls_own_
 
 
 def test_rework_from_a_pull_request_comment_and_the_feature_switched_off(make_server, forgejo):
-    server = serve(make_server, forgejo, comment_commands=True)
+    server = _serve(make_server, forgejo, comment_commands=True)
     forgejo.set_permission(REPO, "alice", "admin")
     tid, n, pr, _token = in_review(server, forgejo, "Needs care", ["agent:code", "review-rounds:0"])
     forgejo.comment(REPO, pr, "/fleet rework\nPlease also update the changelog.", user="alice")
@@ -99,6 +106,7 @@ def test_a_demoted_writer_is_refused_once_the_cached_permission_is_older_than_it
     from fleetctl.services.commands import permission
 
     cfg = config_of(orch, url=forgejo.url, token=forgejo.bot_token, permission_cache_secs=60)
+    forgejo.set_permission(REPO, "fleet-bot", "admin")
     forgejo.set_permission(REPO, "alice", "write")
     with client_for(cfg.forgejo) as client:
         assert permission(store, cfg, client, REPO, "alice", 1000.0) == "write"
@@ -109,6 +117,21 @@ def test_a_demoted_writer_is_refused_once_the_cached_permission_is_older_than_it
         forgejo.set_permission(REPO, "alice", "write")
         assert permission(store, uncached, client, REPO, "alice", 1061.0) == "write"
         assert permission(store, cfg, client, REPO, "nobody", 1062.0) == "none"
+
+
+def test_when_fleetctls_account_may_not_ask_the_command_fails_at_once_with_one_reply(make_server, forgejo):
+    server = serve(make_server, forgejo, comment_commands=True)  # fleet-bot has write, not admin: Forgejo says 403
+    forgejo.set_permission(REPO, "alice", "write")
+    n = forgejo.open_issue(REPO, "Do it", "", labels=["agent:code"])
+    tid = _task(server)["task_id"]
+    forgejo.comment(REPO, n, "/fleet cancel", user="alice")
+    passes(server)
+    passes(server)
+    assert show(server, tid)["state"] == "queued"
+    (reply,) = _replies(forgejo, n)
+    assert reply.startswith("**fleetctl**: @alice, fleetctl could not check who may") and "admin access" in reply
+    db_check(server)
+    stop_cleanly(server)
 
 
 @pytest.mark.parametrize(

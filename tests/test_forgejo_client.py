@@ -135,7 +135,8 @@ def test_every_fake_answer_validates_against_the_swagger(forgejo, swagger):
         ("GET", f"/repos/{REPO}/branches/main", None), ("GET", f"/repos/{REPO}/branches/nope", None),
         ("GET", f"/repos/{REPO}/pulls/{pr}/reviews", None), ("GET", f"/repos/{REPO}/pulls/{pr}/reviews/{review}/comments", None),
         ("GET", f"/repos/{REPO}/pulls/{pr}/reviews/999/comments", None),
-        ("GET", f"/repos/{REPO}/collaborators/alice/permission", None),
+        ("GET", f"/repos/{REPO}/collaborators/alice/permission", None),  # 403: the bot is no admin of the repo
+        ("GET", f"/repos/{REPO}/collaborators/fleet-bot/permission", None),  # its own: allowed
         ("GET", f"/repos/{REPO}/collaborators/nobody/permission", None),
     ]  # fmt: skip
     forgejo.push_branch(REPO, "agent/api")

@@ -73,7 +73,11 @@ def process_pending(store: Store, cfg: Config, client: Any = None, *, now: float
                 continue
             try:
                 perm = permission(store, cfg, client, cmd["repo"], cmd["sender"], ts)
-            except FleetError as exc:  # Forgejo cannot be asked: later (a bounded number of times)
+            except FleetError as exc:
+                if getattr(exc, "status", None) == 403:  # fleetctl's account may not ask: asking again won't help
+                    done.append(_cannot_ask(store, cmd, ts))
+                    continue
+                # Forgejo cannot be asked now: later (a bounded number of times)
                 gave_up = cmd["tries"] + 1 >= MAX_TRIES
                 with store.write():
                     store.finish_command(cmd["id"], "failed" if gave_up else "pending", exc.message, None,
@@ -103,6 +107,17 @@ def permission(store: Store, cfg: Config, client: Any, repo: str, login: str, ts
         with store.write():
             store.set_meta(key, json.dumps({"permission": perm, "at": ts}))
     return perm
+
+
+def _cannot_ask(store: Store, cmd: dict, ts: float) -> dict:
+    """Forgejo refused to say who may (403: only an admin of the repository may ask about others)."""
+    who, repo = cmd["sender"], cmd["repo"]
+    detail = (f"Forgejo refused to tell fleetctl's account @{who}'s access to {repo} (403): the account needs admin "
+              "access to the repository for comment commands")  # fmt: skip
+    text = (f"@{who}, fleetctl could not check who may run `/fleet` commands in {repo}, so nothing was changed "
+            "(its account needs admin access to the repository).")  # fmt: skip
+    entry = {"id": cmd["id"], "command": cmd["command"], "sender": who, "repo": repo, "number": cmd["number"]}
+    return _finish(store, cmd, "failed", detail, None, text, ts, entry)
 
 
 def _carry_out(store: Store, cfg: Config, cmd: dict, perm: str, ts: float) -> dict:

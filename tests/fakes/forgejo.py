@@ -1098,14 +1098,20 @@ class FakeForgejo:
         with self.lock:
             self.permissions[(repo, login)] = permission
 
+    def _permission(self, r: Repo, login: str) -> str:
+        return self.permissions.get((r.full_name, login), "owner" if login == r.owner else "read")
+
     def h_permission(self, login, query, body, owner, repo, collaborator):  # noqa: ANN001
+        # As Forgejo's GetRepoPermissions: 404 for an unknown user; 403 unless the asker is the user asked about
+        # or an admin of the repository (or of the site: the fake has none); role_name is the permission again.
         r = self._repo(f"{owner}/{repo}")
         if collaborator not in self.users:
             raise ApiError(404, not_found=True)
-        default = "owner" if collaborator == r.owner else "read"
-        perm = self.permissions.get((r.full_name, collaborator), default)
-        role = {"owner": "Owner", "admin": "Administrator", "write": "Write", "read": "Read"}.get(perm, "None")
-        return 200, {}, {"permission": perm, "role_name": role, "user": self.user_json(collaborator)}
+        if login != collaborator and self._permission(r, login) not in ("admin", "owner"):
+            raise ApiError(403, "Only admins can query all permissions, repo admins can query all repo permissions, "
+                                "collaborators can query only their own")  # fmt: skip
+        perm = self._permission(r, collaborator)
+        return 200, {}, {"permission": perm, "role_name": perm, "user": self.user_json(collaborator)}
 
     def h_list_reviews(self, login, query, body, owner, repo, index):  # noqa: ANN001
         r = self._repo(f"{owner}/{repo}")
