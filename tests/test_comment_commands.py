@@ -87,6 +87,13 @@ def test_rework_from_a_pull_request_comment_and_the_feature_switched_off(make_se
     assert (task["state"], task["attempt_kind"]) == ("queued", "rework")  # an operator override: past the cap (0)
     assert [e for e in task["events"] if e["type"] == "task.rework"][0]["data"]["review"]["body"] == (
         "Please also update the changelog.")  # fmt: skip
+    forgejo.comment(REPO, pr, "/fleet cancel", user="alice")  # the pull request's task, linked to it
+    passes(server)
+    assert show(server, tid)["state"] == "cancelled"
+    forgejo.comment(REPO, pr, "/fleet retry", user="alice")  # a finished task: found through the branch
+    passes(server)
+    assert show(server, tid)["state"] in ("queued", "assigned", "running")
+    assert not [b for b in _replies(forgejo, pr) if "did nothing" in b or "no fleetctl task" in b]
     db_check(server)
     stop_cleanly(server)
     off = serve(make_server, forgejo)  # comment_commands = false (the default)

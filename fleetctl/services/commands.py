@@ -21,6 +21,7 @@ from fleetctl.errors import FleetError
 from fleetctl.forgejo.mapping import COMMANDS, comment_command
 from fleetctl.log import log
 from fleetctl.services._common import forgejo_api, now_or
+from fleetctl.states import TERMINAL, TaskState
 from fleetctl.store import Store
 
 if TYPE_CHECKING:
@@ -76,16 +77,25 @@ def process_pending(store: Store, cfg: Config, client: Any = None, *, now: float
             except FleetError as exc:
                 if getattr(exc, "status", None) == 403:  # fleetctl's account may not ask: asking again won't help
                     done.append(_cannot_ask(store, cmd, ts))
-                    continue
-                # Forgejo cannot be asked now: later (a bounded number of times)
-                gave_up = cmd["tries"] + 1 >= MAX_TRIES
-                with store.write():
-                    store.finish_command(cmd["id"], "failed" if gave_up else "pending", exc.message, None,
-                                         ts if gave_up else None)  # fmt: skip
-                log("command.deferred", id=cmd["id"], error=exc.message)
+                else:
+                    _defer(store, cmd, exc, ts)
                 continue
-            done.append(_carry_out(store, cfg, cmd, perm, ts))
+            try:
+                task = _task_of(store, client, cmd) if perm in WRITERS and cmd["command"] in COMMANDS else None
+            except FleetError as exc:
+                _defer(store, cmd, exc, ts)
+                continue
+            done.append(_carry_out(store, cfg, cmd, perm, task, ts))
     return done
+
+
+def _defer(store: Store, cmd: dict, exc: FleetError, ts: float) -> None:
+    """Forgejo cannot be asked now: the next pass tries again, a bounded number of times."""
+    gave_up = cmd["tries"] + 1 >= MAX_TRIES
+    with store.write():
+        store.finish_command(cmd["id"], "failed" if gave_up else "pending", exc.message, None,
+                             ts if gave_up else None)  # fmt: skip
+    log("command.deferred", id=cmd["id"], error=exc.message)
 
 
 def permission(store: Store, cfg: Config, client: Any, repo: str, login: str, ts: float) -> str:
@@ -120,7 +130,7 @@ def _cannot_ask(store: Store, cmd: dict, ts: float) -> dict:
     return _finish(store, cmd, "failed", detail, None, text, ts, entry)
 
 
-def _carry_out(store: Store, cfg: Config, cmd: dict, perm: str, ts: float) -> dict:
+def _carry_out(store: Store, cfg: Config, cmd: dict, perm: str, task: dict | None, ts: float) -> dict:
     from fleetctl.services.tasks import cancel_task, retry_task, rework_task
 
     who, repo, number = cmd["sender"], cmd["repo"], cmd["number"]
@@ -135,7 +145,6 @@ def _carry_out(store: Store, cfg: Config, cmd: dict, perm: str, ts: float) -> di
             f"`/fleet {c}`" for c in COMMANDS
         )
         return _finish(store, cmd, "failed", "unknown command", None, text + ".", ts, entry)
-    task = _task_of(store, cmd)
     if task is None:
         text = f"@{who}, there is no fleetctl task for this {'pull request' if cmd['is_pull'] else 'issue'}."
         return _finish(store, cmd, "failed", "no task", None, text, ts, entry)
@@ -162,14 +171,42 @@ def _carry_out(store: Store, cfg: Config, cmd: dict, perm: str, ts: float) -> di
     return _finish(store, cmd, "done", by, tid, text, ts, entry)
 
 
-def _task_of(store: Store, cmd: dict) -> dict | None:
-    """The task a command is about: for an issue, its newest task; for a pull request, the task it is linked to
-    (or whose branch it is)."""
+def _task_of(store: Store, client: Any, cmd: dict) -> dict | None:
+    """The task a command is about: for an issue, its newest task; for a pull request, of the tasks it references
+    (its branch ``fleet/<task-id>``, the task it is linked to, the newest task of each issue it closes — the
+    pull request is read from Forgejo: a comment's delivery does not carry its branch or body) the newest one
+    the command can act on, else the newest."""
+    repo, number = cmd["repo"], cmd["number"]
+    if not cmd["is_pull"]:
+        with store.read():
+            return store.last_task_for_issue(repo, number)
+    from fleetctl.forgejo.mapping import closing_refs
+    from fleetctl.forgejo.webhooks import pull_from
+    from fleetctl.services.issues import tasks_of_pull
+
+    raw = client.get_pull(repo, number)
+    if raw is None:
+        return None
+    pull = pull_from(raw)
     with store.read():
-        if not cmd["is_pull"]:
-            return store.last_task_for_issue(cmd["repo"], cmd["number"])
-        linked = store.tasks_with_pull_request(cmd["repo"], cmd["number"])
-        return linked[0] if linked else None
+        found = {t["task_id"]: t for t in tasks_of_pull(store, repo, pull)}
+        for n in closing_refs(pull):  # a finished task too: /fleet retry is for those
+            last = store.last_task_for_issue(repo, n)
+            if last is not None:
+                found.setdefault(last["task_id"], last)
+    if not found:
+        return None
+    fits = [t for t in found.values() if _can(cmd["command"], t["state"])] or list(found.values())
+    return max(fits, key=lambda t: t["seq"])
+
+
+def _can(command: str, state: str) -> bool:
+    """Whether ``command`` can act on a task in ``state`` (the task services have the last word)."""
+    if command == "retry":
+        return state in (TaskState.FAILED, TaskState.CANCELLED)
+    if command == "rework":
+        return state == TaskState.AWAITING_REVIEW
+    return state not in TERMINAL
 
 
 def _finish(store: Store, cmd: dict, state: str, detail: str, task_id: str | None, reply: str, ts: float,
