@@ -63,9 +63,12 @@ def test_a_writer_cancels_and_retries_a_reader_gets_one_reply_and_fleetctls_own_
     assert cancelled["state"] == "cancelled"
     cancel_event = [e for e in cancelled["events"] if e["type"] == "task.cancelled"][0]
     assert cancel_event["data"]["reason"] == "cancelled by @alice via /fleet cancel"
+    assert cancel_event["data"]["by"] == "@alice via /fleet cancel"
     forgejo.comment(REPO, n, "/FLEET retry", user="alice")
     passes(server)
-    assert show(server, tid)["state"] in ("queued", "assigned", "running")
+    retried = show(server, tid)
+    assert retried["state"] in ("queued", "assigned", "running")
+    assert [e for e in retried["events"] if e["type"] == "task.retried"][0]["data"]["by"] == "@alice via /fleet retry"
     forgejo.comment(REPO, n, "/fleet retry", user="alice")  # not possible now: said, nothing changes
     passes(server)
     assert any("did nothing: cannot retry a task that is queued" in b for b in _replies(forgejo, n))

@@ -151,10 +151,10 @@ def _carry_out(store: Store, cfg: Config, cmd: dict, perm: str, task: dict | Non
     tid, by = task["task_id"], f"@{who} via /fleet {word}"
     try:
         if word == "retry":
-            retry_task(store, cfg.orchestrator, tid, now=ts)
+            retry_task(store, cfg.orchestrator, tid, now=ts, by=by)
             text = f"@{who}: task `{tid}` is queued again (a new attempt budget)."
         elif word == "cancel":
-            cancel_task(store, tid, f"cancelled by {by}", now=ts)
+            cancel_task(store, tid, f"cancelled by {by}", now=ts, by=by)
             text = f"@{who}: task `{tid}` is cancelled."
         else:
             pr = (task.get("pull_request") or {}).get("number")

@@ -117,16 +117,20 @@ def create_task(
 
 
 def cancel_task(store: Store, task_id: str, reason: str = "cancelled by operator", *,
-                now: float | None = None) -> dict:  # fmt: skip
-    """Cancel a task that is not terminal."""
+                now: float | None = None, by: str | None = None) -> dict:  # fmt: skip
+    """Cancel a task that is not terminal (``by``: who asked, kept in the event, e.g. ``"@alice via /fleet
+    cancel"``)."""
     reason = check_text(reason, "reason", MAX_MESSAGE)
     with store.write():
         task = get_task(store, task_id)
-        return transition(store, task, Transition.CANCELLED, now_or(now), data={"reason": reason})
+        data = {"reason": reason, **({"by": by} if by else {})}
+        return transition(store, task, Transition.CANCELLED, now_or(now), data=data)
 
 
-def retry_task(store: Store, orch: OrchestratorConfig, task_id: str, *, now: float | None = None) -> dict:
-    """Re-queue a failed or cancelled task with a fresh attempt budget (``1 + retries`` more attempts)."""
+def retry_task(store: Store, orch: OrchestratorConfig, task_id: str, *, now: float | None = None,
+               by: str | None = None) -> dict:  # fmt: skip
+    """Re-queue a failed or cancelled task with a fresh attempt budget (``1 + retries`` more attempts); ``by``
+    as in ``cancel_task``."""
     with store.write():
         task = get_task(store, task_id)
         next_state(task["state"], Transition.RETRIED)
@@ -137,7 +141,7 @@ def retry_task(store: Store, orch: OrchestratorConfig, task_id: str, *, now: flo
         knobs = parse_labels(task["labels"], orch.requirement_prefix)
         retries = knobs.max_retries if knobs.max_retries is not None else orch.default_max_retries
         return transition(store, task, Transition.RETRIED, now_or(now),
-                          data={"max_attempts": task["attempt"] + 1 + retries})  # fmt: skip
+                          data={"max_attempts": task["attempt"] + 1 + retries, **({"by": by} if by else {})})  # fmt: skip
 
 
 def rework_task(
