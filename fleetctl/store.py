@@ -804,6 +804,10 @@ class Store:
         self.execute("UPDATE commands SET state = ?, detail = ?, task_id = coalesce(?, task_id), tries = tries + 1, "
                      "done_at = ? WHERE id = ?", (state, detail[:1000], task_id, ts, command_id))  # fmt: skip
 
+    def command(self, comment_key: str) -> dict | None:
+        """The command recorded for a comment (``commands.comment_key``), or None."""
+        return self._one("SELECT * FROM commands WHERE comment_key = ?", (comment_key,))
+
     def commands(self, limit: int = 50) -> list[dict]:
         return self._all("SELECT * FROM commands ORDER BY id DESC LIMIT ?", (limit,))
 

@@ -52,6 +52,12 @@ def test_a_writer_cancels_and_retries_a_reader_gets_one_reply_and_fleetctls_own_
     passes(server)
     refusals = [b for b in _replies(forgejo, n) if "only people with write access" in b]
     assert len(refusals) == 1 and "@carol" in refusals[0]
+    delivery = forgejo.deliveries[first][0]["X-Forgejo-Delivery"]  # the operator finds the outcome there
+    shown = json.loads(fleet(server, "deliveries", "show", delivery, "--json").stdout)
+    assert shown["command"] | {"detail": None} == {"command": "/fleet cancel", "sender": "carol", "state": "refused",
+                                                   "detail": None, "task_id": None, "tries": 1}  # fmt: skip
+    assert "carol has read access" in shown["command"]["detail"]
+    assert "state=refused" in fleet(server, "deliveries", "show", delivery).stdout
 
     forgejo.comment(REPO, n, "/fleet cancel", user="fleet-bot")  # fleetctl's own account: nothing at all
     passes(server)

@@ -47,13 +47,35 @@ def record(store: Store, cfg: Config, change: Change, bot: str | None, ts: float
     if found is None:
         return "ignored", "the comment has no /fleet command"
     command, rest = found
-    key = f"{(change.repo or '').lower()}#comment-{comment.id}"
+    key = comment_key(change.repo or "", comment.id)
     row = {"comment_key": key, "received_at": ts, "repo": change.repo, "number": comment.number,
            "is_pull": int(comment.is_pull), "comment_id": comment.id, "sender": change.sender or "", "command": command,
            "body": rest[:4000]}  # fmt: skip
     if not store.add_command(row):
         return "ignored", f"comment {comment.id} was recorded already"
     return "accepted", f"/fleet {command.lstrip('?')} by @{change.sender}: recorded; the next pass checks who may"
+
+
+def comment_key(repo: str, comment_id: int) -> str:
+    """The key of a comment's command (``commands.comment_key``): one row per comment, whatever the delivery."""
+    return f"{repo.lower()}#comment-{comment_id}"
+
+
+def of_delivery(store: Store, delivery: dict, raw: bytes | None) -> dict | None:
+    """What became of the command a comment delivery recorded (for ``fleetctl deliveries show``): its command,
+    sender, state (``pending``, ``done``, ``refused``, ``failed``), detail and task; None for any other delivery.
+    """
+    if delivery["event_type"] not in ("issue_comment", "pull_request_comment") or raw is None or not delivery["repo"]:
+        return None
+    try:
+        comment_id = json.loads(raw)["comment"]["id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    row = store.command(comment_key(delivery["repo"], comment_id))
+    if row is None:
+        return None
+    return {"command": "/fleet " + row["command"].lstrip("?"), **{k: row[k] for k in ("sender", "state", "detail",
+                                                                                      "task_id", "tries")}}  # fmt: skip
 
 
 def process_pending(store: Store, cfg: Config, client: Any = None, *, now: float | None = None) -> list[dict]:

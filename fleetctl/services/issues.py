@@ -303,15 +303,20 @@ def list_deliveries(store: Store, *, verdict: str | None = None, limit: int = 50
 
 
 def get_delivery(store: Store, delivery_id: str) -> tuple[dict, bytes | None]:
-    """A recorded delivery's view and its raw body (None when it was not kept), or ``NotFound``."""
+    """A recorded delivery's view (with what became of the comment command it recorded, if any) and its raw
+    body (None when it was not kept), or ``NotFound``."""
     from fleetctl.errors import NotFound
     from fleetctl.ids import check_id
+    from fleetctl.services.commands import of_delivery
 
     check_id(delivery_id, "delivery id")
     row = store.delivery(delivery_id)
     if row is None:
         raise NotFound(f"no delivery {delivery_id!r}", code="delivery_not_found")
-    return delivery_view(row), (zlib.decompress(row["body_zlib"]) if row["body_zlib"] is not None else None)
+    raw = zlib.decompress(row["body_zlib"]) if row["body_zlib"] is not None else None
+    view = delivery_view(row)
+    command = of_delivery(store, row, raw)
+    return ({**view, "command": command} if command else view), raw
 
 
 VERDICTS = ("accepted", "ignored", "rejected")
