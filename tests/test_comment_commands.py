@@ -129,6 +129,9 @@ def test_a_demoted_writer_is_refused_once_the_cached_permission_is_older_than_it
         forgejo.set_permission(REPO, "alice", "read")
         assert permission(store, cfg, client, REPO, "alice", 1059.0) == "write"  # within the TTL
         assert permission(store, cfg, client, REPO, "alice", 1060.0) == "read"  # at the TTL: asked again
+        forgejo.set_permission(REPO, "alice", "write")
+        assert permission(store, cfg, client, REPO, "alice", 1061.0) == "read"  # remembered again, for 60 s
+        assert permission(store, cfg, client, REPO, "alice", 990.0) == "write"  # the clock set back: asked again
         uncached = replace(cfg, forgejo=replace(cfg.forgejo, permission_cache_secs=0))
         forgejo.set_permission(REPO, "alice", "write")
         assert permission(store, uncached, client, REPO, "alice", 1061.0) == "write"

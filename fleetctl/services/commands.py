@@ -130,7 +130,8 @@ def permission(store: Store, cfg: Config, client: Any, repo: str, login: str, ts
     if cached and ttl > 0:
         try:
             entry = json.loads(cached)
-            if ts - float(entry["at"]) < ttl and isinstance(entry["permission"], str):
+            # never older than the TTL; an entry from the future (the clock was set back) is not trusted
+            if 0 <= ts - float(entry["at"]) < ttl and isinstance(entry["permission"], str):
                 return entry["permission"]
         except (ValueError, KeyError, TypeError):
             pass
