@@ -160,3 +160,46 @@ def test_when_fleetctls_account_may_not_ask_the_command_fails_at_once_with_one_r
 )  # fmt: skip
 def test_the_command_is_the_first_line_that_starts_with_fleet(body, expected):
     assert comment_command(body) == expected
+
+
+def test_forgejos_own_comment_payloads_new_comments_once_never_edits_nor_fleetctls_own(tmp_path):
+    """The shared payloads as Forgejo sends them, through ``ingest``: what the webhook records (nothing else:
+    it never calls Forgejo; the pass does)."""
+    from test_webhooks import CONFIG, SHARED, forgejo_bytes, headers_for
+
+    from fleetctl.config import load_config_text
+    from fleetctl.services import issues
+    from fleetctl.store import Store
+
+    def doc(name: str, body: str, sender: str = "bob") -> dict:
+        d = json.loads((SHARED / name).read_text())
+        d["comment"]["body"], d["sender"]["login"] = body, sender
+        return d
+
+    def send(name: str, d: dict, delivery: str | None = None) -> str:
+        raw = forgejo_bytes(d)
+        return issues.ingest(store, cfg, headers_for(name, raw, delivery=delivery), raw, source="test").verdict
+
+    for on in (False, True):
+        text = CONFIG.replace("webhook_secret =", f"bot_login = 'fleet-bot'\ncomment_commands = {str(on).lower()}\n"
+                                                  "webhook_secret =")  # fmt: skip
+        (tmp_path / f"{on}").mkdir()
+        cfg = load_config_text(text, tmp_path / f"{on}" / "config.toml")
+        store = Store.open(cfg.orchestrator.db_path)
+        try:
+            created = doc("issue_comment-created.json", "Thanks.\n/fleet cancel")
+            assert send("issue_comment-created.json", created, "c-1") == ("accepted" if on else "ignored")
+            assert send("issue_comment-created.json", created, "c-2") == "ignored"  # a Replay: the same comment
+            assert send("issue_comment-edited.json", doc("issue_comment-edited.json", "/fleet retry")) == "ignored"
+            own = doc("issue_comment-created.json", "/fleet retry", sender="fleet-bot") | {"comment": {
+                **created["comment"], "id": 302, "body": "/fleet retry"}}  # fmt: skip
+            assert send("issue_comment-created.json", own) == "ignored"
+            on_pr = doc("pull_request_comment-created.json", "/fleet rework\nAdd the test.")
+            assert send("pull_request_comment-created.json", on_pr) == ("accepted" if on else "ignored")
+            rows = [(r["command"], r["sender"], r["number"], r["is_pull"], r["body"], r["state"])
+                    for r in reversed(store.commands())]  # fmt: skip
+            assert rows == ([("cancel", "bob", 42, 0, "", "pending"), ("rework", "bob", 43, 1, "Add the test.",
+                                                                       "pending")] if on else [])  # fmt: skip
+            assert store.check().ok
+        finally:
+            store.close()
