@@ -24,6 +24,7 @@ keys take numbers or duration strings (``"30m"``, fleetctl.durations). Secrets r
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -38,6 +39,82 @@ from typing import Any
 from fleetctl.durations import DURATION_HINT, parse_duration
 from fleetctl.errors import ConfigError, Conflict
 from fleetctl.ids import ID_RE, REPO_RE
+
+
+class SecretFile:
+    """A secret named by ``<key>_file``: read when a command first needs it, never at load.
+
+    A systemd unit gets only the credentials it loads (``LoadCredential=``, under ``$CREDENTIALS_DIRECTORY``);
+    a command that does not need a secret must not fail because its file exists only inside another unit.
+    ``path`` is None when the name could not be resolved here (``problem`` says why, e.g. an unset variable).
+    """
+
+    __slots__ = ("where", "name", "path", "problem")
+
+    def __init__(self, where: str, name: str, path: Path | None, problem: str | None = None):
+        self.where, self.name, self.path, self.problem = where, name, path, problem
+
+    def read(self) -> str | None:
+        """The secret (None when the file is empty); ConfigError (exit 2) when it cannot be read here."""
+        if self.path is None:
+            raise ConfigError(f"{self.where}: {self.problem}")
+        try:
+            content = _read_bounded(self.path, SECRET_FILE_MAX_BYTES).rstrip("\r\n")
+        except _Unreadable as exc:
+            raise ConfigError(f"{self.where}: cannot read secret file {self.path}: {exc}") from None
+        from fleetctl.log import redact
+
+        redact(content)
+        return content or None
+
+
+class _Secret:
+    """A dataclass field holding a secret: a value, None, or a ``SecretFile`` read on first access (then kept
+    for the life of this config object; a reloaded config reads the file again).
+
+    ``dataclasses.replace`` reads every field, so it reads the file: the loader builds with raw values and
+    ``_apply_env`` overrides without it. ``secret_source`` looks at the raw value without reading anything.
+    """
+
+    def __init__(self, name: str):
+        self.name, self.slot = name, f"_secret_{name}"
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return None
+        raw = obj.__dict__.get(self.slot)
+        if isinstance(raw, SecretFile):
+            read = f"{self.slot}_read"
+            if read not in obj.__dict__:
+                obj.__dict__[read] = raw.read()
+            return obj.__dict__[read]
+        return raw
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.slot] = None if value is self else value
+        obj.__dict__.pop(f"{self.slot}_read", None)
+
+
+def _secret_field(name: str) -> Any:
+    return field(default=_Secret(name), repr=False, compare=False)
+
+
+def secret_source(section: Any, key: str) -> str | SecretFile | None:
+    """A secret as configured, without reading a file: its value, its ``SecretFile``, or None (not set)."""
+    return section.__dict__.get(f"_secret_{key}")
+
+
+def secret_at_hand(section: Any, key: str) -> bool:
+    """Whether this process has the secret: set inline or by the environment, or a file it can read now.
+    For the optional uses (a receipt check that can wait for a pass with the token); a needed secret is read
+    by plain attribute access, which raises ConfigError with the reason."""
+    raw = secret_source(section, key)
+    if isinstance(raw, SecretFile):
+        try:
+            return bool(getattr(section, key))
+        except ConfigError:
+            return False
+    return bool(raw)
 
 
 def data_home(env: Mapping[str, str] | None = None) -> Path:
@@ -95,7 +172,7 @@ class AgentTypeConfig:
 class ServerConfig:
     bind: str = "127.0.0.1"
     port: int = 9090
-    admin_token: str | None = None
+    admin_token: str | None = _secret_field("admin_token")
     max_body_bytes: int = 1048576
     webhook_max_body_bytes: int = 5 * 1048576
     metrics_public: bool = True
@@ -105,8 +182,8 @@ class ServerConfig:
 @dataclass(frozen=True)
 class ForgejoConfig:
     url: str | None = None
-    token: str | None = None
-    webhook_secret: str | None = None
+    token: str | None = _secret_field("token")
+    webhook_secret: str | None = _secret_field("webhook_secret")
     repositories: tuple[str, ...] = ()
     require_pull_request: bool = True
     comments: bool = True
@@ -129,7 +206,7 @@ class ForgejoConfig:
     def api_ready(self) -> bool:
         """Whether Forgejo's API can be used from this process: a URL and a token (systemd gives the token to
         the units that need it; elsewhere receipts wait as pending and the outbox waits)."""
-        return bool(self.url and self.token)
+        return bool(self.url) and secret_at_hand(self, "token")
 
 
 @dataclass(frozen=True)
@@ -143,7 +220,7 @@ class OrchestratorConfig:
     retry_backoff_max_secs: float = 600
     dispatch_interval_secs: float = 10
     requirement_prefix: str = "agent:"
-    http_pull_token: str | None = None
+    http_pull_token: str | None = _secret_field("http_pull_token")
     lease_secs: float = 300
     output_cap_bytes: int = 1048576
     prompt_template: str | None = None
@@ -174,7 +251,7 @@ class BudgetsConfig:
 @dataclass(frozen=True)
 class MatrixConfig:
     homeserver: str | None = None
-    access_token: str | None = None
+    access_token: str | None = _secret_field("access_token")
     room_id: str | None = None  # a room id (!…) or an alias (#name:server), resolved once
     events: tuple[str, ...] = ("task.failed", "task.awaiting_review", "task.completed", "task.needs_human",
                                "agent.offline")  # fmt: skip
@@ -189,7 +266,7 @@ class MatrixConfig:
     @property
     def ready(self) -> bool:
         """Whether this process can send them (enabled, and its access token is at hand)."""
-        return self.enabled and bool(self.access_token)
+        return self.enabled and secret_at_hand(self, "access_token")
 
 
 @dataclass(frozen=True)
@@ -238,6 +315,25 @@ SECRET_ENV: dict[str, tuple[str, str]] = {
     "FLEET_REGISTRATION_TOKEN": ("orchestrator", "http_pull_token"),
 }
 """Environment variables that override a secret (they win over ``<key>_file`` and the inline value)."""
+SECRET_ENV_OF = {where: var for var, where in SECRET_ENV.items()}
+
+_VAR_RE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def _expand_vars(text: str, env: Mapping[str, str]) -> tuple[str, str | None]:
+    """``$NAME`` and ``${NAME}`` in a ``*_file`` path replaced from ``env``; the first unset name, if any."""
+    unset: list[str] = []
+
+    def sub(m: re.Match) -> str:
+        name = m[1] or m[2]
+        if not env.get(name):
+            unset.append(name)
+            return m[0]
+        return env[name]
+
+    out = _VAR_RE.sub(sub, text)
+    return out, (unset[0] if unset else None)
+
 
 MASK = "***"
 
@@ -397,25 +493,31 @@ def _read_text(path: Path) -> str:
 
 
 def _apply_env(cfg: Config, env: Mapping[str, str]) -> Config:
-    """Environment overrides, applied last: secrets (env > file > inline) and FLEET_DB_PATH."""
-    sections = {name: getattr(cfg, name) for name in SECRET_KEYS}
+    """Environment overrides, applied last: secrets (env > file > inline) and FLEET_DB_PATH.
+
+    Sections are copied, not ``replace``d: that would read every ``*_file`` secret (see ``_Secret``)."""
+    sections = {name: copy.copy(getattr(cfg, name)) for name in SECRET_KEYS}
     for var, (section, key) in SECRET_ENV.items():
         if env.get(var):
-            sections[section] = replace(sections[section], **{key: env[var]})
+            object.__setattr__(sections[section], key, env[var])  # the field's _Secret.__set__; nothing read
     if env.get("FLEET_DB_PATH"):
         db_path = Path(env["FLEET_DB_PATH"]).expanduser().absolute()
-        sections["orchestrator"] = replace(sections["orchestrator"], db_path=db_path)
+        object.__setattr__(sections["orchestrator"], "db_path", db_path)
     cfg = replace(cfg, **sections)
     _never_logged(cfg)
     return cfg
 
 
 def _never_logged(cfg: Config) -> None:
-    """Register every configured secret with the action log, which then never writes it anywhere."""
+    """Register every secret at hand with the action log, which then never writes it anywhere (a
+    ``*_file`` secret registers itself when it is read)."""
     from fleetctl.log import redact
 
-    redact(cfg.server.admin_token, cfg.orchestrator.http_pull_token, cfg.forgejo.token, cfg.forgejo.webhook_secret,
-           cfg.matrix.access_token)  # fmt: skip
+    for name, keys in SECRET_KEYS.items():
+        for key in keys:
+            raw = secret_source(getattr(cfg, name), key)
+            if isinstance(raw, str):
+                redact(raw)
 
 
 class _Key:
@@ -725,7 +827,8 @@ class _Loader:
         return values
 
     def secret(self, table: dict, values: dict, where: KeyPath, key: str) -> None:
-        """Resolve ``key`` from ``<key>_file`` (wins) or the inline value; env comes later."""
+        """``key`` from ``<key>_file`` (wins; a ``SecretFile``, read when first needed) or the inline value;
+        the environment comes later (``_apply_env``)."""
         inline = values.get(key)
         if inline and inline is not _BAD:
             self.inline_secrets.append(dotted(where + (key,)))
@@ -738,19 +841,15 @@ class _Loader:
             return
         if inline:
             self.warnings.append(f"{self.where(kp)}: both {key} and {file_key} are set; {file_key} wins")
-        secret_path = self.resolve(raw)
-        try:
-            content = _read_bounded(secret_path, SECRET_FILE_MAX_BYTES).rstrip("\r\n")
-        except _Unreadable as exc:
-            self.problem(kp, f"cannot read secret file {secret_path}: {exc}")
-            values[key] = _BAD
-            return
-        if _loose_mode(secret_path):
-            self.warnings.append(
-                f"{self.where(kp)}: secret file {secret_path} is readable by group/others "
-                f"(mode {_mode(secret_path):04o}); chmod 600 it"
-            )
-        values[key] = content or None
+        expanded, unset = _expand_vars(raw, self.env)
+        if unset:
+            problem = (f"{file_key} = {raw!r} names ${unset}, which is not set in this process"
+                       + (" (systemd sets it only inside a unit with LoadCredential=; run the command in such a "
+                          f"unit, or give the secret as {SECRET_ENV_OF[(where[0], key)]})"
+                          if unset == "CREDENTIALS_DIRECTORY" else ""))  # fmt: skip
+            values[key] = SecretFile(self.where(kp), raw, None, problem)
+        else:
+            values[key] = SecretFile(self.where(kp), raw, self.resolve(expanded))
 
     def template(self, text: str) -> None:
         """A prompt template must be one ``render_prompt`` can fill (``fleetctl.prompt.check_template``)."""
@@ -1065,23 +1164,30 @@ def check_config(cfg: Config, serving_webhooks: bool = False, *, check_files: bo
 
     ``serving_webhooks``: whether a webhook listener will run (``serves_webhooks``: ``fleetctl serve`` with
     Forgejo configured); an empty ``forgejo.webhook_secret`` is then an error: webhooks cannot be verified.
-    ``check_files``: also check each SSH host's key and known_hosts files (``ssh_host_problems``;
-    ``fleetctl config check`` does, a command that does not use SSH need not).
+    ``check_files``: also read every ``*_file`` secret (``secret_file_problems``) and check each SSH host's
+    key and known_hosts files (``ssh_host_problems``); ``fleetctl config check`` and ``doctor`` do, a command
+    reads only the secrets it needs, when it needs them.
 
     Example:
         >>> for warning in check_config(load_config(), serving_webhooks=True): print(warning)  # doctest: +SKIP
     """
     where = str(cfg.path) if cfg.path else "embedded default"
     errors, warnings = [], list(cfg.warnings)
-    if serving_webhooks and not cfg.forgejo.webhook_secret:
+    raw_secret = secret_source(cfg.forgejo, "webhook_secret")
+    outside_its_unit = check_files and isinstance(raw_secret, SecretFile) and raw_secret.path is None
+    if serving_webhooks and not outside_its_unit and not cfg.forgejo.webhook_secret:  # else a warning below
         errors.append(
             f"{where}: forgejo.webhook_secret: webhook listener with an empty secret (set webhook_secret, "
             "webhook_secret_file or FLEET_WEBHOOK_SECRET)"
         )
     warnings.extend(not_used_yet(cfg))
+    if check_files:
+        problems, notes = secret_file_problems(cfg)
+        errors += problems
+        warnings += notes
     if cfg.matrix.homeserver and not cfg.matrix.room_id:
         errors.append(f"{where}: matrix.room_id: must be set when matrix.homeserver is set")
-    elif cfg.matrix.homeserver and not cfg.matrix.access_token:
+    elif cfg.matrix.homeserver and not secret_source(cfg.matrix, "access_token"):
         # not an error: a unit without the Matrix credential (dispatch) queues messages for one that has it
         warnings.append(f"{where}: matrix.access_token: not set here: Matrix messages wait in the outbox for a "
                         "process that has it (set access_token, access_token_file or FLEET_MATRIX_TOKEN)")  # fmt: skip
@@ -1096,6 +1202,31 @@ def check_config(cfg: Config, serving_webhooks: bool = False, *, check_files: bo
         msg = errors[0] if len(errors) == 1 else f"{len(errors)} configuration errors:\n  " + "\n  ".join(errors)
         raise ConfigError(msg, details={"errors": errors})
     return warnings
+
+
+def secret_file_problems(cfg: Config) -> tuple[list[str], list[str]]:
+    """Every ``*_file`` secret read now (errors, warnings): a file that cannot be read is an error; one that
+    others may read, or a name with a variable this process lacks (``$CREDENTIALS_DIRECTORY`` outside the
+    systemd unit that loads the credential), is a warning."""
+    errors, warnings = [], []
+    for name, keys in SECRET_KEYS.items():
+        section = getattr(cfg, name)
+        for key in keys:
+            raw = secret_source(section, key)
+            if not isinstance(raw, SecretFile):
+                continue
+            if raw.path is None:
+                warnings.append(f"{raw.where}: {raw.problem}")
+                continue
+            try:
+                SecretFile(raw.where, raw.name, raw.path).read()
+            except ConfigError as exc:
+                errors.append(str(exc))
+                continue
+            if _loose_mode(raw.path):
+                warnings.append(f"{raw.where}: secret file {raw.path} is readable by group/others "
+                                f"(mode {_mode(raw.path):04o}); chmod 600 it")  # fmt: skip
+    return errors, warnings
 
 
 def ssh_host_problems(host: HostConfig) -> tuple[list[str], list[str]]:
@@ -1134,11 +1265,12 @@ def not_used_yet(cfg: Config) -> list[str]:
     where = str(cfg.path) if cfg.path else "embedded default"
     out = []
     if not cfg.forgejo.url:
-        unused = [k for k in ("token", "repositories") if getattr(cfg.forgejo, k)]
+        unused = [k for k, v in (("token", secret_source(cfg.forgejo, "token")),
+                                 ("repositories", cfg.forgejo.repositories)) if v]  # fmt: skip
         if unused:
             keys = ", ".join(f"forgejo.{k}" for k in unused)
             out.append(f"{where}: {keys}: set but forgejo.url is not: sync, receipt checks and write-back need it")
-    elif not cfg.forgejo.token:
+    elif not secret_source(cfg.forgejo, "token"):
         out.append(f"{where}: forgejo.token: not set: receipts cannot be checked against pull requests, and "
                    "sync and write-back cannot run (set token, token_file or FLEET_FORGEJO_TOKEN)")  # fmt: skip
     if not cfg.matrix.homeserver:
@@ -1181,9 +1313,15 @@ def mask(cfg: Config) -> dict:
     out: dict[str, Any] = {}
     for name in ("server", "forgejo", "orchestrator", "matrix", "budgets"):
         section = getattr(cfg, name)
-        values = {f.name: _plain(getattr(section, f.name)) for f in fields(section)}
-        for key in SECRET_KEYS.get(name, ()):
-            values[key] = MASK if values[key] else None
+        values = {}
+        for f in fields(section):
+            if f.name not in SECRET_KEYS.get(name, ()):
+                values[f.name] = _plain(getattr(section, f.name))
+                continue
+            raw = secret_source(section, f.name)  # never read here: it may be readable only in another unit
+            values[f.name] = MASK if raw else None
+            if isinstance(raw, SecretFile):
+                values[f"{f.name}_file"] = raw.name
         out[name] = values
     out["forgejo"]["url"] = _mask_url(cfg.forgejo.url)
     out["matrix"]["homeserver"] = _mask_url(cfg.matrix.homeserver)

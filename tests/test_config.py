@@ -316,7 +316,8 @@ def test_secret_file_problems(tmp_path):
     write(tmp_path / "loose", "abc\n", mode=0o644)
     cfg = C.load_config(write(tmp_path / "c.toml", '[server]\nadmin_token_file = "loose"\n'))
     assert cfg.server.admin_token == "abc"
-    assert any("readable by group/others" in w and "server.admin_token_file" in w for w in cfg.warnings)
+    warnings = C.check_config(cfg, check_files=True)  # config check and doctor read every secret file
+    assert any("readable by group/others" in w and "server.admin_token_file" in w for w in warnings)
     result = fleet("config", "check", "-c", str(write(tmp_path / "c.toml", '[server]\nadmin_token_file = "missing"\n')))
     assert result.exit_code == 2
     assert "c.toml:2:1: server.admin_token_file: cannot read secret file" in result.stderr
@@ -580,8 +581,9 @@ def test_secret_file_size_cap(tmp_path):
     path = write(tmp_path / "c.toml", '[server]\nadmin_token_file = "tok"\n')
     assert C.load_config(path).server.admin_token == "t" * (C.SECRET_FILE_MAX_BYTES - 1)
     write(tmp_path / "tok", "t" * C.SECRET_FILE_MAX_BYTES + "\n")
+    cfg = C.load_config(path)  # read when needed, not at load
     with pytest.raises(ConfigError, match="admin_token_file: cannot read secret file .*: larger than 64 KiB"):
-        C.load_config(path)
+        cfg.server.admin_token  # noqa: B018
 
 
 # --------------------------------------------------------------------------------------------- show

@@ -131,3 +131,11 @@ def test_relative_links_reach_a_file_and_a_heading(page):
             if anchor not in {_anchor(h) for h in headings}:
                 broken.append(target)
     assert not broken, f"{page.relative_to(ROOT)}: links to nothing: {broken}"
+
+
+def test_the_index_links_every_page():
+    text = (ROOT / "docs" / "index.md").read_text()
+    linked = {t.partition("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text)}
+    pages = {p.name for p in (ROOT / "docs").iterdir() if p.suffix in (".md", ".json") and p.name != "index.md"}
+    assert pages <= linked, f"docs/index.md does not link {sorted(pages - linked)}"
+    assert "../skill/SKILL.md" in linked

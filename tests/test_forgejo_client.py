@@ -141,10 +141,16 @@ def test_every_fake_answer_validates_against_the_swagger(forgejo, swagger):
     ]  # fmt: skip
     forgejo.push_branch(REPO, "agent/api")
     calls.append(("POST", f"/repos/{REPO}/pulls", {"head": "agent/api", "base": "main", "title": "new"}))
+    forgejo.add_hook(REPO, "https://fleet.example.org/api/v1/webhooks/forgejo")
+    calls.append(("GET", f"/repos/{REPO}/hooks", None))  # 403: the bot is no admin of the repository
+    calls.append(("GET", f"/repos/{REPO}/hooks", "admin"))  # listed to an admin
     headers = {"Authorization": f"token {forgejo.bot_token}"}
     checked = 0
     with httpx.Client(base_url=forgejo.url + "/api/v1", headers=headers) as http:
         for method, path, body in calls:
+            if body == "admin":
+                forgejo.set_permission(REPO, "fleet-bot", "admin")
+                body = None
             resp = http.request(method, path, json=body)
             verb, template, status = forgejo.requests[-1]
             assert (verb, status) == (method, resp.status_code) and template, (method, path)

@@ -25,6 +25,7 @@ from fleetctl.server import GRACE_SECS
 ROOT = Path(__file__).resolve().parent.parent
 UNIT_DIR = ROOT / "systemd"
 OPERATIONS = ROOT / "docs" / "operations.md"
+DEPLOYMENT = ROOT / "docs" / "deployment.md"
 UNITS = sorted(p for p in UNIT_DIR.iterdir() if p.suffix in (".service", ".timer"))
 BINARY = "/usr/local/bin/fleetctl"
 SELF_EXPLANATORY = {"Description", "ExecStart", "WantedBy"}
@@ -98,14 +99,44 @@ def verify(paths: list[Path]) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120, cwd=paths[0].parent)  # fmt: skip
 
 
+def timer_problems(unit_dir: Path) -> list[str]:
+    """What is wrong with the timers in ``unit_dir``: a timer whose service is missing or not a oneshot, or
+    one without ``OnBootSec=`` or ``OnUnitActiveSec=`` (it would fire once, or never after a reboot)."""
+    problems = []
+    for timer in sorted(unit_dir.glob("*.timer")):
+        service = timer.with_suffix(".service")
+        if not service.exists():
+            problems.append(f"{timer.name} fires {service.name}, which is missing")
+        elif values(service, "Type") != ["oneshot"]:
+            problems.append(f"{service.name}: a timer's pass is Type=oneshot")
+        for key in ("OnBootSec", "OnUnitActiveSec"):
+            found = values(timer, key)
+            if len(found) != 1 or seconds(found[0]) <= 0:
+                problems.append(f"{timer.name}: needs one positive {key}=, has {found}")
+    return problems
+
+
 def test_the_units_are_there():
     names = {p.name for p in UNITS}
     assert {"fleetctl-serve.service", "fleetctl-dispatch.service", "fleetctl-dispatch.timer",
-            "fleetctl-sweep.service", "fleetctl-sweep.timer"} <= names  # fmt: skip
-    for timer in UNIT_DIR.glob("*.timer"):
-        service = timer.with_suffix(".service")
-        assert service.exists(), f"{timer.name} fires {service.name}, which is missing"
-        assert value(service, "Type") == "oneshot", f"{service.name}: a timer's pass is Type=oneshot"
+            "fleetctl-sweep.service", "fleetctl-sweep.timer", "fleetctl-sync.service",
+            "fleetctl-sync.timer"} <= names  # fmt: skip
+    assert timer_problems(UNIT_DIR) == []
+
+
+def test_the_timer_check_would_catch_a_lonely_or_idle_timer(tmp_path):
+    for unit in UNITS:
+        (tmp_path / unit.name).write_text(unit.read_text())
+    (tmp_path / "fleetctl-sync.service").unlink()
+    sweep = tmp_path / "fleetctl-sweep.timer"
+    sweep.write_text(sweep.read_text().replace("OnUnitActiveSec=30s\n", ""))
+    dispatch = tmp_path / "fleetctl-dispatch.timer"
+    dispatch.write_text(dispatch.read_text().replace("OnBootSec=15s\n", ""))
+    assert timer_problems(tmp_path) == [
+        "fleetctl-dispatch.timer: needs one positive OnBootSec=, has []",
+        "fleetctl-sweep.timer: needs one positive OnUnitActiveSec=, has []",
+        "fleetctl-sync.timer fires fleetctl-sync.service, which is missing",
+    ]
 
 
 def test_systemd_analyze_verify_is_silent(tmp_path):
@@ -137,35 +168,53 @@ def fenced_blocks(text: str, lang: str) -> list[str]:
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
 def test_operations_doc_includes_the_unit_verbatim(unit):
-    blocks = fenced_blocks(OPERATIONS.read_text(), "ini")
+    blocks = fenced_blocks(DEPLOYMENT.read_text(), "ini")
     assert unit.read_text() in blocks, (
-        f"docs/operations.md must include systemd/{unit.name} verbatim in an ```ini block; copy the file in"
+        f"docs/deployment.md must include systemd/{unit.name} verbatim in an ```ini block; copy the file in"
     )
 
 
-def test_the_documented_config_matches_serve_credentials(tmp_path):
-    """The deployment config's *_file names are exactly the credentials serve loads (besides the config),
-    and it loads both in serve's view (credentials directory) and everyone else's (empty placeholders)."""
-    configs = [b for b in fenced_blocks(OPERATIONS.read_text(), "toml") if b.startswith("# /etc/fleetctl/config.toml")]
-    assert len(configs) == 1, "docs/operations.md has one ```toml block starting '# /etc/fleetctl/config.toml'"
-    text = configs[0]
-    files = set(re.findall(r'^\s*\w+_file\s*=\s*"([^"]+)"', text, flags=re.M))
-    credentials = {v.split(":", 1)[0] for v in values(UNIT_DIR / "fleetctl-serve.service", "LoadCredential")}
-    assert files == credentials - {"config.toml"}
-    for name in files:
-        (tmp_path / name).write_text("secret\n")
-        (tmp_path / name).chmod(0o600)
-    serve_view = load_config_text(text, tmp_path / "config.toml", env={})
-    assert serve_view.server.admin_token == "secret" and not serve_view.warnings
-    for name in files:
-        (tmp_path / name).write_text("")
-    others_view = load_config_text(text, tmp_path / "config.toml", env={})
-    assert others_view.server.admin_token is None and others_view.orchestrator.http_pull_token is None
+def documented_config() -> str:
+    configs = [b for b in fenced_blocks(DEPLOYMENT.read_text(), "toml") if b.startswith("# /etc/fleetctl/config.toml")]
+    assert len(configs) == 1, "docs/deployment.md has one ```toml block starting '# /etc/fleetctl/config.toml'"
+    return configs[0]
+
+
+def credentials_of(unit: Path) -> dict[str, str]:
+    return dict(v.split(":", 1) for v in values(unit, "LoadCredential"))
+
+
+def test_the_documented_config_names_each_secret_in_the_units_credentials_directory(tmp_path):
+    """Every *_file of the deployment config is ${CREDENTIALS_DIRECTORY}/NAME; every unit loads each NAME it
+    uses from /etc/fleetctl/credentials/NAME; together the units load exactly the names the config uses."""
+    text = documented_config()
+    names = re.findall(r'^\s*\w+_file\s*=\s*"([^"]+)"', text, flags=re.M)
+    assert names and all(n.startswith("${CREDENTIALS_DIRECTORY}/") for n in names), names
+    files = {n.removeprefix("${CREDENTIALS_DIRECTORY}/") for n in names}
+    loaded: set[str] = set()
+    for unit in sorted(UNIT_DIR.glob("*.service")):
+        for name, source in credentials_of(unit).items():
+            assert source == f"/etc/fleetctl/credentials/{name}", (unit.name, name, source)
+            loaded.add(name)
+    assert loaded == files
+    assert not credentials_of(UNIT_DIR / "fleetctl-dispatch.service"), "local runs inherit dispatch's environment"
+    # Each unit's view: its own credentials directory holds only what it loads.
+    for unit in ("fleetctl-serve.service", "fleetctl-sweep.service", "fleetctl-sync.service"):
+        creds = tmp_path / unit
+        creds.mkdir()
+        for name in credentials_of(UNIT_DIR / unit):
+            (creds / name).write_text(f"{name}-value\n")
+            (creds / name).chmod(0o600)
+        cfg = load_config_text(text, tmp_path / "config.toml", env={"CREDENTIALS_DIRECTORY": str(creds)})
+        assert cfg.forgejo.token == "forgejo-token-value", unit
+    # An operator's shell (no CREDENTIALS_DIRECTORY): the config loads; the secrets are simply not at hand.
+    cfg = load_config_text(text, tmp_path / "config.toml", env={})
+    assert not cfg.forgejo.api_ready and not cfg.matrix.ready
 
 
 @pytest.mark.parametrize("unit", sorted(UNIT_DIR.glob("*.service")), ids=lambda p: p.name)
 def test_exec_start_names_a_real_command(unit):
-    """No unit for a command that does not exist (`fleetctl sync` is future work: no unit until it is)."""
+    """No unit for a command that does not exist; every option it passes is one the command takes."""
     args = value(unit, "ExecStart").split()[1:]
     result = CliRunner().invoke(app, [*args, "--help"])  # the subcommand and every option it is given
     assert result.exit_code == 0, f"{unit.name}: fleetctl {' '.join(args)} --help failed:\n{result.output}"
@@ -183,7 +232,7 @@ def test_dispatch_lets_its_local_runs_outlive_the_pass():
     dispatch = UNIT_DIR / "fleetctl-dispatch.service"
     assert value(dispatch, "KillMode") == "process"
     assert value(dispatch, "PrivateTmp") == "no"
-    assert "%d" not in value(dispatch, "ExecStart"), "runs reload the config after the unit (and %d) is gone"
+    assert value(dispatch, "ExecStart").endswith("--config /etc/fleetctl/config.toml"), "runs reload it later"
 
 
 def test_timer_intervals_agree_with_the_program():

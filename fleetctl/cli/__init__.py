@@ -12,7 +12,7 @@ gc.disable()  # importing typer and the commands makes ~100k long-lived objects 
 
 import typer  # noqa: E402
 
-from fleetctl.cli import agent, config, db, demo, events, notify, outbox, passes, serve, task, usage, webhooks  # noqa: E402
+from fleetctl.cli import agent, config, db, demo, doctor, events, notify, outbox, passes, serve, task, usage, webhooks  # noqa: E402
 from fleetctl.cli._coerce import install as _install_fast_coercion  # noqa: E402
 from fleetctl.cli._common import ConfigOpt, set_root_config  # noqa: E402
 from fleetctl.cli._help import install as _install_help  # noqa: E402
@@ -78,6 +78,7 @@ app.command("sweep-timeouts")(passes.sweep_timeouts)
 app.command("sync")(passes.sync)
 app.command("ingest-webhook")(webhooks.ingest_webhook)
 app.command("demo")(demo.demo)
+app.command("doctor")(doctor.doctor)
 app.command("usage")(usage.usage)
 
 

@@ -119,6 +119,17 @@ def env_file(env: Mapping[str, str]) -> bytes:
     return "".join(lines).encode("utf-8", "surrogateescape")
 
 
+#: ``fleetctl doctor``'s one command on a host: ``sh -c DIAGNOSE fleetctl-doctor WORK_DIR COMMAND...``. Reads only.
+DIAGNOSE = r"""wd=$1; shift
+if [ -d "$wd" ]; then [ -w "$wd" ] && [ -x "$wd" ] && echo 'writable 1' || echo 'writable 0'; p=$wd
+else p=$(dirname -- "$wd"); while [ ! -d "$p" ]; do p=$(dirname -- "$p"); done
+  [ -w "$p" ] && [ -x "$p" ] && echo 'writable 1' || echo 'writable 0'; fi
+echo "free_kb $(df -Pk -- "$p" 2>/dev/null | awk 'NR==2 {print $4}')"
+echo "time $(date +%s)"
+for c in "$@"; do command -v -- "$c" >/dev/null 2>&1 || echo "missing $c"; done
+"""
+
+
 class SshExecutor:
     """Runs attempts on one SSH host, over one reused connection; see the module docstring."""
 
@@ -419,6 +430,31 @@ class SshExecutor:
     def check(self) -> None:
         """Log in (or reuse the connection) and run ``true``: ``HostUnreachable`` / ``RemoteError`` if not."""
         self._exec(["true"], self.timeout, "cannot run a command", "probe_failed")
+
+    def diagnose(self, work_dir: str, commands: list[str]) -> dict[str, Any]:
+        """What ``fleetctl doctor`` asks of the host, in one exec after the login (which raises
+        ``HostUnreachable`` with the reason): ``{"writable": bool, "free_bytes": int | None, "time": float,
+        "missing": [command, ...], "login_secs": float}``. Changes nothing on the host: work_dir counts as
+        writable if it is a writable directory, or does not exist yet under a writable parent."""
+        started = time.monotonic()
+        self._connection("doctor")
+        login_secs = time.monotonic() - started
+        argv = ["sh", "-c", DIAGNOSE, "fleetctl-doctor", work_dir, *commands]
+        out = self._exec(argv, self.timeout, "cannot run the checks", "doctor").decode("utf-8", "replace")
+        now = time.time()
+        found: dict[str, Any] = {"writable": False, "free_bytes": None, "time": None, "missing": [],
+                                 "login_secs": login_secs, "local_time": now}  # fmt: skip
+        for line in out.splitlines():
+            key, _, rest = line.partition(" ")
+            if key == "writable":
+                found["writable"] = rest == "1"
+            elif key == "free_kb" and rest.isdigit():
+                found["free_bytes"] = int(rest) * 1024
+            elif key == "time" and rest.isdigit():
+                found["time"] = float(rest)
+            elif key == "missing" and rest:
+                found["missing"].append(rest)
+        return found
 
     def close(self) -> None:
         """Close the connection (if one is open); idempotent."""

@@ -60,6 +60,7 @@ ROUTES: dict[str, tuple[str, str]] = {
     "create_label": ("POST", "/repos/{owner}/{repo}/labels"),
     "add_labels": ("POST", "/repos/{owner}/{repo}/issues/{index}/labels"),
     "remove_label": ("DELETE", "/repos/{owner}/{repo}/issues/{index}/labels/{id}"),
+    "list_hooks": ("GET", "/repos/{owner}/{repo}/hooks"),
 }
 """Operation name -> (HTTP method, path template of swagger.v1.json, relative to ``/api/v1``)."""
 
@@ -164,6 +165,8 @@ class ForgejoClient:
         if retries < 0 or backoff < 0 or max_backoff < 0:
             raise ValueError("retries, backoff and max_backoff must not be negative")
         self.base_url = base_url.rstrip("/")
+        self.last_date: str | None = None
+        """The ``Date`` header of the last answer (``fleetctl doctor`` compares clocks with it)."""
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -225,6 +228,7 @@ class ForgejoClient:
             with self._http.stream(method, url, params=params, json=body) as resp:
                 raw = self._read_bounded(resp, what)
                 status, headers = resp.status_code, dict(resp.headers)
+                self.last_date = headers.get("date")
         except httpx.TimeoutException as exc:
             # a connect/pool timeout never reached Forgejo: safe to repeat even a POST
             not_sent = isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout)
@@ -421,6 +425,12 @@ class ForgejoClient:
         self._call("remove_label", path={"owner": owner, "repo": name, "index": int(number), "id": int(label_id)},
                    none_on=frozenset({404, 422}))  # fmt: skip
 
+    def list_hooks(self, repo: str) -> list[dict]:
+        """The repository's webhooks (first page). Forgejo shows them to a repository admin only (403 else)."""
+        owner, name = _split_repo(repo)
+        _, doc, _ = self._call("list_hooks", path={"owner": owner, "repo": name}, params={"limit": PAGE_LIMIT})
+        return _expect_list(doc, "list_hooks")
+
 
 def _expect_dict(doc: Any, op: str) -> dict:
     if not isinstance(doc, dict):
@@ -439,8 +449,9 @@ def client_for(forgejo: ForgejoConfig, **options: Any) -> ForgejoClient:
     client's retry settings). ``ConfigError`` when the URL or the token is not set."""
     from fleetctl.errors import ConfigError
 
-    if not forgejo.api_ready:
+    token = forgejo.token if forgejo.url else None  # a token_file is read here, or says why it cannot be
+    if not token:
         missing = "forgejo.url" if not forgejo.url else "forgejo.token (token, token_file or FLEET_FORGEJO_TOKEN)"
         raise ConfigError(f"Forgejo's API cannot be used: {missing} is not set", code="forgejo_not_configured")
     options.setdefault("connect_timeout", min(5.0, forgejo.timeout_secs))
-    return ForgejoClient(forgejo.url, forgejo.token, timeout=forgejo.timeout_secs, **options)
+    return ForgejoClient(forgejo.url, token, timeout=forgejo.timeout_secs, **options)

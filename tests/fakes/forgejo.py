@@ -185,6 +185,7 @@ _ROUTES = [
     ("GET", "/repos/{owner}/{repo}/pulls/{index}", "h_get_pull"),
     ("GET", "/repos/{owner}/{repo}/pulls/{base}/{head}", "h_pull_by_branch"),
     ("GET", "/repos/{owner}/{repo}/branches/{branch}", "h_branch"),
+    ("GET", "/repos/{owner}/{repo}/hooks", "h_list_hooks"),
 ]
 ROUTE_TEMPLATES = [(m, t) for m, t, _ in _ROUTES]
 """Every ``(method, swagger template)`` the fake serves."""
@@ -239,6 +240,7 @@ class FakeForgejo:
         self.delivery_results: list[tuple[int | None, float]] = []
         self.permissions: dict[tuple[str, str], str] = {}
         self.hook_url: str | None = None
+        self.repo_hooks: dict[str, list[dict]] = {}  # what GET /repos/{o}/{r}/hooks lists (add_hook)
         self.hook_secret = ""
         self._fail: list[tuple[int, float | str | None]] = []
         self._hang: list[float] = []
@@ -1097,6 +1099,23 @@ class FakeForgejo:
         the repository's owner is owner)."""
         with self.lock:
             self.permissions[(repo, login)] = permission
+
+    def add_hook(self, repo: str, url: str, *, active: bool = True,
+                 events: tuple[str, ...] = ("issues", "issue_label", "pull_request", "pull_request_sync")) -> None:  # fmt: skip
+        """A webhook configured on ``repo`` as a person would in its settings (listed to repository admins)."""
+        with self.lock:
+            hooks = self.repo_hooks.setdefault(repo, [])
+            hooks.append({"id": self._next("hook"), "type": "forgejo", "url": url, "active": active,
+                          "branch_filter": "", "authorization_header": "", "content_type": "json",
+                          "config": {"url": url, "content_type": "json", "http_method": "post"},
+                          "events": list(events), "metadata": None, "created_at": _now(), "updated_at": _now()})  # fmt: skip
+
+    def h_list_hooks(self, login, query, body, owner, repo):  # noqa: ANN001
+        # As Forgejo's reqAdmin(): only an owner or an admin collaborator sees the repository's webhooks.
+        r = self._repo(f"{owner}/{repo}")
+        if self._permission(r, login) not in ("admin", "owner"):
+            raise ApiError(403, "user should be an owner or a collaborator with admin write of a repository")
+        return self._paged(query, list(self.repo_hooks.get(r.full_name, [])), lambda h: h)
 
     def _permission(self, r: Repo, login: str) -> str:
         return self.permissions.get((r.full_name, login), "owner" if login == r.owner else "read")
