@@ -47,6 +47,9 @@ MIN_FREE_BYTES = 1 << 30
 """Less free space than this (1 GiB) beside the database or in a work directory is a warning; a twentieth
 of it a failure."""
 SYNC_TIMER = "fleetctl-sync.timer"
+CHECK_NAMES = ("config", "database", "database.permissions", "database.disk", "database.check", "serve", "forgejo",
+               "forgejo.token", "forgejo.sync_timer", "clock:forgejo", "matrix", "matrix.room")  # fmt: skip
+"""The checks whose name is fixed; the others name their host or repository (``ssh:ID``, ``forgejo.repo:O/N``)."""
 
 
 @dataclass(frozen=True)
