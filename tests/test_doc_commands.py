@@ -10,13 +10,13 @@ import shlex
 from pathlib import Path
 
 import pytest
+import typer.main
 from typer._click import core as click_core  # typer vendors its own click
 from typer._click.exceptions import UsageError
-import typer.main
 
 from fleetctl.cli import app
-from fleetctl.doctor import CHECK_NAMES
 from fleetctl.config import _SCHEMA, SECRET_KEYS
+from fleetctl.doctor import CHECK_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted([*(ROOT / "docs").glob("*.md"), ROOT / "README.md", ROOT / "skill" / "SKILL.md"])
