@@ -1173,9 +1173,7 @@ def check_config(cfg: Config, serving_webhooks: bool = False, *, check_files: bo
     """
     where = str(cfg.path) if cfg.path else "embedded default"
     errors, warnings = [], list(cfg.warnings)
-    raw_secret = secret_source(cfg.forgejo, "webhook_secret")
-    outside_its_unit = check_files and isinstance(raw_secret, SecretFile) and raw_secret.path is None
-    if serving_webhooks and not outside_its_unit and not cfg.forgejo.webhook_secret:  # else a warning below
+    if serving_webhooks and not _webhook_secret(cfg, errors, reported_elsewhere=check_files):
         errors.append(
             f"{where}: forgejo.webhook_secret: webhook listener with an empty secret (set webhook_secret, "
             "webhook_secret_file or FLEET_WEBHOOK_SECRET)"
@@ -1202,6 +1200,21 @@ def check_config(cfg: Config, serving_webhooks: bool = False, *, check_files: bo
         msg = errors[0] if len(errors) == 1 else f"{len(errors)} configuration errors:\n  " + "\n  ".join(errors)
         raise ConfigError(msg, details={"errors": errors})
     return warnings
+
+
+def _webhook_secret(cfg: Config, errors: list[str], *, reported_elsewhere: bool) -> bool:
+    """Whether the webhook secret is there (an empty file is not): read now. A file that cannot be read is an
+    error, added here unless ``reported_elsewhere`` (``secret_file_problems`` reports it), where a file outside
+    its unit (``$CREDENTIALS_DIRECTORY`` unset) also counts as there: it is a warning of that function."""
+    raw = secret_source(cfg.forgejo, "webhook_secret")
+    if reported_elsewhere and isinstance(raw, SecretFile) and raw.path is None:
+        return True
+    try:
+        return bool(cfg.forgejo.webhook_secret)
+    except ConfigError as exc:
+        if not reported_elsewhere:
+            errors.append(str(exc))
+        return True
 
 
 def secret_file_problems(cfg: Config) -> tuple[list[str], list[str]]:
