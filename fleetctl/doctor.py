@@ -103,6 +103,8 @@ def run(config_path: str | Path | None, *, deep: bool = False, env: dict[str, st
     for host in cfg.hosts:
         if host.is_local:
             report.checks += _local_host(cfg, host)
+    if cfg.forgejo.url:
+        report.checks.append(_sync_timer(env))
     for name, thread, results in remote:
         thread.join(max(0.0, deadline - time.monotonic()))
         if thread.is_alive():
@@ -136,6 +138,9 @@ def _database(cfg: Config, deep: bool) -> list[Check]:
     if not path.exists():
         return [Check("database", FAIL, f"no database at {path}", "create it as the user that runs fleetctl: "
                       "fleetctl db migrate" + (f" --config {cfg.path}" if cfg.path else "")), disk]  # fmt: skip
+    if path.is_dir():
+        return [Check("database", FAIL, f"the database path {path} is a directory", "point orchestrator.db_path "
+                      "(or FLEET_DB_PATH) at a file, e.g. /var/lib/fleetctl/fleet.db"), disk]  # fmt: skip
     permissions = _permissions(path)
     if os.geteuid() == 0 and path.stat().st_uid != 0:  # opening it would leave root-owned -wal/-shm files
         return [Check("database", WARN, f"{path} belongs to uid {path.stat().st_uid}: not opened as root",
@@ -174,7 +179,8 @@ def _permissions(db: Path) -> Check:
     """The database, its WAL and shared-memory files and its directory: writable by their owner, owned by
     this user, and private."""
     me = os.geteuid()
-    loose, foreign, read_only = [], [], []
+    read_only, foreign, loose_files = [], [], []
+    loose_dir = None
     for p in (db.parent, db, Path(f"{db}-wal"), Path(f"{db}-shm")):
         try:
             st = p.stat()
@@ -185,20 +191,26 @@ def _permissions(db: Path) -> Check:
             read_only.append(f"{p} (mode {mode:04o})")
         if st.st_uid != me:
             foreign.append(f"{p} (uid {st.st_uid})")
-        if mode & 0o077 and p != db.parent or p == db.parent and mode & 0o022:
-            loose.append(f"{p} (mode {mode:04o})")
+        if p == db.parent:
+            loose_dir = f"{p} (mode {mode:04o})" if mode & 0o022 else None
+        elif mode & 0o077:
+            loose_files.append(f"{p} (mode {mode:04o})")
     if read_only:
         return Check("database.permissions", FAIL, "read-only: " + ", ".join(read_only),
-                     f"chmod u+w them, as their owner (chown -R the right user {db.parent} if root made them)")  # fmt: skip
+                     "chmod u+w them, as their owner (a file root made: chown it to the user that runs fleetctl)")  # fmt: skip
     if foreign:
         return Check("database.permissions", FAIL if me != 0 else WARN,
                      f"not owned by this user (uid {me}): " + ", ".join(foreign),
                      "run fleetctl as the user that owns the database (sudo -u fleetctl …); a file that root "
-                     f"created: chown -R fleetctl:fleetctl {db.parent}")  # fmt: skip
-    if loose:
-        return Check("database.permissions", WARN, "readable or writable by others: " + ", ".join(loose),
-                     f"chmod 700 {db.parent} && chmod 600 {db}*")  # fmt: skip
-    return Check("database.permissions", OK, f"{db.parent} and its files are private to uid {me}")
+                     "created: chown fleetctl:fleetctl it")  # fmt: skip
+    if loose_dir:
+        return Check("database.permissions", WARN, f"the database's directory is writable by others: {loose_dir}",
+                     "keep the database in a directory of its own, mode 0700 (like /var/lib/fleetctl), not a "
+                     "shared one such as /tmp")  # fmt: skip
+    if loose_files:
+        return Check("database.permissions", WARN, "readable by others: " + ", ".join(loose_files),
+                     f"chmod 600 {db} (and its -wal and -shm files)")  # fmt: skip
+    return Check("database.permissions", OK, f"{db} and its directory are private to uid {me}")
 
 
 def _disk(name: str, path: Path, part: str = LOCAL) -> Check:
@@ -263,7 +275,7 @@ def _start_remote(cfg: Config, env: dict[str, str]) -> list[tuple[str, threading
     """One daemon thread per remote part; each appends its checks to its own list."""
     parts: list[tuple[str, Callable[[], list[Check]]]] = [("serve", lambda: _serve(cfg))]
     if cfg.forgejo.url:
-        parts.append(("forgejo", lambda: _forgejo(cfg, env)))
+        parts.append(("forgejo", lambda: _forgejo(cfg)))
     for host in cfg.hosts:
         if not host.is_local:
             parts.append((f"ssh:{host.host_id}", lambda h=host: _ssh(cfg, h)))
@@ -336,7 +348,7 @@ def _secret(section: Any, key: str, name: str, credential: str, variable: str) -
     return value, None
 
 
-def _forgejo(cfg: Config, env: dict[str, str]) -> list[Check]:
+def _forgejo(cfg: Config) -> list[Check]:
     from fleetctl.forgejo.client import ForgejoClient, ForgejoError
 
     fj = cfg.forgejo
@@ -369,7 +381,6 @@ def _forgejo(cfg: Config, env: dict[str, str]) -> list[Check]:
         checks.append(_skew("clock:forgejo", _http_date(client.last_date), (sent + time.time()) / 2, "Forgejo"))
         for repo in fj.repositories:
             checks += _forgejo_repo(cfg, client, repo, login)
-    checks.append(_sync_timer(env))
     return checks
 
 
@@ -397,7 +408,8 @@ def _forgejo_repo(cfg: Config, client: Any, repo: str, login: str) -> list[Check
                           "scope (write:repository) in the bot's Settings → Applications", REMOTE)]  # fmt: skip
         return [Check(name, FAIL, str(exc), "retry; if it persists, look at Forgejo's log", REMOTE)]
     checks = []
-    if not (doc.get("permissions") or {}).get("push"):
+    permissions = doc.get("permissions")
+    if not (isinstance(permissions, dict) and permissions.get("push")):
         checks.append(Check(name, FAIL, f"{login} may read {repo} but not write to it",
                             f"add {login} as a collaborator with write access (labels, comments)", REMOTE))  # fmt: skip
     try:
@@ -426,7 +438,8 @@ def _webhook(cfg: Config, client: Any, repo: str, login: str) -> Check:
         return Check(name, FAIL, str(exc), "retry; if it persists, look at Forgejo's log", REMOTE)
     public = (cfg.server.public_url or "").rstrip("/")
     for hook in hooks:
-        url = str(hook.get("url") or (hook.get("config") or {}).get("url") or "")
+        config = hook.get("config") if isinstance(hook.get("config"), dict) else {}
+        url = str(hook.get("url") or config.get("url") or "")
         if url.rstrip("/").endswith("/api/v1/webhooks/forgejo") and (not public or url.startswith(public)):
             if not hook.get("active", True):
                 return Check(name, FAIL, f"the webhook to {url} is inactive", "activate it in the repository's "

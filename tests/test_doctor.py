@@ -323,3 +323,26 @@ def test_a_part_that_hangs_is_reported_within_the_bound(fleet, monkeypatch):
     assert check.status == doctor.FAIL and check.detail == "no answer within 1s" and check.hint
     assert by_name(report)["config"].status == doctor.OK and "database" in by_name(report)
     assert report.exit_code() == 5
+
+
+def test_database_problems_found_without_the_rest_of_a_fleet(tmp_path):
+    """The database part alone: a directory where the file should be, a shared directory, a loose file."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'[orchestrator]\ndb_path = "{tmp_path}"\n')
+    config.chmod(0o600)
+    check = by_name(doctor.run(config, env={}))["database"]
+    assert check.status == doctor.FAIL and "is a directory" in check.detail and "db_path" in check.hint
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o700)
+    db = shared / "fleet.db"
+    config.write_text(f'[orchestrator]\ndb_path = "{db}"\n')
+    assert subprocess.run([sys.executable, "-m", "fleetctl", "db", "migrate", "--config", str(config)],
+                          capture_output=True, timeout=60).returncode == 0  # fmt: skip
+    assert by_name(doctor.run(config, env={}))["database.permissions"].status == doctor.OK
+    shared.chmod(0o1777)  # like /tmp
+    check = by_name(doctor.run(config, env={}))["database.permissions"]
+    assert check.status == doctor.WARN and "directory of its own" in check.hint and "chmod" not in check.hint
+    shared.chmod(0o700)
+    db.chmod(0o644)
+    check = by_name(doctor.run(config, env={}))["database.permissions"]
+    assert check.status == doctor.WARN and check.hint == f"chmod 600 {db} (and its -wal and -shm files)"
