@@ -105,3 +105,20 @@ KEY_RE = re.compile(r"`((?:server|forgejo|orchestrator|matrix|budgets)\.[a-z_]+)
 def test_every_config_key_the_docs_name_exists(page):
     unknown = sorted({k for k in KEY_RE.findall(page.read_text()) if k not in KEYS and k not in CHECK_NAMES})
     assert not unknown, f"{page.relative_to(ROOT)} names configuration keys that do not exist: {unknown}"
+
+
+TOML_BLOCKS = [(page, m[1]) for page in [*PAGES, ROOT / "docs" / "cli.md"]
+               for m in re.finditer(r"^```toml\n(.*?)^```$", page.read_text(), flags=re.M | re.S)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("page", "text"), TOML_BLOCKS, ids=[f"{p.name}:{i}" for i, (p, _t) in enumerate(TOML_BLOCKS)])
+def test_every_toml_block_of_the_docs_is_a_valid_config(page, text, tmp_path):
+    """A ```toml block is a config (or part of one) a reader may paste: it must load — known sections and
+    keys, right types, valid values (secret files are not read: they are read when a command needs them)."""
+    from fleetctl.config import load_config_text
+
+    load_config_text(text, tmp_path / "config.toml", env={})
+
+
+def test_there_are_toml_blocks_to_check():
+    assert {p.name for p, _t in TOML_BLOCKS} >= {"deployment.md", "forgejo.md", "matrix.md", "ssh-hosts.md"}
