@@ -119,8 +119,10 @@ class RssSampler:
 class ServeProcess:
     """``fleetctl serve`` on a free loopback port over ``db_path``; ``stop()`` sends SIGTERM."""
 
-    def __init__(self, workdir: Path, db_path: Path, *, lease_secs: float = 3600, extra_env: dict | None = None):
+    def __init__(self, workdir: Path, db_path: Path, *, lease_secs: float = 3600, extra_env: dict | None = None,
+                 extra_args: list[str] | None = None):  # fmt: skip
         self.dir = workdir
+        self.extra_args = extra_args or []
         self.db_path = db_path
         self.config_path = workdir / "serve.toml"
         self.config_path.write_text(
@@ -136,7 +138,7 @@ class ServeProcess:
     def start(self) -> ServeProcess:
         log = open(self.log_path, "a")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
-            [*FLEETCTL, "serve", "--config", str(self.config_path), "--port", "0"],
+            [*FLEETCTL, "serve", "--config", str(self.config_path), "--port", "0", *self.extra_args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, env=self.env, cwd=self.dir,
         )  # fmt: skip
         log.close()

@@ -142,6 +142,17 @@ class ClaimLimits:
                 or bool(self.repo_day_budgets))  # fmt: skip
 
 
+@dataclass
+class ClaimOutlook:
+    """Who may claim what now, for waking waiting long-polls (``Store.claim_outlook``)."""
+
+    ready: dict[frozenset[str], int]  # requirement set -> how many tasks with it are claimable now
+    active: dict[str, int] = field(default_factory=dict)  # agent -> tasks holding its capacity
+    draining: set[str] = field(default_factory=set)  # agents that take nothing new
+    cooling: dict[str, float] = field(default_factory=dict)  # agent -> end of its cooldown
+    next_ready: float | None = None  # when the earliest backoff of a queued task ends
+
+
 _EVENT_INSERT_COLUMNS = ("ts", "type", "task_id", "agent_id", "attempt", "data")
 
 
@@ -846,6 +857,41 @@ class Store:
         return self.execute(
             f"SELECT count(*) FROM tasks WHERE {_READY} AND not_before IS NOT NULL", {"now": ts}
         ).fetchone()[0]
+
+    def claim_outlook(self, ts: float, limits: ClaimLimits | None = None) -> ClaimOutlook:
+        """In one read snapshot: the requirement sets of the tasks claimable at ``ts`` (the repository caps of
+        ``limits`` applied; budgets are left to the claim) with their counts, and — when there are any — every
+        agent's active count, the draining agents and the cooling ones; and when the next backoff ends."""
+        lim = limits or _NO_LIMITS
+        params: dict[str, Any] = {"now": ts}
+        cap = ""
+        if lim.caps_repos:
+            cap = _CLAIM_REPO_CAP
+            params.update(repo_cap=lim.repo_cap, repo_caps=json.dumps(dict(lim.repo_caps)))
+        with self.read():
+            ready: dict[frozenset[str], int] = {}
+            for reqs, n in self.execute(f"SELECT requirements, count(*) FROM tasks INDEXED BY tasks_claim "
+                                        f"WHERE {_READY}{cap} GROUP BY requirements LIMIT 1000", params):  # fmt: skip
+                key = frozenset(json.loads(reqs or "[]"))
+                ready[key] = ready.get(key, 0) + n
+            outlook = ClaimOutlook(ready, next_ready=self.next_backoff_end(ts))
+            if ready:
+                outlook.active = dict(self.execute(
+                    f"SELECT agent_id, count(*) FROM tasks WHERE state IN {_ACTIVE} AND agent_id IS NOT NULL "
+                    "GROUP BY agent_id"))  # fmt: skip
+                for agent_id, status, cooldown in self.execute(
+                        "SELECT agent_id, status, cooldown_until FROM agents "
+                        f"WHERE status = '{AgentStatus.DRAINING.value}' OR cooldown_until > ?", (ts,)):  # fmt: skip
+                    if status == AgentStatus.DRAINING.value:
+                        outlook.draining.add(agent_id)
+                    elif cooldown is not None:
+                        outlook.cooling[agent_id] = cooldown
+        return outlook
+
+    @property
+    def woke(self) -> bool:
+        """Whether the last transaction written here may have made a task claimable (a wake event)."""
+        return self._wake
 
     def next_backoff_end(self, ts: float) -> float | None:
         """When the earliest backoff of a queued task ends, if one is still waiting at ``ts``."""

@@ -41,39 +41,15 @@ def notify(db_path: str | Path) -> None:
         pass
 
 
-class Listener:
-    """Receives wake datagrams for one database and calls ``on_wake`` for each (on its own thread)."""
-
-    def __init__(self, db_path: str | Path, on_wake):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            self.sock.bind(address(db_path))
-        except OSError:
-            # another server already listens for this database: wakes go to it; we fall back to timers
-            self.sock.close()
-            self.sock = None
-        self.on_wake = on_wake
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self.sock is None:
-            return
-        self._thread = threading.Thread(target=self._run, name="fleetctl-wake", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while self.sock is not None:
-            try:
-                self.sock.recv(64)
-            except OSError:
-                return
-            self.on_wake()
-
-    def close(self) -> None:
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+def bind_listener(db_path: str | Path) -> socket.socket | None:
+    """The socket that receives the wake datagrams of ``db_path`` (non-blocking), for the one server of
+    that database; None when another server already listens for it (wakes go there; this one's long-polls
+    still wake on its own writes and on their timers)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.bind(address(db_path))
+    except OSError:
+        sock.close()
+        return None
+    sock.setblocking(False)
+    return sock

@@ -237,7 +237,8 @@ CASES: list[Bad] = [
         body={"attempt": 1, "exit_code": 3}, code="invalid_id"),
     Bad("path-complete-nul", "POST", "/api/v1/tasks/t-alice%00/complete", "alice", body={"attempt": 1},
         code="invalid_id"),
-    Bad("path-raw-nul", raw=request("GET", "/api/v1/tasks/a\x00b", token=ADMIN_TOKEN), code="invalid_id"),
+    # a raw NUL is not allowed in a request target at all: the framing refuses the request (h11)
+    Bad("path-raw-nul", raw=request("GET", "/api/v1/tasks/a\x00b", token=ADMIN_TOKEN), code="bad_request"),
     Bad("path-raw-newline", raw=request("GET", "/api/v1/tasks/a\nb", token=ADMIN_TOKEN), status=(400, 401, 404),
         code=("bad_request", "unauthorized", "not_found")),
     Bad("path-raw-space", raw=request("GET", "/api/v1/tasks/a b", token=ADMIN_TOKEN), code="bad_request"),
@@ -282,9 +283,12 @@ CASES: list[Bad] = [
         status=431, code="headers_too_large"),
     Bad("header-line-too-long", raw=b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"p" * 70_000 + b"\r\n\r\n",
         status=431, code="headers_too_large"),
-    Bad("too-many-headers", raw=b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-H%d: 1\r\n" % i for i in range(120))
+    Bad("too-many-headers", raw=b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: 1\r\n" % i for i in range(120))
         + b"\r\n", status=431, code="headers_too_large"),
     Bad("request-line-garbage", raw=b"GARBAGE\r\n\r\n", code="bad_request"),
+    Bad("http11-without-host", raw=b"GET /healthz HTTP/1.1\r\n\r\n", code="bad_request"),  # RFC 9112 §3.2
+    Bad("content-length-over-20-digits", raw=b"POST /api/v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Length: "
+        + b"0" * 20 + b"21\r\n\r\n", code="bad_request"),
     Bad("http-version-2", raw=b"GET /healthz HTTP/2.0\r\n\r\n", status=505, code="http_version"),
     # routes and methods
     *[Bad(f"route-{p}", "GET", p, "admin", status=404, code="not_found")
@@ -422,7 +426,7 @@ def test_a_slow_client_does_not_hold_up_the_others(world):
     assert send(world.port, request("GET", "/healthz"))[0] == 200
 
 
-@pytest.mark.parametrize("lengths", [["21"], ["21, 21"], ["21", "21"], [" 021 "], ["\t21"], ["0" * 30 + "21"]])
+@pytest.mark.parametrize("lengths", [["21"], ["21, 21"], ["21", "21"], [" 021 "], ["\t21"], ["0" * 10 + "21"]])
 def test_content_length_copies_that_agree_are_accepted(world, lengths):
     """RFC 9112 §6.3 allows repeated (or listed) Content-Length values when they are all the same number."""
     body = json.dumps({"title": "framed"}).encode()  # 19 bytes … padded to 21

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 
-from conftest import ADMIN_TOKEN, REGISTRATION_TOKEN, LiveServer
+from conftest import ADMIN_TOKEN, REGISTRATION_TOKEN, LiveServer, wait_for
 
 from fleetctl.config import load_config
 from fleetctl.server.api import Api
@@ -22,42 +23,43 @@ def _post(api: Api, path: str, token: str, doc: dict):
     return api.handle("POST", path, _headers(token), json.dumps(doc).encode())
 
 
-def test_waiting_dequeuers_do_not_spin_on_their_own_empty_claims(tmp_path):
-    api = Api(load_config(LiveServer(tmp_path).config_path))
+def _claim_attempts(server: LiveServer) -> int:
+    with server.client(ADMIN_TOKEN) as admin:
+        text = admin.get("/metrics").text
+    return int(re.search(r"^fleetctl_claim_attempts_total (\d+)$", text, re.M).group(1))
+
+
+def test_waiting_long_polls_are_woken_only_for_a_task_they_can_take(tmp_path):
+    """20 agents wait. Heartbeats and tasks none of them can take wake nobody; one task they can all take wakes
+    one of them (it gets the task), not all 20 (before, every write made every waiter claim again)."""
+    server = LiveServer(tmp_path).start()
     try:
-        tokens = []
-        for i in range(3):
-            r = _post(api, "/api/v1/agents/register", REGISTRATION_TOKEN,
-                      {"agent_id": f"idle-{i}", "agent_type": "t", "capabilities": ["x"]})  # fmt: skip
-            tokens.append(json.loads(r.body)["token"])
-        claims = []
-        real_claim = api.writer.claim
-        api.writer.claim = lambda request: (claims.append(1), real_claim(request))[1]
-        answers: list[int] = []
-        waiters = [threading.Thread(target=lambda t=t: answers.append(
-            _post(api, "/api/v1/tasks/dequeue", t, {"wait": 1}).status)) for t in tokens]  # fmt: skip
+        tokens = [server.register(f"idle-{i}", ["x"]) for i in range(20)]
+        answers: dict[int, int] = {}
+
+        def poll(i: int) -> None:
+            with server.client(tokens[i]) as c:
+                answers[i] = c.post("/api/v1/tasks/dequeue", json={"wait": 8}, timeout=30).status_code
+
+        waiters = [threading.Thread(target=poll, args=(i,)) for i in range(20)]
         for w in waiters:
             w.start()
+        assert wait_for(lambda: _claim_attempts(server) >= 20, timeout=20, what="every long-poll claimed once")
+        assert _claim_attempts(server) == 20
+        with server.client(tokens[0]) as c:
+            for _ in range(5):
+                assert c.post("/api/v1/agents/heartbeat", json={}).status_code == 200
+        with server.client(ADMIN_TOKEN) as admin:
+            for n in range(3):  # for an agent with capability y: none of the waiters
+                assert admin.post("/api/v1/tasks", json={"title": f"y{n}", "labels": ["agent:y"]}).status_code == 201
+            assert admin.post("/api/v1/tasks", json={"title": "for x", "labels": ["agent:x"]}).status_code == 201
         for w in waiters:
             w.join(30)
-        assert answers == [204, 204, 204]
-        assert len(claims) <= 2 * len(tokens), len(claims)  # once each (maybe twice), not thousands of times
-
-        # …and a write that can make a task claimable still wakes them at once
-        claims.clear()
-        got: list[int] = []
-        waiter = threading.Thread(target=lambda: got.append(
-            _post(api, "/api/v1/tasks/dequeue", tokens[0], {"wait": 20}).status))  # fmt: skip
-        waiter.start()
-        while not claims:
-            threading.Event().wait(0.01)
-        r = _post(api, "/api/v1/tasks", ADMIN_TOKEN, {"title": "wake up", "labels": ["agent:x"]})
-        assert r.status == 201
-        waiter.join(15)
-        assert got == [200]
+        assert sorted(answers.values()) == [200] + [204] * 19, answers
+        # one claim each at the start, one for the task (a second if a claim raced): never one per waiter
+        assert 21 <= _claim_attempts(server) <= 22, _claim_attempts(server)
     finally:
-        api.close()
-        api.shutdown()
+        server.stop()
 
 
 def test_a_cancel_in_another_process_that_frees_the_agents_slot_wakes_its_long_poll(live_server):

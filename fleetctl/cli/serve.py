@@ -15,13 +15,20 @@ def serve(
     port: Annotated[
         int | None, typer.Option("--port", help="Port (default: server.port; 0 = any free port).", min=0, max=65535)
     ] = None,  # fmt: skip
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers", help="Serving processes sharing the port (SO_REUSEPORT); 1 = one process.", min=1, max=64
+        ),
+    ] = 1,  # fmt: skip
     config: ConfigOpt = None,
 ) -> None:
-    """Run the HTTP API for pull agents until SIGTERM (then finish in-flight requests and exit 0).
+    """Run the HTTP API for pull agents until SIGTERM (then answer waiting long-polls, finish in-flight
+    requests and exit 0).
 
-    Example: fleetctl serve --bind 127.0.0.1 --port 9090
+    Example: fleetctl serve --bind 127.0.0.1 --port 9090 --workers 2
     """
     from fleetctl.server import serve as run_server
 
     cfg = load(config)
-    raise typer.Exit(run_server(cfg, host=bind, port=port))
+    raise typer.Exit(run_server(cfg, host=bind, port=port, workers=workers))

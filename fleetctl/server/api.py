@@ -31,7 +31,7 @@ from fleetctl.server.http import Response, error_response, json_response
 from fleetctl.server.metrics import Metrics
 from fleetctl.server.writer import Writer
 from fleetctl.states import AgentMode, AgentStatus
-from fleetctl.store import ClaimRequest, Store
+from fleetctl.store import ClaimOutlook, ClaimRequest, Store
 
 MAX_WAIT_SECS = 30.0
 #: How long a webhook waits for its write before it is spooled instead (Forgejo gives up after 5 s).
@@ -98,32 +98,15 @@ class Request:
         return values[-1] if values else None
 
 
-class Waker:
-    """A generation counter under a condition: dequeuers wait for it to change."""
+@dataclass(eq=False)
+class Pending:
+    """A dequeue that found nothing to claim and may wait (``WaitRoom``): whose, until when, and the
+    ``Api.generation`` its last claim started at."""
 
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.generation = 0
-        self.closing = False
-
-    def notify(self) -> None:
-        with self.cond:
-            self.generation += 1
-            self.cond.notify_all()
-
-    def wait(self, seen: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while self.generation == seen and not self.closing:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                self.cond.wait(left)
-
-    def close(self) -> None:
-        with self.cond:
-            self.closing = True
-            self.cond.notify_all()
+    principal: Principal
+    agent: dict  # the agent row, as last read
+    deadline: float  # time.monotonic()
+    tried: int
 
 
 def _int_field(doc: dict, name: str, *, required: bool = False, minimum: int = 1) -> int | None:
@@ -176,14 +159,19 @@ class Api:
         self.clock = clock
         self.db_path = cfg.orchestrator.db_path
         self.readers: queue.LifoQueue[Store] = queue.LifoQueue()
-        self.waker = Waker()
-        self.writer = Writer(Store.open(self.db_path), on_commit=self.waker.notify)
+        #: Moves whenever a task may have become claimable (``notify``); waiting long-polls watch it.
+        self.generation = 0
+        self._generation_lock = threading.Lock()
+        self.on_change: Callable[[], None] = lambda: None  # set by the server: wakes its ``WaitRoom``
+        self.writer = Writer(Store.open(self.db_path), on_commit=self.notify)
         self.metrics = Metrics()
         self.closing = False
         self.admin_tokens = [t for t in (cfg.server.admin_token,) if t]
         self.registration_tokens = [t for t in (cfg.orchestrator.http_pull_token,) if t]
         self.config_agents = services.config_agent_ids(cfg)  # ids a pull registration may not take
         self._principals: dict[str, tuple[float, Principal]] = {}  # token hash -> (expires, principal)
+        self._agent_tokens: dict[str, set[str]] = {}  # agent id -> its token hashes in the cache (to forget them)
+        self._prune_at = 0.0
         self._principals_gen = 0  # bumped by every forget: a lookup that raced with one is not cached
         self._openapi: bytes | None = None
         self.webhooks = serves_webhooks(cfg)
@@ -213,9 +201,14 @@ class Api:
 
     # ------------------------------------------------------------------ plumbing
 
+    def notify(self) -> None:
+        """A task may have become claimable, or an agent's capacity freed (any thread): a new generation."""
+        with self._generation_lock:
+            self.generation += 1
+        self.on_change()
+
     def close(self) -> None:
         self.closing = True
-        self.waker.close()
 
     def shutdown(self) -> None:
         """After the last request: stop the writer and close every connection."""
@@ -237,8 +230,10 @@ class Api:
         """Run ``fn(store)`` in the writer's next group-committed transaction (dequeuers are woken after)."""
         return self.writer.submit(fn)
 
-    def handle(self, method: str, raw_path: str, headers: Any, body: bytes) -> Response:
-        try:
+    def handle(self, method: str, raw_path: str, headers: Any, body: bytes) -> Response | Pending:
+        """The answer to one request — or, for a long-poll that found nothing, a ``Pending`` to park."""
+
+        def route() -> Response | Pending:
             split = urlsplit(raw_path)
             path = split.path
             allowed = []
@@ -257,6 +252,13 @@ class Api:
                 return error_response(405, "method_not_allowed", f"{method} is not allowed on {path}",
                                       {"Allow": ", ".join(sorted(set(allowed)))})  # fmt: skip
             return error_response(404, "not_found", f"no route {path}")
+
+        return self._answer(route, raw_path)
+
+    def _answer(self, fn: Callable[[], Any], where: str) -> Any:
+        """``fn()``, with every error turned into its JSON answer (never a traceback)."""
+        try:
+            return fn()
         except StoreBusy as exc:
             return error_response(503, exc.code, exc.message, {"Retry-After": "1"})
         except FleetError as exc:
@@ -264,7 +266,7 @@ class Api:
             doc = exc.to_json()
             return json_response(status, doc, {"Retry-After": "1"} if status == 503 else None)
         except Exception as exc:  # a bug: log it, answer without a traceback
-            log("http.internal_error", path=raw_path[:200], error=f"{type(exc).__name__}: {exc}")
+            log("http.internal_error", path=where[:200], error=f"{type(exc).__name__}: {exc}")
             return error_response(500, "internal_error", "internal error; see the server log")
 
     # ------------------------------------------------------------------ auth
@@ -309,10 +311,24 @@ class Api:
             principal = _principal_of(store, digest)
         if principal is not None and gen == self._principals_gen:  # unknown tokens are never cached
             if len(self._principals) >= AUTH_CACHE_MAX:
-                self._principals = {}
+                self._principals, self._agent_tokens = {}, {}
+            elif now >= self._prune_at:
+                self._prune(now, gen)
             self._principals[digest] = (now + AUTH_CACHE_SECS, principal)
+            self._agent_tokens.setdefault(principal.agent_id, set()).add(digest)
             principal = principal.copy()
         return principal
+
+    def _prune(self, now: float, gen: int) -> None:
+        """Drop the expired entries of the token cache (at most every few seconds): a fleet's worth of expired
+        principals would otherwise sit in memory, and in every pass of the garbage collector, until the cap."""
+        self._prune_at = now + 5 * AUTH_CACHE_SECS
+        live = {k: v for k, v in list(self._principals.items()) if v[0] > now}
+        tokens: dict[str, set[str]] = {}
+        for digest, (_expires, principal) in live.items():
+            tokens.setdefault(principal.agent_id, set()).add(digest)
+        if gen == self._principals_gen:  # no forget meanwhile (else keep the cache as it is: pruned next time)
+            self._principals, self._agent_tokens = live, tokens
 
     def _verify(self, store: Store, p: Principal) -> None:
         """Inside the caller's transaction or read snapshot: the agent or task token of ``p`` still resolves to
@@ -346,7 +362,8 @@ class Api:
     def forget_agent(self, agent_id: str) -> None:
         """Drop the cached tokens of ``agent_id`` (after this process changed the agent)."""
         self._principals_gen += 1
-        self._principals = {k: v for k, v in list(self._principals.items()) if v[1].agent_id != agent_id}
+        for digest in self._agent_tokens.pop(agent_id, ()):  # O(its tokens), not O(the cache): every heartbeat
+            self._principals.pop(digest, None)
 
     def _acting_agent(self, req: Request, task_id: str) -> tuple[str, int | None]:
         """The agent a task write is made for; 403 for a token that never held this task."""
@@ -476,26 +493,36 @@ class Api:
                     raise Forbidden("this task token is for another task")
         return json_response(200, doc)
 
-    def tasks_dequeue(self, req: Request) -> Response:
+    def tasks_dequeue(self, req: Request) -> Response | Pending:
         doc = req.json()
         wait = doc.get("wait", 0)
         if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
             raise UsageError("'wait' must be a number of seconds >= 0", code="invalid_field")
         wait = min(float(wait), MAX_WAIT_SECS)
         p = req.principal
-        agent = p.agent
         deadline = time.monotonic() + wait
-        while True:
-            seen = self.waker.generation
-            claimed, agent = self._claim(p, agent)
-            if claimed is not None:
-                return json_response(200, claimed)
-            left = deadline - time.monotonic()
-            if left <= 0 or self.closing:
-                return Response(204)
-            # an agent cooling down after a usage limit is woken when its cooldown ends (no event marks that)
-            cooling = (agent.get("cooldown_until") or 0) - self.clock()
-            self.waker.wait(seen, min(left, self._next_backoff_in(), *((cooling + 0.005,) if cooling > 0 else ())))
+        tried = self.generation
+        claimed, agent = self._claim(p, p.agent)
+        if claimed is not None:
+            return json_response(200, claimed)
+        if wait <= 0 or self.closing:
+            return Response(204)
+        return Pending(p, agent, deadline, tried)  # the server parks it until a task may be there for it
+
+    def claim_for(self, pending: Pending) -> Response | None:
+        """A woken long-poll claims again: the 200 (or an error), or None when there is still nothing."""
+
+        def attempt() -> Response | None:
+            claimed, pending.agent = self._claim(pending.principal, pending.agent)
+            return None if claimed is None else json_response(200, claimed)
+
+        return self._answer(attempt, "/api/v1/tasks/dequeue")
+
+    def outlook(self) -> ClaimOutlook:
+        """Who may claim what now (for the ``WaitRoom``), in one read."""
+        now = self.clock()
+        with self.reader() as store:
+            return store.claim_outlook(now, services.claim_limits(self.cfg, now))
 
     def _claim(self, p: Principal, agent: dict) -> tuple[dict | None, dict]:
         """Claim for the agent of token ``p``, with ``agent`` its row as last read (maybe from the cache):
@@ -522,6 +549,7 @@ class Api:
                     req.agent_token_hash = p.token_hash  # the guard: this token, and the row as read
                     return req
 
+                self.metrics.claim_attempts += 1
                 task = self.writer.claim(request)
             if task is not None:
                 break
@@ -538,12 +566,6 @@ class Api:
                                                         now=self.clock()))  # fmt: skip
             raise
         return claim.to_json(), agent
-
-    def _next_backoff_in(self) -> float:
-        now = self.clock()
-        with self.reader() as store:
-            end = store.next_backoff_end(now)
-        return MAX_WAIT_SECS if end is None else max(0.01, end - now + 0.005)
 
     def tasks_status(self, req: Request) -> Response:
         task_id = req.params["task_id"]

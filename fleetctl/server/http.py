@@ -1,16 +1,23 @@
-"""The HTTP transport of ``fleetctl serve``: stdlib ``http.server``, hardened and tuned (SPEC §6).
+"""The HTTP transport of ``fleetctl serve`` (SPEC §6): one asyncio event loop holds every connection.
 
-- HTTP/1.1 keep-alive, ``TCP_NODELAY``, a listen backlog of 256, one thread per connection.
-- Limits checked before anything is read: request line (414), header block (431), ``Content-Length``
-  required on bodies (411), body cap per route (413); a per-connection read timeout for slow clients.
-- Every response, errors included, is JSON (``{"error": {"code", "message"}}``) written with one
-  buffered ``write``; no traceback ever reaches a client.
-- SIGTERM/SIGINT: stop accepting, wake long-polls, let in-flight requests finish within a grace
-  period, exit 0.
+- Requests are framed by h11 (request line, headers, ``Content-Length`` — copies that disagree are
+  refused —, body delimiting, pipelining): a new ``h11.Connection`` per request, fed what the previous
+  one left over. Responses are written here, each with one ``write`` (always a ``Content-Length``).
+- HTTP/1.1 keep-alive, ``TCP_NODELAY``, a listen backlog of ``LISTEN_BACKLOG``.
+- Limits checked before a body is read: request line (414), header block and count (431),
+  ``Content-Length`` required on bodies (411; chunked is refused), body cap per route (413); an idle or
+  slow connection is closed after ``CONNECTION_TIMEOUT_SECS``.
+- A complete request is handed to the ``Api`` in a thread of the request pool; a long-poll that finds
+  nothing is parked in the ``WaitRoom`` (no thread held) until a write may have made a task claimable.
+- Every response, errors included, is JSON (``{"error": {"code", "message"}}``); no traceback ever
+  reaches a client.
+- Connections are capped below the open-files limit (``connection_cap``): at the cap the longest-idle
+  keep-alive connections are closed to make room; with every connection busy a new one gets 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import heapq
 import json
@@ -18,47 +25,55 @@ import os
 import resource
 import select
 import socket
-import socketserver
-import sys
-import threading
 import time
+from concurrent.futures import Executor, Future
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
+
+import h11
 
 from fleetctl.log import log
 
 if TYPE_CHECKING:
     from fleetctl.server.api import Api
+    from fleetctl.server.waiting import WaitRoom
 
 MAX_REQUEST_LINE = 8192
 MAX_HEADER_BYTES = 32768
 MAX_HEADERS = 100
-CONNECTION_TIMEOUT_SECS = 60.0  # idle keep-alive and slow-client read timeout (long-poll waits are ≤ 30 s)
+CONNECTION_TIMEOUT_SECS = 60.0  # idle keep-alive and slow-client timeout (long-poll waits are ≤ 30 s)
 #: File descriptors kept free of connections, beyond those open when serving starts: two per pooled
 #: reader connection (the database file and its WAL; ``api.READER_POOL`` is 64), and room for a backup,
 #: a migration check or a log reopen. Connections are capped at the open-files limit minus this.
 FD_RESERVE = 2 * 64 + 32
 #: How long the accept loop pauses when accept() fails for want of file descriptors (instead of spinning).
 ACCEPT_BACKOFF_SECS = 0.05
+#: The listen queue (the kernel caps it at net.core.somaxconn): thousands of agents reconnect at once
+#: after a restart.
+LISTEN_BACKLOG = 4096
+#: Connections accepted per readiness of the listening socket before other connections get their turn.
+ACCEPT_BURST = 64
 
 
 class Headers:
-    """Request headers: case-insensitive ``get``; repeated headers keep the last value — except the
-    framing ones: every ``Content-Length`` value is kept in ``lengths``, so that disagreeing copies can be
-    refused (RFC 9112 §6.3) instead of one of them silently winning."""
+    """Request headers: case-insensitive ``get``; repeated headers keep the last value."""
 
-    __slots__ = ("_items", "lengths")
+    __slots__ = ("_items",)
 
     def __init__(self) -> None:
         self._items: dict[str, tuple[str, str]] = {}
-        self.lengths: list[str] = []
+
+    @classmethod
+    def of(cls, raw: list[tuple[bytes, bytes]]) -> Headers:
+        headers = cls()
+        items = headers._items
+        for name, value in raw:  # h11 gives lower-cased names
+            key = name.decode("ascii")
+            items[key] = (key, value.decode("iso-8859-1"))
+        return headers
 
     def add(self, name: str, value: str) -> None:
-        key = name.lower()
-        if key == "content-length":
-            self.lengths.append(value)
-        self._items[key] = (name, value)
+        self._items[name.lower()] = (name, value)
 
     def get(self, name: str, default: str | None = None) -> str | None:
         item = self._items.get(name.lower())
@@ -95,176 +110,14 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return json_response(status, {"error": {"code": code, "message": message}}, headers)
 
 
-class Handler(BaseHTTPRequestHandler):
-    """Parses one request at a time off a keep-alive connection and hands it to the ``Api``."""
-
-    protocol_version = "HTTP/1.1"
-    server_version = "fleetctl"
-    sys_version = ""
-    timeout = CONNECTION_TIMEOUT_SECS
-    server: FleetHTTPServer
-
-    def setup(self) -> None:
-        super().setup()
-        try:
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-
-    def handle_one_request(self) -> None:
-        conns = self.server.connections
-        conns[self.connection] = time.monotonic()  # idle since now: may be closed to make room
-        try:
-            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
-            conns[self.connection] = None  # busy until the next request
-            if len(self.raw_requestline) > MAX_REQUEST_LINE:
-                self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
-                self._send(error_response(414, "uri_too_long", "request line too long"), close=True)
-                return
-            if not self.raw_requestline:
-                self.close_connection = True
-                return
-            if not self.parse_request():
-                return
-            self._dispatch()
-            self.wfile.flush()
-        except (TimeoutError, ConnectionError):
-            self.close_connection = True
-
-    def parse_request(self) -> bool:
-        """A strict, fast replacement for http.server's parser (which runs the email package per request)."""
-        line = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        self.requestline = line
-        self.request_version = "HTTP/1.1"
-        self.command = ""
-        words = line.split(" ")
-        if len(words) != 3 or not all(words):
-            self._send(error_response(400, "bad_request", "malformed request line"), close=True)
-            return False
-        command, path, version = words
-        if version not in ("HTTP/1.1", "HTTP/1.0"):
-            self._send(error_response(505, "http_version", "HTTP/1.0 or HTTP/1.1 only"), close=True)
-            return False
-        self.command, self.path, self.request_version = command, path, version
-        self.close_connection = version == "HTTP/1.0"
-        headers = Headers()
-        total = 0
-        for _ in range(MAX_HEADERS + 1):
-            raw = self.rfile.readline(MAX_HEADER_BYTES + 1)
-            total += len(raw)
-            if total > MAX_HEADER_BYTES:
-                self._send(error_response(431, "headers_too_large", "request headers too large"), close=True)
-                return False
-            if raw in (b"\r\n", b"\n", b""):
-                break
-            name, sep, value = raw.decode("iso-8859-1").partition(":")
-            if not sep or not name or name != name.strip() or any(c in name for c in " \t\r\n"):
-                self._send(error_response(400, "bad_request", "malformed header line"), close=True)
-                return False
-            headers.add(name, value.rstrip("\r\n").strip(" \t"))  # OWS is SP and HTAB only
-        else:
-            self._send(error_response(431, "headers_too_large", "too many request headers"), close=True)
-            return False
-        self.headers = headers
-        connection = headers.get("Connection", "").lower()
-        if connection == "close":
-            self.close_connection = True
-        elif connection == "keep-alive":
-            self.close_connection = False
-        return True
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (bad request line, header parse errors), as JSON."""
-        slug = {400: "bad_request", 414: "uri_too_long", 431: "headers_too_large", 505: "http_version"}.get(
-            code, "http_error"
-        )
-        self._send(error_response(code, slug, message or HTTPStatus(code).phrase), close=True)
-
-    def _dispatch(self) -> None:
-        api = self.server.api
-        body = b""
-        lengths = self.headers.lengths
-        if "Transfer-Encoding" in self.headers:
-            if lengths:  # RFC 9112 §6.1: a message with both is a smuggling attempt or a broken proxy
-                self._send(error_response(400, "bad_request", "Transfer-Encoding together with Content-Length"),
-                           close=True)  # fmt: skip
-            else:
-                self._send(error_response(411, "length_required", "send a Content-Length, not chunked"),
-                           close=True)  # fmt: skip
-            return
-        if lengths:
-            length = content_length(lengths)
-            if length is None:
-                self._send(error_response(400, "bad_request", "invalid Content-Length"), close=True)
-                return
-            cap = api.body_cap(self.path)
-            if length > cap:
-                self._send(error_response(413, "body_too_large", f"request body over {cap} bytes"), close=True)
-                return
-            if length and (self.headers.get("Expect") or "").lower() == "100-continue":
-                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # only once the size is known to be fine
-            body = self.rfile.read(length)
-            if len(body) != length:
-                self.close_connection = True
-                return
-        elif self.command == "POST":
-            self._send(error_response(411, "length_required", "a request with a body needs Content-Length"),
-                       close=True)  # fmt: skip
-            return
-        started = time.perf_counter()
-        self.server.begin()
-        try:
-            response = api.handle(self.command, self.path, self.headers, body)
-            api.metrics.observe(self.command, response.status, time.perf_counter() - started)
-            if api.closing:
-                self.close_connection = True
-            self._send(response)
-        finally:
-            self.server.end()
-
-    def __getattr__(self, name: str):
-        # every method token (GET, POST, PATCH, BREW…) goes through the router, which answers 405 or 404
-        if name.startswith("do_"):
-            return self._dispatch
-        raise AttributeError(name)
-
-    def _send(self, response: Response, close: bool = False) -> None:
-        if close:
-            self.close_connection = True
-        head = [f"HTTP/1.1 {response.status} {_phrase(response.status)}",
-                f"Content-Type: {response.content_type}", f"Content-Length: {len(response.body)}",
-                "Cache-Control: no-store"]  # fmt: skip
-        head += [f"{k}: {v}" for k, v in response.headers.items()]
-        if self.close_connection:
-            head.append("Connection: close")
-        data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (response.body if self.command != "HEAD" else b"")
-        try:
-            self.wfile.write(data)
-        except (ConnectionError, TimeoutError):
-            self.close_connection = True
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
-        pass  # one line per action is logged by the Api, never the Authorization header
-
-
-def content_length(values: list[str]) -> int | None:
-    """The body length the ``Content-Length`` field values agree on; None if any is not 1*DIGIT or two differ.
-
-    RFC 9112 §6.3: a list (``5, 5``) or repeated fields are only acceptable when every member is the same
-    number. ``int()`` alone would also take ``+5``, ``5_0``, ``-0`` and non-ASCII digits.
-    """
-    length = None
-    for value in values:
-        for member in value.split(","):
-            member = member.strip(" \t")
-            if not member or not member.isascii() or not member.isdigit():
-                return None
-            member = member.lstrip("0") or "0"  # 1*DIGIT: leading zeros are allowed and mean nothing
-            number = int(member) if len(member) <= 18 else 10**18  # past any body cap: a 413 either way
-            if length is not None and number != length:
-                return None
-            length = number
-    return length
+def encode(response: Response, *, close: bool, head: bool = False) -> bytes:
+    """The whole response as bytes (status line, headers, body), to be written at once."""
+    lines = [f"HTTP/1.1 {response.status} {_phrase(response.status)}", f"Content-Type: {response.content_type}",
+             f"Content-Length: {len(response.body)}", "Cache-Control: no-store"]  # fmt: skip
+    lines += [f"{k}: {v}" for k, v in response.headers.items()]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else response.body)
 
 
 def _phrase(status: int) -> str:
@@ -289,98 +142,341 @@ def connection_cap() -> int:
     return max(free - FD_RESERVE, free // 3, 1)
 
 
-class FleetHTTPServer(ThreadingHTTPServer):
-    """A threading server with a deep listen queue, fast restarts, a graceful stop and a connection cap.
+class Connection(asyncio.Protocol):
+    """One client connection: frames its requests with h11, one at a time, and writes the answers."""
 
-    Open connections are capped at ``max_connections`` (``connection_cap()``, below the open-files
-    limit): at the cap a new connection makes room by closing the longest-idle keep-alive connections;
-    if every connection is busy it is answered 503 and closed. Should accept() still fail for want of
-    descriptors (EMFILE/ENFILE) idle connections are shed and the accept loop backs off briefly instead
-    of spinning. Either is logged once per episode (``serve.connection_limit``).
-    """
+    __slots__ = ("server", "transport", "parser", "head_bytes", "request", "headers", "body", "busy",
+                 "idle_since", "active_since", "closed", "started", "waiting", "method", "keep_alive",
+                 "leftover")  # fmt: skip
 
-    request_queue_size = 256
-    allow_reuse_address = True
-    daemon_threads = True
-    block_on_close = False
+    def __init__(self, server: HttpServer):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.parser: h11.Connection | None = _parser()  # None while a request is answered (or waits)
+        self.head_bytes = 0  # bytes received towards the head of the next request
+        self.method = "GET"  # of the request being answered
+        self.keep_alive = True
+        self.leftover = b""  # bytes received after the request being answered (pipelined)
+        self.request: h11.Request | None = None
+        self.headers: Headers | None = None
+        self.body: list[bytes] = []
+        self.busy = False  # a request is being answered (its handler runs, or it waits in the room)
+        self.idle_since: float | None = time.monotonic()
+        self.active_since = self.idle_since  # the last time bytes arrived (for the slow-client timeout)
+        self.closed = False
+        self.started = 0.0
+        self.waiting = None  # the room's handle while this connection's long-poll waits
 
-    def __init__(self, address: tuple, api: Api | None = None, *, family: int = socket.AF_INET,
-                 max_connections: int | None = None):  # fmt: skip
-        self.address_family = family
-        self.api = api
-        self._active = 0
-        self._active_lock = threading.Condition()
-        #: every open connection: the monotonic time it went idle, or None while a request is in flight
-        #: (written by its own handler thread; plain dict operations, atomic under the GIL)
-        self.connections: dict[socket.socket, float | None] = {}
-        self.max_connections = max_connections or connection_cap()
-        self._limited = 0  # in an episode of the cap or of EMFILE: the connections open when it started
-        super().__init__(address, Handler)
+    # ------------------------------------------------------------------ asyncio callbacks
 
-    def server_bind(self) -> None:
-        socketserver.TCPServer.server_bind(self)  # not HTTPServer's: no reverse DNS lookup of the address
-        self.server_name, self.server_port = self.server_address[:2]
-
-    def get_request(self) -> tuple[socket.socket, object]:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
         try:
-            return self.socket.accept()
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
-                shed = self._shed(self._idle(share=4))
-                self._episode("out_of_files", shed)
-                time.sleep(ACCEPT_BACKOFF_SECS)
-            raise  # socketserver drops this round; the next one accepts again
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
+        self.server.connections[self] = None
 
-    def verify_request(self, request: socket.socket, client_address: object) -> bool:
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.pop(self, None)
+        if self.waiting is not None and self.server.room.forget(self.waiting):
+            self.server.end()  # its long-poll was parked: nothing will answer it now
+        self.waiting = None
+
+    def data_received(self, data: bytes) -> None:
+        self.active_since = time.monotonic()
+        if self.parser is None:  # reading is paused while a request is answered; should bytes come anyway
+            self.leftover += data
+            return
+        if self.request is None:
+            self.head_bytes += len(data)
+        self.parser.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        if self.parser is not None:
+            self.parser.receive_data(b"")
+            self._process()
+        return False  # close our side too (an answer in flight is still written if it can be)
+
+    # ------------------------------------------------------------------ reading
+
+    def _process(self) -> None:
+        while not self.busy and not self.closed:
+            try:
+                event = self.parser.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._protocol_error(exc)
+                return
+            if event is h11.NEED_DATA:
+                if self.request is None and self.head_bytes > MAX_REQUEST_LINE:
+                    self._check_partial_head()
+                return
+            kind = type(event)
+            if kind is h11.Request:
+                self._begin(event)
+            elif kind is h11.Data:
+                self.body.append(event.data)
+            elif kind is h11.EndOfMessage:
+                self._dispatch()
+            elif kind is h11.ConnectionClosed or event is h11.PAUSED:
+                self._close()
+                return
+
+    def _check_partial_head(self) -> None:
+        """A head still incomplete: refuse it as soon as its request line or header block is over the limit."""
+        buffered = self.parser.trailing_data[0]
+        first = buffered.find(b"\n", 0, MAX_REQUEST_LINE + 2)
+        if first == -1 and len(buffered) > MAX_REQUEST_LINE + 1:
+            self._refuse(414, "uri_too_long", "request line too long")
+        elif len(buffered) > MAX_REQUEST_LINE + MAX_HEADER_BYTES:
+            self._refuse(431, "headers_too_large", "request headers too large")
+
+    def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
+        hint = getattr(exc, "error_status_hint", 400)
+        if hint == 431:
+            buffered = self.parser.trailing_data[0]
+            if buffered.find(b"\n", 0, MAX_REQUEST_LINE + 2) == -1:
+                self._refuse(414, "uri_too_long", "request line too long")
+            else:
+                self._refuse(431, "headers_too_large", "request headers too large")
+        elif hint == 501:  # a Transfer-Encoding other than chunked
+            self._refuse(400, "bad_request", "unsupported Transfer-Encoding; send a Content-Length")
+        elif "Content-Length" in str(exc):
+            self._refuse(400, "bad_request", "invalid Content-Length")
+        else:
+            self._refuse(400, "bad_request", f"malformed request: {exc}")
+
+    def _begin(self, request: h11.Request) -> None:
+        """The head of a request: check what can be checked before its body is read."""
+        self.request = request
+        self.idle_since = None
+        self.server.connections[self] = None
+        if request.http_version not in (b"1.1", b"1.0"):
+            return self._refuse(505, "http_version", "HTTP/1.0 or HTTP/1.1 only")
+        if len(request.target) > MAX_REQUEST_LINE:
+            return self._refuse(414, "uri_too_long", "request line too long")
+        raw = list(request.headers)
+        if len(raw) > MAX_HEADERS:
+            return self._refuse(431, "headers_too_large", "too many request headers")
+        if sum(len(n) + len(v) + 4 for n, v in raw) > MAX_HEADER_BYTES:
+            return self._refuse(431, "headers_too_large", "request headers too large")
+        headers = self.headers = Headers.of(raw)
+        length = headers.get("content-length")
+        if "transfer-encoding" in headers:
+            if length is not None:  # RFC 9112 §6.1: a smuggling attempt or a broken proxy
+                return self._refuse(400, "bad_request", "Transfer-Encoding together with Content-Length")
+            return self._refuse(411, "length_required", "send a Content-Length, not chunked")
+        if length is not None:
+            size = int(length)  # h11 checked it: ASCII digits, every copy the same
+            cap = self.server.api.body_cap(request.target.decode("iso-8859-1"))
+            if size > cap:
+                return self._refuse(413, "body_too_large", f"request body over {cap} bytes")
+            if size and self.parser.they_are_waiting_for_100_continue:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # only once the size is known to be fine
+        elif request.method == b"POST":
+            return self._refuse(411, "length_required", "a request with a body needs Content-Length")
+        return None
+
+    # ------------------------------------------------------------------ answering
+
+    def _dispatch(self) -> None:
+        """Hand the complete request to the Api. While it is answered (or waits in the room) the connection
+        keeps only what the answer needs: no parser, request or headers (fewer objects per waiting agent)."""
+        request, headers = self.request, self.headers
+        self.busy = True
+        self.transport.pause_reading()  # one request at a time; pipelined bytes wait in the kernel
+        self.started = time.perf_counter()
+        self.method = request.method.decode("ascii")
+        self.keep_alive = _keep_alive(request, headers)
+        self.leftover = self.parser.trailing_data[0]
+        self.parser = self.request = self.headers = None
+        body = b"".join(self.body) if self.body else b""
+        self.body = []
+        server = self.server
+        server.begin()
+        future = server.executor.submit(server.api.handle, self.method, request.target.decode("iso-8859-1"),
+                                        headers, body)  # fmt: skip
+        future.add_done_callback(self._from_thread)
+
+    def _from_thread(self, future: Future) -> None:
+        try:
+            self.server.loop.call_soon_threadsafe(self._handled, future)
+        except RuntimeError:  # the loop is closed: serve is past its grace period, nobody is left to answer
+            pass
+
+    def _handled(self, future: Future) -> None:
+        try:
+            result = future.result()
+        except BaseException as exc:  # pragma: no cover - Api.handle never raises
+            log("http.internal_error", error=type(exc).__name__)
+            result = error_response(500, "internal_error", "internal error; see the server log")
+        if isinstance(result, Response):
+            self.answer(result)
+        elif self.closed:
+            self.server.end()
+        else:
+            self.waiting = self.server.room.add(result, self)
+
+    def answer(self, response: Response) -> None:
+        """Write the answer to the request in flight and get ready for the next one (called on the loop)."""
+        self.waiting = None
+        server = self.server
+        server.api.metrics.observe(self.method, response.status, time.perf_counter() - self.started)
+        server.end()
+        if self.closed:
+            return
+        close = server.closing or not self.keep_alive
+        self.transport.write(encode(response, close=close, head=self.method == "HEAD"))
+        if close:
+            self._close()
+            return
+        self._next_cycle()
+
+    def _next_cycle(self) -> None:
+        leftover, self.leftover = self.leftover, b""
+        self.parser = _parser()
+        self.busy = False
+        self.head_bytes = len(leftover)
+        now = time.monotonic()
+        self.idle_since = self.active_since = now
+        self.server.connections[self] = None
+        self.transport.resume_reading()
+        if leftover:
+            self.parser.receive_data(leftover)
+            self._process()
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer a request that is refused before its handler (framing, sizes) and close the connection."""
+        self.busy = True
+        if not self.closed:
+            self.transport.write(encode(error_response(status, code, message), close=True))
+        self._close()
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.server.connections.pop(self, None)
+            self.transport.close()
+
+
+def _parser() -> h11.Connection:
+    return h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_LINE + MAX_HEADER_BYTES + 4)
+
+
+def _keep_alive(request: h11.Request, headers: Headers) -> bool:
+    connection = (headers.get("connection") or "").lower()
+    if request.http_version == b"1.0":
+        return "keep-alive" in connection
+    return "close" not in connection
+
+
+class HttpServer:
+    """The listening socket, its accept loop and every open connection (all on the event loop)."""
+
+    def __init__(self, sock: socket.socket, api: Api, room: WaitRoom, executor: Executor,
+                 loop: asyncio.AbstractEventLoop, *, max_connections: int | None = None):  # fmt: skip
+        self.sock = sock
+        self.api = api
+        self.room = room
+        self.executor = executor
+        self.loop = loop
+        self.connections: dict[Connection, None] = {}
+        self.max_connections = max_connections or connection_cap()
+        self.closing = False
+        self._accepting = False
+        self._active = 0
+        self._idle_event = asyncio.Event()
+        self._idle_event.set()
+        self._limited = 0  # in an episode of the cap or of EMFILE: the connections open when it started
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self.sock.setblocking(False)
+        self.loop.add_reader(self.sock.fileno(), self._accept)
+        self._accepting = True
+        self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    def stop_accepting(self) -> None:
+        if self._accepting:
+            self.loop.remove_reader(self.sock.fileno())
+            self._accepting = False
+        self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self.sock.close()
+
+    # ------------------------------------------------------------------ accepting
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BURST):
+            try:
+                sock, _address = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    shed = self._shed(self._idle(share=4))
+                    self._episode("out_of_files", shed)
+                    self.loop.remove_reader(self.sock.fileno())
+                    self.loop.call_later(ACCEPT_BACKOFF_SECS, self._resume_accepting)
+                return  # ECONNABORTED and the like: that client is gone
+            if not self._admit(sock):
+                continue
+            sock.setblocking(False)
+            self.loop.create_task(self._connect(sock))
+
+    def _resume_accepting(self) -> None:
+        if not self.closing:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    async def _connect(self, sock: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: Connection(self), sock)
+        except OSError:
+            sock.close()
+
+    def _admit(self, sock: socket.socket) -> bool:
         """Admit a new connection under the cap, closing the longest-idle ones to make room."""
-        conns = self.connections
-        over = len(conns) + 1 - self.max_connections
+        over = len(self.connections) + 1 - self.max_connections
         if over > 0:
             shed = self._shed(self._idle(over))
             self._episode("max_connections", shed)
             if shed < over:  # every other connection is busy: refuse this one, quickly and in JSON
-                _refuse(request)
+                _refuse(sock)
+                sock.close()
                 return False
-        elif self._limited and len(conns) < self._limited * 3 // 4:
+        elif self._limited and len(self.connections) < self._limited * 3 // 4:
             self._limited = 0  # the episode is over; the next one is logged again
-        conns[request] = time.monotonic()
         return True
 
-    def shutdown_request(self, request: socket.socket) -> None:
-        self.connections.pop(request, None)
-        super().shutdown_request(request)
-
-    def _idle(self, count: int = 0, *, share: int = 0) -> list[socket.socket]:
+    def _idle(self, count: int = 0, *, share: int = 0) -> list[Connection]:
         """The ``count`` (or one in ``share``, at least one) longest-idle connections, oldest first, leaving
         out those with bytes already waiting (a request on its way). Only runs at the cap: O(connections)."""
-        idle = [(since, id(sock), sock) for sock, since in list(self.connections.items()) if since is not None]
+        idle = [(c.idle_since, id(c), c) for c in self.connections if c.idle_since is not None and not c.busy]
         if share:
             count = max(1, len(idle) // share)
         want = count
         while idle and count > 0:
             candidates = heapq.nsmallest(min(len(idle), want + 8), idle)
             poller = select.poll()
-            for _since, _id, sock in candidates:
-                try:
-                    poller.register(sock, select.POLLIN)
-                except (OSError, ValueError):  # closed meanwhile
-                    pass
+            for _since, _id, conn in candidates:
+                fd = _fileno(conn)
+                if fd >= 0:
+                    poller.register(fd, select.POLLIN)
             ready = {fd for fd, _events in poller.poll(0)}
-            found = [sock for _since, _id, sock in candidates if _fileno(sock) not in ready]
+            found = [c for _since, _id, c in candidates if _fileno(c) not in ready]
             if len(found) >= count or len(candidates) == len(idle):
                 return found[:count]
             want *= 2
         return []
 
-    def _shed(self, socks: list[socket.socket]) -> int:
-        """Close ``socks`` (their handler threads see end-of-file and finish); how many."""
-        for sock in socks:
-            self.connections.pop(sock, None)
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        return len(socks)
+    def _shed(self, conns: list[Connection]) -> int:
+        for conn in conns:
+            conn._close()
+        return len(conns)
 
     def _episode(self, reason: str, shed: int) -> None:
         if not self._limited:
@@ -388,36 +484,42 @@ class FleetHTTPServer(ThreadingHTTPServer):
             log("serve.connection_limit", reason=reason, max_connections=self.max_connections,
                 open=len(self.connections), closed_idle=shed)  # fmt: skip
 
+    def _sweep(self) -> None:
+        """Close connections idle (or stalled mid-request) for ``CONNECTION_TIMEOUT_SECS``; once a second."""
+        limit = time.monotonic() - CONNECTION_TIMEOUT_SECS
+        for conn in [c for c in self.connections if not c.busy and c.active_since < limit]:
+            conn._close()
+        self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    # ------------------------------------------------------------------ in-flight requests
+
     def begin(self) -> None:
-        """A request is in flight."""
-        with self._active_lock:
-            self._active += 1
+        self._active += 1
+        self._idle_event.clear()
 
     def end(self) -> None:
-        with self._active_lock:
-            self._active -= 1
-            self._active_lock.notify_all()
+        self._active -= 1
+        if self._active <= 0:
+            self._active = 0
+            self._idle_event.set()
 
-    def drain(self, grace_secs: float) -> bool:
+    async def drain(self, grace_secs: float) -> bool:
         """Wait until no request is in flight (idle keep-alive connections do not count); True if drained."""
-        deadline = time.monotonic() + grace_secs
-        with self._active_lock:
-            while self._active > 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._active_lock.wait(left)
+        try:
+            await asyncio.wait_for(self._idle_event.wait(), grace_secs)
+        except TimeoutError:
+            return False
         return True
 
-    def handle_error(self, request, client_address) -> None:
-        exc = sys.exc_info()[1]
-        log("http.error", client=client_address[0], error=type(exc).__name__)
+    def close_all(self) -> None:
+        for conn in list(self.connections):
+            conn._close()
 
 
-def _fileno(sock: socket.socket) -> int:
+def _fileno(conn: Connection) -> int:
     try:
-        return sock.fileno()
-    except OSError:
+        return conn.transport.get_extra_info("socket").fileno()
+    except (AttributeError, OSError):
         return -1
 
 
@@ -433,3 +535,18 @@ def _refuse(sock: socket.socket) -> None:
         sock.send(_BUSY % (len(_BUSY_BODY), _BUSY_BODY))
     except OSError:
         pass
+
+
+def bind(address: tuple, family: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket on ``address`` (SO_REUSEADDR; SO_REUSEPORT for several workers)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -17,6 +17,7 @@ class Metrics:
         self.hist: dict[str, list[int]] = {}
         self.sums: dict[str, float] = {}
         self.claims = 0
+        self.claim_attempts = 0  # claims tried by dequeues, won or not (woken long-polls included)
         self.webhooks: dict[str, int] = {}
 
     def observe(self, method: str, status: int, seconds: float) -> None:
@@ -37,6 +38,11 @@ class Metrics:
         with self.lock:
             out += ["# HELP fleetctl_claims_total Tasks claimed over the API.", "# TYPE fleetctl_claims_total counter",
                     f"fleetctl_claims_total {self.claims}"]  # fmt: skip
+            out += [
+                "# HELP fleetctl_claim_attempts_total Claims tried by dequeues, won or not.",
+                "# TYPE fleetctl_claim_attempts_total counter",
+                f"fleetctl_claim_attempts_total {self.claim_attempts}",
+            ]
             out += ["# HELP fleetctl_webhook_deliveries_total Webhook deliveries by verdict.",
                     "# TYPE fleetctl_webhook_deliveries_total counter"]  # fmt: skip
             for verdict, n in sorted(self.webhooks.items()):

@@ -145,11 +145,11 @@ class Writer:
         finally:
             for job in batch:
                 job.done.release()
-        if len(claims) < len(batch):
-            # Wake the waiting dequeuers after any other write: it may have made a task claimable (or
-            # freed an agent's capacity). Not after claims alone: a claim never makes anything claimable,
-            # and a waiter woken by its own empty claim would claim again at once, and again — a long-poll
-            # with nothing to claim spun at full speed, holding the write lock nearly all the time.
+        if self.store.woke:
+            # Wake the waiting dequeuers after a write that may have made a task claimable or freed an
+            # agent's capacity (a wake event: ``store.WAKE_EVENTS``, the same rule as the cross-process
+            # wake). Never after claims or heartbeats alone: they make nothing claimable, and waking on them
+            # made every waiter of a large fleet look again on every heartbeat.
             self.on_commit()
 
     def _run_one(self, job: _Job, savepoint: str, fn: Callable[[Store], Any]) -> None:

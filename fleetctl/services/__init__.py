@@ -42,6 +42,7 @@ from fleetctl.services.receipts import (
 from fleetctl.services.runs import (
     Claim,
     CompletionResult,
+    claim_limits,
     claim_request,
     claim_task,
     claimed,
@@ -76,7 +77,7 @@ from fleetctl.services.views import (
 __all__ = [
     "Blocking", "blocking", "mark_blocked", "record_usage", "usage_report", "rate_limit_attempt", "rework_task",
     "MAX_MESSAGE", "Claim", "CompletionResult", "ForgejoLink", "Registration", "Verdict", "agent_detail", "agent_view", "agent_views", "attempt_view",
-    "cancel_task", "claim_request", "claim_task", "claimed", "complete_task", "config_agent_ids", "create_task",
+    "cancel_task", "claim_limits", "claim_request", "claim_task", "claimed", "complete_task", "config_agent_ids", "create_task",
     "deregister_agent", "drain_agent", "event_view", "expire_or_time_out", "fail_attempt", "get_agent", "get_task",
     "hand_in_receipt", "hash_token", "prepare_receipt", "settle_ended_run", "EndedRun", "prepare_ended_run",
     "settle_prepared_run", "run_ended_view", "check_ended_report", "validate_pending", "heartbeat", "iso", "list_agents", "list_tasks", "new_claim_token",
