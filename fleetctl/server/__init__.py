@@ -26,6 +26,7 @@ from fleetctl.log import log
 
 if TYPE_CHECKING:
     from fleetctl.server.api import Api
+    from fleetctl.server.pool import Pool
 
 GRACE_SECS = 5.0
 #: Threads that run request handlers (long-polls that wait hold none).
@@ -88,9 +89,9 @@ def _serve_worker(cfg: Config, sock: socket.socket, wake: socket.socket | None, 
 async def _run(cfg: Config, api: Api, sock: socket.socket, wake: socket.socket | None, *, spool: bool,
                worker: int | None) -> bool:  # fmt: skip
     import asyncio
-    from concurrent.futures import ThreadPoolExecutor
 
     from fleetctl.server.http import HttpServer, connection_cap
+    from fleetctl.server.pool import Pool
     from fleetctl.server.waiting import WaitRoom
 
     loop = asyncio.get_running_loop()
@@ -98,10 +99,10 @@ async def _run(cfg: Config, api: Api, sock: socket.socket, wake: socket.socket |
     stop = asyncio.Event()
     for s in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(s, stop.set)
-    executor = ThreadPoolExecutor(REQUEST_THREADS, thread_name_prefix="fleetctl-request")
-    room = WaitRoom(api, loop, executor)
+    pool = Pool(loop, REQUEST_THREADS)
+    room = WaitRoom(api, loop, pool)
     api.on_change = room.post_change
-    server = HttpServer(sock, api, room, executor, loop, max_connections=connection_cap())
+    server = HttpServer(sock, api, room, pool, loop, max_connections=connection_cap())
     if wake is not None:
         wake.setblocking(False)
         loop.add_reader(wake.fileno(), _drain_wake, wake, api)
@@ -110,7 +111,7 @@ async def _run(cfg: Config, api: Api, sock: socket.socket, wake: socket.socket |
     log("serve.worker" if worker is not None else "serve.listening", bind=bound_host, port=bound_port,
         db=cfg.orchestrator.db_path, max_connections=server.max_connections, worker=worker,
         pid=os.getpid() if worker is not None else None)  # fmt: skip
-    spooler = loop.create_task(_spool_loop(api, executor)) if spool and api.webhooks else None
+    spooler = loop.create_task(_spool_loop(api, pool)) if spool and api.webhooks else None
     try:
         await stop.wait()
     finally:
@@ -126,7 +127,7 @@ async def _run(cfg: Config, api: Api, sock: socket.socket, wake: socket.socket |
             loop.remove_reader(wake.fileno())
         for s in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(s)
-        executor.shutdown(wait=False, cancel_futures=True)
+        pool.close()
     return drained
 
 
@@ -155,21 +156,18 @@ def _drain_wake(wake: socket.socket, api: Api) -> None:
         api.notify()
 
 
-async def _spool_loop(api: Api, executor) -> None:
+async def _spool_loop(api: Api, pool: Pool) -> None:
     """Apply webhook deliveries spooled while the database was locked; errors wait for the next round."""
     import asyncio
 
     from fleetctl.errors import FleetError
 
-    loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(SPOOL_SECS)
         try:
-            await loop.run_in_executor(executor, api.drain_spool)
+            await pool.run(api.drain_spool)
         except FleetError as exc:
             log("webhook.spool_waiting", error=exc.message)
-        except RuntimeError:  # the executor is shutting down
-            return
 
 
 def _loop_error(loop, context: dict) -> None:

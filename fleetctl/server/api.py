@@ -2,9 +2,10 @@
 the same service functions as the CLI.
 
 Writes go through one writer connection under a lock; reads use a small pool of their own connections.
-A dequeue that finds nothing waits (up to ``wait`` ≤ 30 s) on a condition that is notified when the
-queue changes — by this process, or by any other process on the same database through ``fleetctl.wake``
-— and when the earliest backoff ends; it never polls the database in a loop.
+A dequeue that finds nothing and may wait (``wait`` ≤ 30 s) returns a ``Pending``: the server parks it
+in its ``WaitRoom`` (``waiting.py``), which calls ``claim_for`` again when ``generation`` moved — a write
+of this process or of any other (``fleetctl.wake``), or the end of a backoff or a cooldown — and a task it
+can take may be there. Nothing polls the database in a loop.
 """
 
 from __future__ import annotations
@@ -549,7 +550,8 @@ class Api:
                     req.agent_token_hash = p.token_hash  # the guard: this token, and the row as read
                     return req
 
-                self.metrics.claim_attempts += 1
+                with self.metrics.lock:  # ``+=`` on an attribute is not atomic across threads
+                    self.metrics.claim_attempts += 1
                 task = self.writer.claim(request)
             if task is not None:
                 break
@@ -558,7 +560,8 @@ class Api:
                 return None, fresh  # nothing to claim for the agent as it is now
             self.forget_agent(p.agent_id)  # the cached row is stale: claim with the fresh one
             agent = fresh
-        self.metrics.claims += 1
+        with self.metrics.lock:
+            self.metrics.claims += 1
         try:
             claim = services.claimed(None, self.cfg, task, token)
         except FleetError:  # a template config check missed: release the attempt now, answer the error

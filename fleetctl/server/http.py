@@ -26,7 +26,6 @@ import resource
 import select
 import socket
 import time
-from concurrent.futures import Executor, Future
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
@@ -35,7 +34,8 @@ import h11
 from fleetctl.log import log
 
 if TYPE_CHECKING:
-    from fleetctl.server.api import Api
+    from fleetctl.server.api import Api, Pending
+    from fleetctl.server.pool import Pool
     from fleetctl.server.waiting import WaitRoom
 
 MAX_REQUEST_LINE = 8192
@@ -187,8 +187,10 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.active_since = time.monotonic()
-        if self.parser is None:  # reading is paused while a request is answered; should bytes come anyway
+        if self.parser is None:  # a request is being answered: keep what comes next for after it
             self.leftover += data
+            if len(self.leftover) > MAX_REQUEST_LINE + MAX_HEADER_BYTES:
+                self.transport.pause_reading()  # enough: the kernel holds the rest (resumed after the answer)
             return
         if self.request is None:
             self.head_bytes += len(data)
@@ -196,10 +198,12 @@ class Connection(asyncio.Protocol):
         self._process()
 
     def eof_received(self) -> bool:
-        if self.parser is not None:
-            self.parser.receive_data(b"")
-            self._process()
-        return False  # close our side too (an answer in flight is still written if it can be)
+        if self.parser is None:  # half-closed after its request: the answer is still written, then we close
+            self.keep_alive = False
+            return True
+        self.parser.receive_data(b"")
+        self._process()
+        return False  # close our side too
 
     # ------------------------------------------------------------------ reading
 
@@ -286,8 +290,7 @@ class Connection(asyncio.Protocol):
         """Hand the complete request to the Api. While it is answered (or waits in the room) the connection
         keeps only what the answer needs: no parser, request or headers (fewer objects per waiting agent)."""
         request, headers = self.request, self.headers
-        self.busy = True
-        self.transport.pause_reading()  # one request at a time; pipelined bytes wait in the kernel
+        self.busy = True  # one request at a time: bytes that come meanwhile wait in ``leftover``
         self.started = time.perf_counter()
         self.method = request.method.decode("ascii")
         self.keep_alive = _keep_alive(request, headers)
@@ -297,21 +300,12 @@ class Connection(asyncio.Protocol):
         self.body = []
         server = self.server
         server.begin()
-        future = server.executor.submit(server.api.handle, self.method, request.target.decode("iso-8859-1"),
-                                        headers, body)  # fmt: skip
-        future.add_done_callback(self._from_thread)
+        server.pool.submit(server.api.handle, (self.method, request.target.decode("iso-8859-1"), headers, body),
+                           self._handled)  # fmt: skip
 
-    def _from_thread(self, future: Future) -> None:
-        try:
-            self.server.loop.call_soon_threadsafe(self._handled, future)
-        except RuntimeError:  # the loop is closed: serve is past its grace period, nobody is left to answer
-            pass
-
-    def _handled(self, future: Future) -> None:
-        try:
-            result = future.result()
-        except BaseException as exc:  # pragma: no cover - Api.handle never raises
-            log("http.internal_error", error=type(exc).__name__)
+    def _handled(self, result: Response | Pending | BaseException) -> None:
+        if isinstance(result, BaseException):  # pragma: no cover - Api.handle never raises
+            log("http.internal_error", error=type(result).__name__)
             result = error_response(500, "internal_error", "internal error; see the server log")
         if isinstance(result, Response):
             self.answer(result)
@@ -343,7 +337,8 @@ class Connection(asyncio.Protocol):
         now = time.monotonic()
         self.idle_since = self.active_since = now
         self.server.connections[self] = None
-        self.transport.resume_reading()
+        if not self.transport.is_reading():
+            self.transport.resume_reading()
         if leftover:
             self.parser.receive_data(leftover)
             self._process()
@@ -376,12 +371,12 @@ def _keep_alive(request: h11.Request, headers: Headers) -> bool:
 class HttpServer:
     """The listening socket, its accept loop and every open connection (all on the event loop)."""
 
-    def __init__(self, sock: socket.socket, api: Api, room: WaitRoom, executor: Executor,
+    def __init__(self, sock: socket.socket, api: Api, room: WaitRoom, pool: Pool,
                  loop: asyncio.AbstractEventLoop, *, max_connections: int | None = None):  # fmt: skip
         self.sock = sock
         self.api = api
         self.room = room
-        self.executor = executor
+        self.pool = pool
         self.loop = loop
         self.connections: dict[Connection, None] = {}
         self.max_connections = max_connections or connection_cap()

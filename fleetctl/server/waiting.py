@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import Executor, Future
 from typing import TYPE_CHECKING
 
 from fleetctl.log import log
@@ -25,6 +24,7 @@ from fleetctl.server.http import Response
 if TYPE_CHECKING:
     from fleetctl.server.api import Api, Pending
     from fleetctl.server.http import Connection
+    from fleetctl.server.pool import Pool
     from fleetctl.store import ClaimOutlook
 
 #: How long after a failed outlook read the room tries again (the database was locked or busy).
@@ -47,10 +47,10 @@ class Waiter:
 class WaitRoom:
     """The parked long-polls of one ``serve``; every method runs on the event loop."""
 
-    def __init__(self, api: Api, loop: asyncio.AbstractEventLoop, executor: Executor):
+    def __init__(self, api: Api, loop: asyncio.AbstractEventLoop, pool: Pool):
         self.api = api
         self.loop = loop
-        self.executor = executor
+        self.pool = pool
         self.waiters: dict[Waiter, None] = {}  # oldest first
         self.trying: dict[frozenset[str], int] = {}  # requirement set -> woken waiters claiming for it now
         self.closed = False
@@ -135,21 +135,12 @@ class WaitRoom:
             return
         self._reading = True
         gen = self.api.generation
-        future = self.executor.submit(self.api.outlook)
-        future.add_done_callback(lambda f: self._call(self._read, gen, f))
+        self.pool.submit(self.api.outlook, (), lambda outlook: self._read(gen, outlook))
 
-    def _call(self, fn, *args) -> None:
-        try:
-            self.loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the loop closed meanwhile
-            pass
-
-    def _read(self, gen: int, future: Future) -> None:
+    def _read(self, gen: int, outlook: ClaimOutlook | BaseException) -> None:
         self._reading = False
-        try:
-            outlook = future.result()
-        except Exception as exc:  # e.g. the database is locked for longer than its busy timeout
-            log("serve.outlook_failed", error=getattr(exc, "message", None) or type(exc).__name__)
+        if isinstance(outlook, BaseException):  # e.g. the database is locked for longer than its busy timeout
+            log("serve.outlook_failed", error=getattr(outlook, "message", None) or type(outlook).__name__)
             self.loop.call_later(RETRY_SECS, self.changed)
             return
         self._outlook, self._outlook_gen = outlook, gen
@@ -198,19 +189,16 @@ class WaitRoom:
         waiter.woken_for = requirements
         self.trying[requirements] = self.trying.get(requirements, 0) + 1
         gen = self.api.generation
-        future = self.executor.submit(self.api.claim_for, waiter.pending)
-        future.add_done_callback(lambda f: self._call(self._tried, waiter, gen, f))
+        self.pool.submit(self.api.claim_for, (waiter.pending,), lambda response: self._tried(waiter, gen, response))
 
-    def _tried(self, waiter: Waiter, gen: int, future: Future) -> None:
+    def _tried(self, waiter: Waiter, gen: int, response: Response | None | BaseException) -> None:
         reqs = waiter.woken_for
         self.trying[reqs] -= 1
         if not self.trying[reqs]:
             del self.trying[reqs]
         self.changed()  # read again, after this claim: what is left, and for whom (it is not counted twice)
-        try:
-            response = future.result()
-        except Exception as exc:  # pragma: no cover - claim_for answers every error itself
-            log("http.internal_error", error=type(exc).__name__)
+        if isinstance(response, BaseException):  # pragma: no cover - claim_for answers every error itself
+            log("http.internal_error", error=type(response).__name__)
             response = Response(500)
         if response is not None or waiter.conn.closed:  # claimed (or an error), or the client went away
             waiter.conn.answer(response or Response(204))
