@@ -231,3 +231,18 @@ def test_a_worker_killed_under_load_loses_no_acknowledged_write(tmp_path):
     assert set(created) <= set(states), "an acknowledged task creation is missing"
     assert all(states[t] == "completed" for t in completed), "an acknowledged completion is missing"
     _db_check(server)
+
+
+def test_serve_with_workers_refuses_a_database_it_cannot_open_as_one_process_does(tmp_path):
+    """The supervisor opens the database once before forking: the same error and exit code as without
+    --workers, at once — not workers dying and being restarted one after the other."""
+    (tmp_path / "fleet.db").mkdir()  # a directory where the database file should be
+    server = LiveServer(tmp_path)
+    codes = []
+    for workers in ("1", "2"):
+        done = subprocess.run([sys.executable, "-m", "fleetctl", "serve", "--config", str(server.config_path),
+                               "--port", "0", "--workers", workers], capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert "Traceback" not in done.stderr, done.stderr
+        assert "serve.worker" not in done.stderr, done.stderr  # no worker was started
+        codes.append((done.returncode, done.stderr.strip().splitlines()[-1]))
+    assert codes[0] == codes[1] and codes[0][0] != 0, codes

@@ -36,6 +36,8 @@ SPOOL_SECS = 0.5
 MAX_WORKERS = 64
 #: A worker that dies sooner than this after its start is restarted only after this long (no busy loop).
 RESTART_BACKOFF_SECS = 1.0
+#: A worker that dies that soon this many times in a row stops the whole serve (exit 1; systemd restarts it).
+MAX_QUICK_FAILURES = 5
 
 
 def serve(cfg: Config, *, host: str | None = None, port: int | None = None, workers: int = 1) -> int:
@@ -221,9 +223,17 @@ class _Supervisor:
         self.count = workers
         self.workers: dict[int, tuple[int, socket.socket, float]] = {}  # pid -> (index, wake end, started)
         self.stop = False
+        self.failing = False  # a worker kept dying at its start: exit 1
 
     def run(self) -> int:
+        from fleetctl.store import Store
+
         first = listen(self.host, self.port, self.source, reuse_port=True)  # errors here, before any fork
+        try:  # and the database's (unreadable, newer schema…): once here, with their exit code, not per worker
+            Store.open(self.cfg.orchestrator.db_path).close()
+        except BaseException:
+            first.close()
+            raise
         self.port = first.getsockname()[1]
         bound_host = first.getsockname()[0]
         wake = _wake_socket(self.cfg)
@@ -234,6 +244,7 @@ class _Supervisor:
             log("serve.listening", bind=bound_host, port=self.port, db=self.cfg.orchestrator.db_path,
                 workers=self.count, pid=os.getpid())  # fmt: skip
             pending: list[tuple[float, int]] = []  # (not before, index) of workers to restart
+            quick: dict[int, int] = {}  # worker index -> how many times in a row it died right after its start
             while not self.stop:
                 readable = [wake] if wake is not None else []
                 try:
@@ -248,6 +259,11 @@ class _Supervisor:
                     code = os.waitstatus_to_exitcode(status)
                     log("serve.worker_exited", worker=index, pid=pid, exit=code)
                     soon = time.monotonic() - started < RESTART_BACKOFF_SECS
+                    quick[index] = quick.get(index, 0) + 1 if soon else 0
+                    if quick[index] >= MAX_QUICK_FAILURES:  # it cannot start: restarting it forever helps nobody
+                        log("serve.worker_failing", worker=index, starts=quick[index])
+                        self.stop, self.failing = True, True
+                        break
                     pending.append((time.monotonic() + (RESTART_BACKOFF_SECS if soon else 0), index))
                 for item in [p for p in pending if p[0] <= time.monotonic()]:
                     pending.remove(item)
@@ -260,7 +276,7 @@ class _Supervisor:
             if wake is not None:
                 wake.close()
         log("serve.stopped", workers=self.count, failed=failed or None)
-        return 0 if not failed else 1
+        return 1 if failed or self.failing else 0
 
     def _on_signal(self, signum, frame) -> None:
         self.stop = True
