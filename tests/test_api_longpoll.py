@@ -92,23 +92,59 @@ def test_a_template_that_cannot_be_rendered_never_leaves_a_claimed_task_behind(t
     """`config check` refuses such a template; should one reach a running server anyway, the dequeue answers
     503 (not 500) and the claimed attempt is released at once (launch_failed, retried) — not left assigned
     until its lease expires."""
-    from dataclasses import replace
-
-    from fleetctl.store import Store
-
-    cfg = load_config(LiveServer(tmp_path).config_path)
-    cfg = replace(cfg, orchestrator=replace(cfg.orchestrator, prompt_template="{0}"))
-    api = Api(cfg)
+    cfg, api, token = _api_with_a_broken_template(tmp_path)
     try:
-        r = _post(api, "/api/v1/agents/register", REGISTRATION_TOKEN, {"agent_id": "a", "agent_type": "t"})
-        token = json.loads(r.body)["token"]
         task_id = json.loads(_post(api, "/api/v1/tasks", ADMIN_TOKEN, {"title": "x"}).body)["task_id"]
         r = _post(api, "/api/v1/tasks/dequeue", token, {})
         assert r.status == 503 and json.loads(r.body)["error"]["code"] == "bad_template", r.body
     finally:
         api.close()
         api.shutdown()
+    _assert_released(cfg, task_id)
+
+
+def test_the_fast_dequeue_releases_a_claim_whose_prompt_does_not_render_as_the_ordinary_path_does(tmp_path):
+    """The event loop's fast dequeue (token in the cache: the claim goes straight to the writer) falls back to
+    the ordinary path's rest when the prompt does not render: 503, the attempt released at once."""
+    cfg, api, token = _api_with_a_broken_template(tmp_path)
+    try:
+        assert _post(api, "/api/v1/tasks/dequeue", token, {}).status == 204  # puts the token in the cache
+        task_id = json.loads(_post(api, "/api/v1/tasks", ADMIN_TOKEN, {"title": "x"}).body)["task_id"]
+        call = api.dequeue_fast("POST", "/api/v1/tasks/dequeue", _headers(token), b"{}")
+        assert call is not None, "a cached agent token takes the fast path"
+        assert api.dequeue_fast("POST", "/api/v1/tasks/dequeue", _headers("not-a-token"), b"{}") is None
+        assert api.dequeue_fast("POST", "/api/v1/tasks/dequeue", _headers(token), b"[1]") is None  # bad body
+        got: list = []
+        done = threading.Event()
+        api.dequeue_fast_claim(call, lambda task, error: (got.append((task, error)), done.set()))
+        assert done.wait(10)
+        task, error = got[0]
+        assert error is None and task["task_id"] == task_id
+        assert api.dequeue_fast_answer(call, task) is None  # the prompt does not render
+        r = api.dequeue_fast_rest(call, task)
+        assert r.status == 503 and json.loads(r.body)["error"]["code"] == "bad_template", r.body
+    finally:
+        api.close()
+        api.shutdown()
+    _assert_released(cfg, task_id)
+
+
+def _assert_released(cfg, task_id: str) -> None:
+    """The claimed attempt was released at once: the task is queued again (launch_failed), db check ok."""
+    from fleetctl.store import Store
+
     with Store.open(cfg.orchestrator.db_path) as store:
         task = store.task(task_id)
         assert (task["state"], task["failure_reason"], task["agent_id"]) == ("queued", "launch_failed", None)
         assert store.check().ok
+
+
+def _api_with_a_broken_template(tmp_path):
+    """An Api whose prompt template cannot render (what `config check` refuses), and an agent's token."""
+    from dataclasses import replace
+
+    cfg = load_config(LiveServer(tmp_path).config_path)
+    cfg = replace(cfg, orchestrator=replace(cfg.orchestrator, prompt_template="{0}"))
+    api = Api(cfg)
+    r = _post(api, "/api/v1/agents/register", REGISTRATION_TOKEN, {"agent_id": "a", "agent_type": "t"})
+    return cfg, api, json.loads(r.body)["token"]

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import h11
 
+from fleetctl.errors import FleetError
 from fleetctl.log import log
 
 if TYPE_CHECKING:
@@ -300,8 +301,33 @@ class Connection(asyncio.Protocol):
         self.body = []
         server = self.server
         server.begin()
-        server.pool.submit(server.api.handle, (self.method, request.target.decode("iso-8859-1"), headers, body),
-                           self._handled)  # fmt: skip
+        target = request.target.decode("iso-8859-1")
+        api = server.api
+        try:
+            call = api.dequeue_fast(self.method, target, headers, body)
+        except Exception:  # a bug: the ordinary path will meet it too, and answer it (500, logged)
+            call = None
+        if call is not None:  # its claim goes to the writer from here; the answer comes back to ``_claimed``
+            try:
+                api.dequeue_fast_claim(call, lambda task, error: server.pool.hand_back(
+                    lambda _none: self._claimed(call, error or task), None))  # fmt: skip
+                return
+            except FleetError:  # the writer is closed (shutting down): the ordinary path answers it
+                pass
+        server.pool.submit(api.handle, (self.method, target, headers, body), self._handled)
+
+    def _claimed(self, call: Pending, task: dict | BaseException | None) -> None:
+        """The writer's answer to a fast dequeue's claim (on the loop): a task → the 200 rendered here; nothing
+        (or an error, or a prompt that does not render) → the rest of the dequeue on a request thread."""
+        if isinstance(task, dict) and not self.closed:
+            try:
+                response = self.server.api.dequeue_fast_answer(call, task)
+            except Exception:  # a bug: the rest of the ordinary path meets it too, and answers it (500, logged)
+                response = None
+            if response is not None:
+                self.answer(response)
+                return
+        self.server.pool.submit(self.server.api.dequeue_fast_rest, (call, task), self._handled)
 
     def _handled(self, result: Response | Pending | BaseException) -> None:
         if isinstance(result, BaseException):  # pragma: no cover - Api.handle never raises

@@ -34,6 +34,16 @@ class Pool:
     def submit(self, fn: Callable[..., Any], args: tuple, done: Callable[[Any], None]) -> None:
         self._jobs.put((fn, args, done))
 
+    def hand_back(self, done: Callable[[Any], None], result: Any) -> None:
+        """From any thread: ``done(result)`` on the loop, with the results of the pool's own threads."""
+        self._results.append((done, result))
+        if not self._posted:
+            self._posted = True
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop is closed: serve is past its grace period
+                pass
+
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` on a thread of the pool, awaited from the loop."""
         future = self.loop.create_future()
@@ -61,13 +71,7 @@ class Pool:
                 result = fn(*args)
             except BaseException as exc:  # handed to ``done``, which answers it (never a traceback)
                 result = exc
-            self._results.append((done, result))
-            if not self._posted:
-                self._posted = True
-                try:
-                    self.loop.call_soon_threadsafe(self._deliver)
-                except RuntimeError:  # the loop is closed: serve is past its grace period
-                    return
+            self.hand_back(done, result)
 
     def _deliver(self) -> None:
         self._posted = False  # before taking them: a result queued from now on posts a wake-up of its own

@@ -50,15 +50,24 @@ WAL_RESET_PAGES = 8000
 class _Job:
     """A write waiting for its batch: a function of the store, or a claim (``Store.claim_many``)."""
 
-    __slots__ = ("fn", "claim", "done", "result", "error")
+    __slots__ = ("fn", "claim", "done", "result", "error", "callback")
 
-    def __init__(self, fn: Callable[[Store], Any] | None = None, claim: Callable[[], ClaimRequest] | None = None):
+    def __init__(self, fn: Callable[[Store], Any] | None = None, claim: Callable[[], ClaimRequest] | None = None,
+                 callback: Callable[[Any, BaseException | None], None] | None = None):  # fmt: skip
         self.fn = fn
         self.claim = claim
+        self.callback = callback  # called (in the writer's thread) instead of waking a waiting thread
         self.done = threading.Lock()  # held until the batch is over: the cheapest wake-up there is
-        self.done.acquire()
+        if callback is None:
+            self.done.acquire()
         self.result: Any = None
         self.error: BaseException | None = None
+
+    def finish(self) -> None:
+        if self.callback is None:
+            self.done.release()
+        else:
+            self.callback(self.result, self.error)
 
 
 class Writer:
@@ -89,12 +98,22 @@ class Writer:
         or None. ``request()`` is called in the writer thread, so that its ``ts`` is the time of the claim."""
         return self._wait(_Job(claim=request))
 
-    def _wait(self, job: _Job, timeout: float | None = None) -> Any:
+    def claim_async(
+        self, request: Callable[[], ClaimRequest], done: Callable[[Any, BaseException | None], None]
+    ) -> None:
+        """``claim`` without waiting: ``done(task or None, error or None)`` is called in the writer's thread
+        after the batch (keep it short: it delays the batch's other answers)."""
+        self._queue(_Job(claim=request, callback=done))
+
+    def _queue(self, job: _Job) -> None:
         with self._cond:
             if self._closed:
                 raise StoreError("the server is shutting down", code="shutting_down")
             self._pending.append(job)
             self._cond.notify()
+
+    def _wait(self, job: _Job, timeout: float | None = None) -> Any:
+        self._queue(job)
         if not job.done.acquire(timeout=-1 if timeout is None else timeout):
             raise WriteTimeout(f"the write did not commit within {timeout:g}s: the database is locked")
         if job.error is not None:
@@ -144,7 +163,7 @@ class Writer:
                 job.error = exc
         finally:
             for job in batch:
-                job.done.release()
+                job.finish()
         if self.store.woke:
             # Wake the waiting dequeuers after a write that may have made a task claimable or freed an
             # agent's capacity (a wake event: ``store.WAKE_EVENTS``, the same rule as the cross-process
