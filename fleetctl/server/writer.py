@@ -66,8 +66,13 @@ class _Job:
     def finish(self) -> None:
         if self.callback is None:
             self.done.release()
-        else:
+            return
+        try:
             self.callback(self.result, self.error)
+        except Exception as exc:  # never leave the batch's other jobs unfinished
+            from fleetctl.log import log
+
+            log("http.internal_error", error=f"{type(exc).__name__}: {exc}")
 
 
 class Writer:
