@@ -145,17 +145,19 @@ def _wake_socket(cfg: Config) -> socket.socket | None:
 
 def _drain_wake(wake: socket.socket, api: Api) -> None:
     """Wake datagrams (another process made a task claimable): one new generation for all that are queued."""
+    if _drain_datagrams(wake):
+        api.notify()
+
+
+def _drain_datagrams(sock: socket.socket) -> bool:
+    """Read every datagram waiting on the non-blocking ``sock`` (they carry nothing); whether there was one."""
     got = False
     while True:
         try:
-            wake.recv(64)
-        except (BlockingIOError, InterruptedError):
-            break
-        except OSError:
-            break
+            sock.recv(64)
+        except OSError:  # BlockingIOError: nothing more waiting
+            return got
         got = True
-    if got:
-        api.notify()
 
 
 async def _spool_loop(api: Api, pool: Pool) -> None:
@@ -309,11 +311,7 @@ class _Supervisor:
         self.workers[pid] = (index, ours, time.monotonic())
 
     def _forward(self, wake: socket.socket) -> None:
-        while True:
-            try:
-                wake.recv(64)
-            except (BlockingIOError, InterruptedError, OSError):
-                break
+        _drain_datagrams(wake)
         for _index, end, _started in list(self.workers.values()):
             try:
                 end.send(b"")

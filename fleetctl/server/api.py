@@ -277,10 +277,8 @@ class Api:
     def authenticate(self, headers: Any, kind: str) -> Principal | None:
         if kind == "anyone" or (kind == "metrics" and self.cfg.server.metrics_public):
             return None
-        auth = headers.get("Authorization") or ""
-        scheme, _, token = auth.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token or len(token) > 512:
+        token = _bearer(headers)
+        if token is None:
             raise Unauthorized("missing or malformed Authorization: Bearer token")
         principal = self._resolve(token)
         if principal is None:
@@ -535,9 +533,8 @@ class Api:
         body that parses — or None (it takes the ordinary path, which gives every error its answer)."""
         if method != "POST" or raw_path != "/api/v1/tasks/dequeue" or self.closing:
             return None
-        scheme, _, token = (headers.get("Authorization") or "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token or len(token) > 512:
+        token = _bearer(headers)
+        if token is None:
             return None
         p = self._cached(services.hash_token(token), time.monotonic())
         if p is None or p.kind != "agent" or p.agent["status"] != AgentStatus.ONLINE:
@@ -838,6 +835,15 @@ class _Borrowed:
             self.api.readers.put(store)
         else:
             store.close()
+
+
+def _bearer(headers: Any) -> str | None:
+    """The token of an ``Authorization: Bearer …`` header; None when it is missing or malformed."""
+    scheme, _, token = (headers.get("Authorization") or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or len(token) > 512:
+        return None
+    return token
 
 
 def _principal_of(store: Store, token_hash: str) -> Principal | None:

@@ -232,21 +232,22 @@ class Connection(asyncio.Protocol):
 
     def _check_partial_head(self) -> None:
         """A head still incomplete: refuse it as soon as its request line or header block is over the limit."""
+        if len(self.parser.trailing_data[0]) > MAX_REQUEST_LINE + 1:
+            self._refuse_head(strict=True)
+
+    def _refuse_head(self, *, strict: bool = False) -> None:
+        """414 when the request line has no end within its limit, else 431 (``strict``: only once the whole
+        buffered head is over the limit)."""
         buffered = self.parser.trailing_data[0]
-        first = buffered.find(b"\n", 0, MAX_REQUEST_LINE + 2)
-        if first == -1 and len(buffered) > MAX_REQUEST_LINE + 1:
+        if buffered.find(b"\n", 0, MAX_REQUEST_LINE + 2) == -1:
             self._refuse(414, "uri_too_long", "request line too long")
-        elif len(buffered) > MAX_REQUEST_LINE + MAX_HEADER_BYTES:
+        elif not strict or len(buffered) > MAX_REQUEST_LINE + MAX_HEADER_BYTES:
             self._refuse(431, "headers_too_large", "request headers too large")
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         hint = getattr(exc, "error_status_hint", 400)
         if hint == 431:
-            buffered = self.parser.trailing_data[0]
-            if buffered.find(b"\n", 0, MAX_REQUEST_LINE + 2) == -1:
-                self._refuse(414, "uri_too_long", "request line too long")
-            else:
-                self._refuse(431, "headers_too_large", "request headers too large")
+            self._refuse_head()
         elif hint == 501:  # a Transfer-Encoding other than chunked
             self._refuse(400, "bad_request", "unsupported Transfer-Encoding; send a Content-Length")
         elif "Content-Length" in str(exc):
