@@ -62,8 +62,14 @@ def test_a_client_that_floods_while_its_long_poll_waits_gets_its_answer_and_is_c
         assert sent > 64 * 1024
         status, _ = _read_response(sock)
         assert status == 204
-        status, answer = _read_response(sock)  # the garbage, read as the next request: a line with no end
-        assert status == 414 and json.loads(answer)["error"]["code"] == "uri_too_long"
+        # the garbage, read as the next request: a line with no end → 414 and the connection closed; the
+        # unread flood in serve's buffer makes the close a reset, which may overtake the 414 on the way
+        try:
+            status, answer = _read_response(sock)
+        except ConnectionResetError:
+            status = None
+        if status is not None:
+            assert status == 414 and json.loads(answer)["error"]["code"] == "uri_too_long"
         sock.close()
         with server.client(ADMIN_TOKEN) as admin:
             assert admin.get("/healthz").status_code == 200
