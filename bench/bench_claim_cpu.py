@@ -7,8 +7,8 @@ with 32 registered agents and claims in batches of 32 (what the writer groups un
             object, and encoding the response bytes
   routing   ``urlsplit``, the route table, the ``Request`` and its JSON body
   auth      the bearer token: its hash and the principal cache (a hit, as under load)
-  claim     ``Store.claim_many`` without its event part: the conditional ``UPDATE … RETURNING`` per claim
-            in one transaction, and the commit
+  claim     ``Store.claim_many`` without its event part: the batch's claims (one time, as the server's
+            writer gives them) in one ``UPDATE … FROM … RETURNING``, and the commit
   events    ``Store._record_claims``: the ``task.assigned`` events, attempts and agent rows of the batch,
             each checked against the reducer
   response  ``services.claimed`` (the prompt rendered, the task token) and the JSON answer
@@ -98,6 +98,7 @@ def main() -> int:
                 n = 0
                 while n < args.claims:
                     batch = []
+                    now = time.time()  # the writer gives a batch's claims one time (Writer._run_claims)
                     for k in range(BATCH):
                         data = raw[k]
                         t0 = time.thread_time()
@@ -122,7 +123,7 @@ def main() -> int:
                         p = api.authenticate(headers, "agent")
                         t3 = time.thread_time()
                         token, token_hash = services.new_claim_token()
-                        cr = services.claim_request(cfg, p.agent, token_hash, ts=time.time())
+                        cr = services.claim_request(cfg, p.agent, token_hash, ts=now)
                         cr.agent_token_hash = p.token_hash
                         batch.append((cr, token))
                         t["framing"] += t1 - t0

@@ -180,6 +180,19 @@ def metric(port: int, name: str, labels: str = "") -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def settled(read, tries: int = 20, pause: float = 0.1) -> float:
+    """``read()`` once two reads in a row agree (claims the load generator gave up on at its end may still
+    be answered just after it); at most ``tries`` reads."""
+    last = read()
+    for _ in range(tries):
+        time.sleep(pause)
+        now = read()
+        if now == last:
+            break
+        last = now
+    return last
+
+
 def run_fleetctl(queue_db: Path, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="fleetctl-bench-claims-") as tmp:
         work = Path(tmp)
@@ -194,7 +207,8 @@ def run_fleetctl(queue_db: Path, args) -> dict:
                 load = run_load(args.loadgen, serve.port, DEQUEUE, tokens, args.seconds, **args.load_kw)
             cpu = proc_cpu_secs(serve.pid) - cpu0
             status = proc_status(serve.pid)
-            served_200 = metric(serve.port, "fleetctl_http_requests_total", '{method="POST",status="200"}')
+            served_200 = settled(lambda: metric(serve.port, "fleetctl_http_requests_total",
+                                                '{method="POST",status="200"}'))  # fmt: skip
         finally:
             code = serve.stop()
         problems = serve.log_problems()

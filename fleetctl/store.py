@@ -90,14 +90,40 @@ _CLAIM_BUDGET = (
     "WHERE key = lower(coalesce(tasks.repo, ''))), :task_budget, 9e99)"
     " AND (tasks.repo IS NULL OR lower(tasks.repo) NOT IN (SELECT value FROM json_each(:blocked_repos)))"
 )
+#: The agent may take one more task now: online, not cooling down after a usage limit, under its
+#: ``max_concurrency`` (and, with a token hash, its row still as the caller read it: see ``ClaimRequest``).
+#: A template over the request's values, shared by both claim statements.
+_AGENT_MAY_CLAIM = (
+    f"EXISTS (SELECT 1 FROM agents WHERE agent_id={{agent}} AND status='{AgentStatus.ONLINE.value}' "
+    "AND (cooldown_until IS NULL OR cooldown_until <= {now}) "
+    "AND ({ath} IS NULL OR (token_hash={ath} AND json(capabilities)=json({acaps}) AND max_concurrency={max}))) "
+    f"AND (SELECT count(*) FROM tasks AS t2 WHERE t2.agent_id={{agent}} AND t2.state IN {_ACTIVE}) < {{max}}"
+)
 _CLAIM_SQL = (
     f"UPDATE tasks SET state='{TaskState.ASSIGNED.value}', agent_id=:agent, attempt=attempt+1, "
     "lease_expires_at=:lease, not_before=NULL, attempt_started_at=:now, updated_at=:now, blocked_by=NULL "
-    "WHERE {target} AND {eligible} "
-    f"AND EXISTS (SELECT 1 FROM agents WHERE agent_id=:agent AND status='{AgentStatus.ONLINE.value}' "
-    "AND (cooldown_until IS NULL OR cooldown_until <= :now) "
-    "AND (:ath IS NULL OR (token_hash=:ath AND json(capabilities)=json(:acaps) AND max_concurrency=:max))) "
-    f"AND (SELECT count(*) FROM tasks AS t2 WHERE t2.agent_id=:agent AND t2.state IN {_ACTIVE}) < :max "
+    "WHERE {target} AND {eligible} AND "
+    + _AGENT_MAY_CLAIM.format(agent=":agent", now=":now", ath=":ath", acaps=":acaps", max=":max")
+    + " RETURNING *"
+)
+#: The best eligible tasks for a run of requests (``_claim_runs``) in ONE statement: the requests whose
+#: agent may claim are numbered in request order, the best ``k`` eligible tasks in claim order (priority,
+#: then age), and the n-th request gets the n-th task — what the same claims made one after another would
+#: give, as every request of a run has the same capabilities, no fleet limit and an agent of its own.
+#: (``+tasks.state``: not a term an index can serve, so that SQLite goes from the picked tasks to their rows
+#: by id instead of walking every queued task.)
+_CLAIM_RUN_SQL = (
+    "WITH req AS MATERIALIZED (SELECT key AS i, json_extract(value, '$[0]') AS agent, "
+    "json_extract(value, '$[1]') AS ath, json_extract(value, '$[2]') AS acaps, "
+    "json_extract(value, '$[3]') AS max_active FROM json_each(:requests)), "
+    "ok AS MATERIALIZED (SELECT row_number() OVER (ORDER BY i) AS k, agent FROM req WHERE "
+    + _AGENT_MAY_CLAIM.format(agent="req.agent", now=":now", ath="req.ath", acaps="req.acaps", max="req.max_active")
+    + "), pick AS MATERIALIZED (SELECT row_number() OVER (ORDER BY priority DESC, seq) AS k, task_id FROM "
+    f"(SELECT task_id, priority, seq FROM tasks INDEXED BY tasks_claim WHERE {_CLAIM_ELIGIBLE} "
+    "ORDER BY priority DESC, seq LIMIT (SELECT count(*) FROM ok))) "
+    f"UPDATE tasks SET state='{TaskState.ASSIGNED.value}', agent_id=ok.agent, attempt=attempt+1, "
+    "lease_expires_at=:lease, not_before=NULL, attempt_started_at=:now, updated_at=:now, blocked_by=NULL "
+    f"FROM pick JOIN ok USING (k) WHERE tasks.task_id = pick.task_id AND +tasks.state = '{TaskState.QUEUED.value}' "
     "RETURNING *"
 )
 
@@ -172,6 +198,35 @@ class ClaimRequest:
     #: ``max_concurrency`` — so a claim made with a row read before a change claims nothing.
     agent_token_hash: str | None = None
     limits: ClaimLimits | None = None
+
+
+def _runnable(r: ClaimRequest) -> bool:
+    """Whether a claim may share one statement with others (``_CLAIM_RUN_SQL``): for the best eligible task,
+    with no fleet limit — a per-repository cap or a budget is changed by the claims before it."""
+    lim = r.limits
+    return r.task_id is None and (lim is None or not (lim.caps_repos or lim.budgets))
+
+
+def _claim_runs(requests: Sequence[ClaimRequest]) -> Iterator[list[ClaimRequest]]:
+    """``requests`` cut, in order, into runs one statement claims for: consecutive runnable requests with the
+    same capabilities, lease and time, each for another agent; any other request is a run of its own. (The
+    server's writer gives the claims of a batch one time: ``Writer._run_claims``.)"""
+    run: list[ClaimRequest] = []
+    key: tuple | None = None
+    agents: set[str] = set()
+    for r in requests:
+        this = (frozenset(r.capabilities), r.lease_secs, r.ts) if _runnable(r) else None
+        if run and (this is None or this != key or r.agent_id in agents):
+            yield run
+            run, agents = [], set()
+        run.append(r)
+        key = this
+        agents.add(r.agent_id)
+        if this is None:
+            yield run
+            run, agents = [], set()
+    if run:
+        yield run
 
 
 def _chunks(rows: list) -> Iterator[list]:
@@ -549,35 +604,54 @@ class Store:
     def claim_many(self, requests: Sequence[ClaimRequest]) -> list[dict | None]:
         """``claim`` for each request, in order, in one transaction: the claimed task or None for each.
 
-        Each claim is still its own conditional ``UPDATE … RETURNING`` (a request sees the claims before
-        it); their events, attempts and agents' ``last_assigned_at`` are then written with one statement
-        per table for the lot — what lets the server's writer claim for 32 agents in one batch without
-        paying a statement (and a round trip through the GIL) per row.
+        The result is what the same claims made one after another give: each sees the claims before it.
+        Consecutive requests for the best eligible task with the same capabilities, no fleet limit (caps,
+        budgets) and each for another agent are claimed with ONE statement (``_CLAIM_RUN_SQL``); the others
+        (a given task, a limit that a claim can change for the next, an agent asking twice) each with its
+        own conditional ``UPDATE … RETURNING``. Their events, attempts and agents' ``last_assigned_at`` are
+        then written with one statement per table for the lot — what lets the server's writer claim for 32
+        agents in one batch without paying statements (and round trips through the GIL) per claim.
         """
         with self.write():
-            rows = []
+            rows: list[dict | None] = []
             spent: dict[tuple[float, str | None], float] = {}
-            for r in requests:
-                params = {"agent": r.agent_id, "caps": json.dumps(sorted(set(r.capabilities))), "now": r.ts,
-                          "lease": r.ts + r.lease_secs, "max": r.max_concurrency, "tid": r.task_id,
-                          "ath": r.agent_token_hash,
-                          "acaps": json.dumps(list(r.capabilities)) if r.agent_token_hash else None}  # fmt: skip
-                lim = r.limits or _NO_LIMITS
-                if lim.budgets:
-                    blocked = self._over_day_budget(lim, spent)
-                    if blocked is None:  # the fleet's day budget is spent: nothing starts
-                        rows.append(None)
-                        continue
-                    params.update(task_budget=lim.task_budget, task_budgets=json.dumps(dict(lim.repo_task_budgets)),
-                                  blocked_repos=json.dumps(blocked))  # fmt: skip
-                if lim.caps_repos:
-                    params.update(repo_cap=lim.repo_cap, repo_caps=json.dumps(dict(lim.repo_caps)))
-                sql = _claim_sql(bool(r.task_id), lim.caps_repos, lim.budgets)
-                rows.append(_decode_row(self.execute(sql, params).fetchone()))
+            for run in _claim_runs(requests):
+                if _runnable(run[0]):
+                    rows.extend(self._claim_run(run))
+                else:
+                    rows.append(self._claim_one(run[0], spent))
             won = [(r, row) for r, row in zip(requests, rows, strict=True) if row is not None]
             if won:
                 self._record_claims(won)
         return rows
+
+    def _claim_one(self, r: ClaimRequest, spent: dict) -> dict | None:
+        """One request, with its own statement (``_claim_sql``): a given task, or the fleet's limits."""
+        params = {"agent": r.agent_id, "caps": json.dumps(sorted(set(r.capabilities))), "now": r.ts,
+                  "lease": r.ts + r.lease_secs, "max": r.max_concurrency, "tid": r.task_id,
+                  "ath": r.agent_token_hash,
+                  "acaps": json.dumps(list(r.capabilities)) if r.agent_token_hash else None}  # fmt: skip
+        lim = r.limits or _NO_LIMITS
+        if lim.budgets:
+            blocked = self._over_day_budget(lim, spent)
+            if blocked is None:  # the fleet's day budget is spent: nothing starts
+                return None
+            params.update(task_budget=lim.task_budget, task_budgets=json.dumps(dict(lim.repo_task_budgets)),
+                          blocked_repos=json.dumps(blocked))  # fmt: skip
+        if lim.caps_repos:
+            params.update(repo_cap=lim.repo_cap, repo_caps=json.dumps(dict(lim.repo_caps)))
+        sql = _claim_sql(bool(r.task_id), lim.caps_repos, lim.budgets)
+        return _decode_row(self.execute(sql, params).fetchone())
+
+    def _claim_run(self, run: list[ClaimRequest]) -> list[dict | None]:
+        """A run of ``_claim_runs`` with one statement: the task each request got, or None."""
+        first = run[0]
+        requests = [[r.agent_id, r.agent_token_hash, list(r.capabilities) if r.agent_token_hash else None,
+                     r.max_concurrency] for r in run]  # fmt: skip
+        params = {"requests": json.dumps(requests), "caps": json.dumps(sorted(set(first.capabilities))),
+                  "now": first.ts, "lease": first.ts + first.lease_secs}  # fmt: skip
+        got = {row["agent_id"]: row for row in map(_decode_row, self.execute(_CLAIM_RUN_SQL, params).fetchall())}
+        return [got.get(r.agent_id) for r in run]
 
     def _over_day_budget(self, lim: ClaimLimits, memo: dict) -> list[str] | None:
         """The repositories past their day's budget (lower-cased), or None when the fleet's is spent."""

@@ -7,12 +7,15 @@ to the stored rows. In the writer, one bad claim must not fail the others of its
 
 from __future__ import annotations
 
+import random
+import shutil
 import threading
 
 import pytest
 
 from fleetctl import services
 from fleetctl.server.writer import Writer
+from fleetctl.states import AgentStatus
 from fleetctl.store import ClaimRequest, Store
 
 
@@ -52,11 +55,9 @@ def test_claim_many_of_more_than_one_chunk(store, orch):
     assert store.check().ok
 
 
-def test_one_bad_claim_in_a_writer_batch_fails_alone(orch):
-    store = Store.open(orch.db_path)
-    services.register_agent(store, "w", agent_type="t", max_concurrency=10)
-    ids = _queue(store, orch, 3)
-    writer = Writer(Store.open(orch.db_path))
+def _one_batch(writer: Writer, requests: list) -> dict[int, object]:
+    """Each ``requests[i]`` (a ``ClaimRequest`` factory) claimed by its own thread, in this order, all in ONE
+    batch of the writer (held busy until they all wait): what each got, or the exception it raised."""
     gate, entered = threading.Event(), threading.Event()
 
     def hold(s: Store) -> None:
@@ -66,33 +67,151 @@ def test_one_bad_claim_in_a_writer_batch_fails_alone(orch):
     results: dict[int, object] = {}
 
     def claim(i: int) -> None:
-        def request() -> ClaimRequest:
-            if i == 1:
-                raise RuntimeError("a broken request")
-            return ClaimRequest("w", [], 10, 60, 3000.0 + i)
-
         try:
-            results[i] = writer.claim(request)
+            results[i] = writer.claim(requests[i])
         except RuntimeError as exc:
             results[i] = exc
 
     blocker = threading.Thread(target=lambda: writer.submit(hold))
     blocker.start()
     assert entered.wait(10)  # the writer is busy with the blocker's batch
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(3)]
-    for t in threads:
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(requests))]
+    for i, t in enumerate(threads):  # queued in order, one after another; they wait together: one batch
         t.start()
-    while len(writer._pending) < 3:  # the three claims wait together: one batch
-        threading.Event().wait(0.01)
+        while len(writer._pending) <= i:
+            threading.Event().wait(0.01)
     gate.set()
     for t in [blocker, *threads]:
         t.join(10)
+    return results
+
+
+def test_one_bad_claim_in_a_writer_batch_fails_alone(orch):
+    store = Store.open(orch.db_path)
+    services.register_agent(store, "w", agent_type="t", max_concurrency=10)
+    ids = _queue(store, orch, 3)
+    writer = Writer(Store.open(orch.db_path))
+
+    def request(i: int) -> ClaimRequest:
+        if i == 1:
+            raise RuntimeError("a broken request")
+        return ClaimRequest("w", [], 10, 60, 3000.0 + i)
+
+    results = _one_batch(writer, [lambda i=i: request(i) for i in range(3)])
     writer.close()
     writer.store.close()
     assert isinstance(results[1], RuntimeError)
     assert sorted(results[i]["task_id"] for i in (0, 2)) == sorted(ids[:2])
     assert store.check().ok
     store.close()
+
+
+def test_a_writer_batch_claims_at_one_time_with_one_statement(orch):
+    """The claims of one batch get the batch's time (the first's), so that one statement claims for them
+    all; a claim of a given task still has its own."""
+    store = Store.open(orch.db_path)
+    for i in range(4):
+        services.register_agent(store, f"w{i}", agent_type="t", max_concurrency=5)
+    ids = _queue(store, orch, 6)
+    writer = Writer(Store.open(orch.db_path))
+    statements: list[str] = []
+    writer.store.conn.set_trace_callback(statements.append)
+    requests = [lambda i=i: ClaimRequest(f"w{i}", [], 5, 60, 4000.0 + i) for i in range(3)]
+    requests.append(lambda: ClaimRequest("w3", [], 5, 60, 4010.0, task_id=ids[5]))
+    results = _one_batch(writer, requests)
+    writer.close()
+    writer.store.close()
+    assert sorted(results[i]["task_id"] for i in range(3)) == sorted(ids[:3])
+    assert results[3]["task_id"] == ids[5]
+    assigned = store.events(types=["task.assigned"])
+    assert {e["ts"] for e in assigned if e["task_id"] != ids[5]} == {4000.0}  # the first's time for the run
+    assert sum(q.startswith("WITH req AS MATERIALIZED") for q in statements) == 1
+    assert sum(q.startswith("UPDATE tasks SET") for q in statements) == 1  # the given task's own
+    assert store.check().ok
+    store.close()
+
+
+def _fleet(store, orch, rng: random.Random) -> tuple[dict[str, dict], list[str]]:
+    """Agents with assorted capabilities and limits (one draining, one cooling down, some already busy) and
+    tasks with assorted requirements and priorities, some still in their backoff at t=1000."""
+    agents = {}
+    for i in range(6):
+        caps = rng.choice([["x"], ["x"], ["gpu", "x", "y"], sorted(rng.sample(["x", "y", "gpu"], rng.randint(0, 3)))])
+        services.register_agent(store, f"a{i}", agent_type="t", capabilities=caps, mode="http_pull",
+                                max_concurrency=rng.randint(1, 4), now=900.0)  # fmt: skip
+        agents[f"a{i}"] = store.agent(f"a{i}")
+    services.drain_agent(store, orch, "a5", now=901.0)
+    ids = []
+    for i in range(24):
+        labels = [f"agent:{c}" for c in rng.sample(["x", "y", "gpu"], rng.choice([0, 0, 0, 1, 1, 2]))]
+        labels += [f"priority:{p}"] if (p := rng.choice([0, 0, 1, 5])) else []
+        ids.append(services.create_task(store, orch, title=f"t{i}", labels=labels, now=910.0 + i)["task_id"])
+    helper = services.register_agent(store, "helper", agent_type="t", capabilities=["x", "y", "gpu"],
+                                     max_concurrency=10, now=920.0).agent  # fmt: skip
+    for k in range(2):  # two tasks failed once: back in the queue, ready at 1000 + 10·k … or not yet
+        [row] = store.claim_many([ClaimRequest("helper", helper["capabilities"], 10, 60, 930.0 + k)])
+        services.fail_attempt(store, orch, row["task_id"], "agent_error", now=1000.0 + 10 * k - orch.retry_backoff_secs)
+    [row] = store.claim_many([ClaimRequest("helper", helper["capabilities"], 10, 60, 940.0)])
+    services.rate_limit_attempt(store, orch, row["task_id"], retry_after=5, now=998.0)  # helper cools till 1003
+    for agent_id in rng.sample(["a0", "a1", "a2", "a3"], 2):  # busy with one task already
+        a = agents[agent_id]
+        store.claim_many([ClaimRequest(agent_id, a["capabilities"], a["max_concurrency"], 60, 950.0)])
+    agents["helper"] = store.agent("helper")
+    return {k: store.agent(k) for k in agents}, ids
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_batch_claims_exactly_what_the_same_claims_one_by_one_do(orch, tmp_path, seed):
+    """Runs of requests share one statement (``_CLAIM_RUN_SQL``); the oracle is the one-request statement,
+    one claim after another on a copy of the same database: same task for every request, same events."""
+    rng = random.Random(seed)
+    store = Store.open(orch.db_path)
+    agents, _ids = _fleet(store, orch, rng)
+    store.close()
+    oracle_path = tmp_path / "oracle.db"
+    shutil.copyfile(orch.db_path, oracle_path)
+    requests = []
+    for i in range(rng.randint(1, 20)):
+        a = agents[rng.choice(list(agents))]
+        ts = 1000.0 + (i // 6) * rng.choice([0.0, 10.0])  # a run needs one time (the writer gives a batch one)
+        caps, most, guard = a["capabilities"], a["max_concurrency"], None
+        if rng.random() < 0.3:  # the server's guard: the token and the row as it was read (or a stale read)
+            guard = a["token_hash"] if rng.random() < 0.8 else "stale"
+            if rng.random() < 0.2:
+                most += 1
+        requests.append(ClaimRequest(a["agent_id"], caps, most, 60, ts, extra={"n": i}, agent_token_hash=guard))
+    if rng.random() < 0.3:  # a claim of one given task in the middle
+        requests.insert(len(requests) // 2, ClaimRequest("a0", agents["a0"]["capabilities"], 3, 60, 1001.0,
+                                                         task_id=_ids[rng.randrange(len(_ids))]))  # fmt: skip
+    import copy
+
+    store = Store.open(orch.db_path)
+    got = store.claim_many(copy.deepcopy(requests))
+    oracle = Store.open(oracle_path)
+    with oracle.write():
+        want = [oracle._claim_one(r, {}) for r in requests]
+        oracle._record_claims([(r, row) for r, row in zip(requests, want, strict=True) if row is not None])
+    assert [r and r["task_id"] for r in got] == [r and r["task_id"] for r in want]
+    assert got == want  # the rows, to the lease and the timestamps
+    assert store.events() == oracle.events()  # the same events, in the same order, with the same ids
+    assert store.check().ok and oracle.check().ok
+    assert AgentStatus(store.agent("a5")["status"]) == AgentStatus.DRAINING
+    store.close()
+    oracle.close()
+
+
+def test_claims_share_one_statement_only_where_they_cannot_see_each_other():
+    from fleetctl.store import ClaimLimits, _claim_runs
+
+    def r(agent, caps=("x",), lease_secs=60, **kw):
+        return ClaimRequest(agent, list(caps), 2, lease_secs, 1.0, **kw)
+
+    capped = ClaimLimits(repo_cap=1)
+    reqs = [r("a"), r("b"), r("a"), r("c", ("y",)), r("d", ("y",)), r("e", task_id="t-1"), r("f"),
+            r("g", limits=capped), r("h", limits=ClaimLimits()), r("i"), r("j", lease_secs=61)]  # fmt: skip
+    reqs.append(ClaimRequest("k", ["x"], 2, 61, 2.0))
+    runs = [[x.agent_id for x in run] for run in _claim_runs(reqs)]
+    assert runs == [["a", "b"], ["a"], ["c", "d"], ["e"], ["f"], ["g"], ["h", "i"], ["j"], ["k"]]
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 31, 32, 33, 64])

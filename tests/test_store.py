@@ -587,3 +587,20 @@ def test_the_claim_uses_its_partial_indexes_whatever_the_hash_seed(tmp_path, see
     assert out.returncode == 0, out.stderr
     assert "tasks_active_agent" in out.stdout and "tasks_claim" in out.stdout, out.stdout
     assert "tasks_repo_active" in out.stdout, out.stdout  # the per-repository cap counts on its own index
+
+
+def test_the_claim_of_a_run_looks_its_tasks_up_by_id_not_by_state(store):
+    """The one statement of a run of claims (``_CLAIM_RUN_SQL``) must go from the few tasks it picked to their
+    rows: with ``tasks.state = 'queued'`` indexable there, SQLite walked every queued task instead (claims
+    4x slower at 60,000 queued)."""
+    from fleetctl import store as S
+
+    plan = store.conn.execute("EXPLAIN QUERY PLAN " + S._CLAIM_RUN_SQL,
+                              {"requests": "[]", "caps": "[]", "now": 1.0, "lease": 2.0}).fetchall()  # fmt: skip
+    top = [r[3] for r in plan if r[1] == 0]
+    details = " | ".join(r[3] for r in plan)
+    assert "SCAN pick" in top and any(d.startswith("SEARCH tasks USING INDEX sqlite_autoindex_tasks_1") for d in top), (
+        details
+    )
+    assert "SCAN tasks USING INDEX tasks_claim" in details and "tasks_active_agent" in details, details
+    assert not any(d.startswith("SCAN tasks") or "tasks_state" in d for d in top), details

@@ -197,7 +197,7 @@ class Writer:
         store = self.store
         store.savepoint("claims")
         try:
-            rows = store.claim_many([job.claim() for job in jobs])
+            rows = store.claim_many(_one_time([job.claim() for job in jobs]))
         except Exception:
             if not store.in_transaction:
                 raise StoreError("the batch transaction was lost") from None
@@ -209,6 +209,18 @@ class Writer:
         store.release("claims")
         for job, row in zip(jobs, rows, strict=True):
             job.result = row
+
+
+def _one_time(requests: list[ClaimRequest]) -> list[ClaimRequest]:
+    """The claims of a batch are made at one time, the first's (they commit together anyway): consecutive
+    claims for the best task then share one statement (``store._claim_runs``). A claim under a fleet limit
+    keeps its own (its budget day is counted from it)."""
+    if requests:
+        ts = requests[0].ts
+        for r in requests:
+            if r.limits is None:
+                r.ts = ts
+    return requests
 
 
 class Checkpointer:
