@@ -10,6 +10,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -156,20 +157,31 @@ def _workers(server: LiveServer) -> list[int]:
     return pids
 
 
-def test_a_worker_killed_under_load_loses_no_acknowledged_write(tmp_path):
-    """`serve --workers 2`: agents claim and complete, tasks are created; one worker is killed with kill -9
-    in the middle. Every write that was answered 2xx is in the database, the supervisor starts a new worker,
-    and `db check` is clean."""
+def _serve_two_workers(tmp_path) -> LiveServer:
+    """`fleetctl serve --workers 2` on a free port, once both workers serve."""
     server = LiveServer(tmp_path)
     argv = [sys.executable, "-m", "fleetctl", "serve", "--config", str(server.config_path), "--port", "0",
             "--workers", "2"]  # fmt: skip
     log = open(server.stderr_path, "a")  # noqa: SIM115 - the child owns it
     server.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
     log.close()
-    wait_for(lambda: re.search(r"action=serve.listening bind=\S+ port=(\d+)", server.stderr_path.read_text()),
-             timeout=30, what="serve --workers 2 listening")  # fmt: skip
-    server.port = int(re.search(r"action=serve.listening bind=\S+ port=(\d+)", server.stderr_path.read_text())[1])
-    wait_for(lambda: len(_workers(server)) == 2, timeout=30, what="two workers")
+    try:
+        wait_for(lambda: server.stderr_path.read_text().count("action=serve.worker ") == 2, timeout=30,
+                 what="both workers of serve --workers 2 serving")  # fmt: skip
+        server.port = int(re.search(r"action=serve.listening bind=\S+ port=(\d+)", server.stderr_path.read_text())[1])
+        assert len(_workers(server)) == 2
+    except BaseException:
+        server.proc.kill()  # its workers follow it (PR_SET_PDEATHSIG)
+        server.proc.wait(10)
+        raise
+    return server
+
+
+def test_a_worker_killed_under_load_loses_no_acknowledged_write(tmp_path):
+    """`serve --workers 2`: agents claim and complete, tasks are created; one worker is killed with kill -9
+    in the middle. Every write that was answered 2xx is in the database, the supervisor starts a new worker,
+    and `db check` is clean."""
+    server = _serve_two_workers(tmp_path)
     created: list[str] = []
     completed: list[str] = []
     try:
@@ -231,6 +243,39 @@ def test_a_worker_killed_under_load_loses_no_acknowledged_write(tmp_path):
     assert set(created) <= set(states), "an acknowledged task creation is missing"
     assert all(states[t] == "completed" for t in completed), "an acknowledged completion is missing"
     _db_check(server)
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for whoever inherited it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path):
+    """`kill -9` of the supervisor of `serve --workers 2`: its workers are told (SIGTERM), drain and exit —
+    no orphan goes on serving the port with nobody to restart or stop it."""
+    server = _serve_two_workers(tmp_path)
+    workers: list[int] = []
+    try:
+        port = server.port
+        workers[:] = _workers(server)
+        server.proc.kill()
+        server.proc.wait(10)
+        wait_for(lambda: not any(_alive(pid) for pid in workers), timeout=30, what="the workers to stop")
+        with pytest.raises(OSError):  # nobody listens on the port any more
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+        for pid in workers:  # ours, whoever inherited them
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    text = server.stderr_path.read_text()
+    assert text.count("action=serve.stopped") == 2, text[-2000:]  # each worker drained and said so
+    assert "Traceback" not in text
 
 
 def test_serve_with_workers_refuses_a_database_it_cannot_open_as_one_process_does(tmp_path):

@@ -210,6 +210,20 @@ def listen(host: str, port: int, source: str = "--bind", *, reuse_port: bool = F
         raise ListenError(f"cannot listen on port {port} on {where}: {exc.strerror or exc}") from None
 
 
+def _stop_with(parent: int) -> None:
+    """In a worker: be sent SIGTERM (and so drain and stop) when the supervisor dies, even by ``kill -9`` —
+    else orphaned workers would go on serving the port with nobody to restart or stop them (Linux's
+    ``PR_SET_PDEATHSIG``; under systemd the unit's control group is stopped whole anyway)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: nothing to ask for
+        return
+    if os.getppid() != parent:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class _Supervisor:
     """``serve --workers N``: N forked serving processes sharing the port; this one only watches them.
 
@@ -289,6 +303,7 @@ class _Supervisor:
             sock = listen(self.host, self.port, self.source, reuse_port=True)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         ours.setblocking(False)
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
@@ -298,6 +313,7 @@ class _Supervisor:
                     end.close()
                 for s in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(s, signal.SIG_DFL)
+                _stop_with(parent)
                 code = _serve_worker(self.cfg, sock, theirs, spool=index == 0, worker=index)
             except BaseException as exc:  # noqa: BLE001 - a worker reports and exits, never returns to the caller
                 from fleetctl.errors import FleetError
