@@ -7,6 +7,7 @@ to the stored rows. In the writer, one bad claim must not fail the others of its
 
 from __future__ import annotations
 
+import copy
 import random
 import shutil
 import threading
@@ -156,8 +157,7 @@ def _fleet(store, orch, rng: random.Random) -> tuple[dict[str, dict], list[str]]
     for agent_id in rng.sample(["a0", "a1", "a2", "a3"], 2):  # busy with one task already
         a = agents[agent_id]
         store.claim_many([ClaimRequest(agent_id, a["capabilities"], a["max_concurrency"], 60, 950.0)])
-    agents["helper"] = store.agent("helper")
-    return {k: store.agent(k) for k in agents}, ids
+    return {k: store.agent(k) for k in [*agents, "helper"]}, ids
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -183,8 +183,6 @@ def test_a_batch_claims_exactly_what_the_same_claims_one_by_one_do(orch, tmp_pat
     if rng.random() < 0.3:  # a claim of one given task in the middle
         requests.insert(len(requests) // 2, ClaimRequest("a0", agents["a0"]["capabilities"], 3, 60, 1001.0,
                                                          task_id=_ids[rng.randrange(len(_ids))]))  # fmt: skip
-    import copy
-
     store = Store.open(orch.db_path)
     got = store.claim_many(copy.deepcopy(requests))
     oracle = Store.open(oracle_path)
