@@ -324,7 +324,8 @@ class LiveServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, port: int = 0) -> LiveServer:
+    def start(self, port: int = 0, extra: tuple[str, ...] = ()) -> LiveServer:
+        """Start it (``extra``: more options of ``serve``, e.g. ``("--workers", "2")``); once it listens."""
         import re
         import subprocess
         import sys
@@ -332,7 +333,8 @@ class LiveServer:
 
         log = open(self.stderr_path, "a")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fleetctl", "serve", "--config", str(self.config_path), "--port", str(port)],
+            [sys.executable, "-m", "fleetctl", "serve", "--config", str(self.config_path), "--port", str(port),
+             *extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
         )  # fmt: skip
         log.close()

@@ -159,16 +159,10 @@ def _workers(server: LiveServer) -> list[int]:
 
 def _serve_two_workers(tmp_path) -> LiveServer:
     """`fleetctl serve --workers 2` on a free port, once both workers serve."""
-    server = LiveServer(tmp_path)
-    argv = [sys.executable, "-m", "fleetctl", "serve", "--config", str(server.config_path), "--port", "0",
-            "--workers", "2"]  # fmt: skip
-    log = open(server.stderr_path, "a")  # noqa: SIM115 - the child owns it
-    server.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
-    log.close()
+    server = LiveServer(tmp_path).start(extra=("--workers", "2"))
     try:
         wait_for(lambda: server.stderr_path.read_text().count("action=serve.worker ") == 2, timeout=30,
                  what="both workers of serve --workers 2 serving")  # fmt: skip
-        server.port = int(re.search(r"action=serve.listening bind=\S+ port=(\d+)", server.stderr_path.read_text())[1])
         assert len(_workers(server)) == 2
     except BaseException:
         server.proc.kill()  # its workers follow it (PR_SET_PDEATHSIG)
