@@ -489,6 +489,14 @@ class Store:
         """``PRAGMA wal_autocheckpoint`` of this connection (0: its commits never checkpoint)."""
         self.execute(f"PRAGMA wal_autocheckpoint={int(pages)}")
 
+    def keep_journals_in_memory(self) -> None:
+        """``PRAGMA temp_store=MEMORY`` for this connection: the journals of its savepoints and statements stay
+        in memory. By default SQLite spills one to a temporary file once it passes 64 KiB — for the server's
+        writer, whose batches run every request in a savepoint, that was one ``pwrite`` of a page to a file
+        nobody reads for every page a batch touched, half the writer's system calls. Only for a connection
+        whose transactions are small: a sort or temporary table of a large read would stay in memory too."""
+        self.execute("PRAGMA temp_store=MEMORY")
+
     def checkpoint(self) -> tuple[int, int, int] | None:
         """A PASSIVE WAL checkpoint on this connection (see ``wal_checkpoint``)."""
         return wal_checkpoint(self.conn)

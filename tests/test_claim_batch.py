@@ -8,6 +8,7 @@ to the stored rows. In the writer, one bad claim must not fail the others of its
 from __future__ import annotations
 
 import copy
+import os
 import random
 import shutil
 import threading
@@ -128,6 +129,52 @@ def test_a_writer_batch_claims_at_one_time_with_one_statement(orch):
     assert {e["ts"] for e in assigned if e["task_id"] != ids[5]} == {4000.0}  # the first's time for the run
     assert sum(q.startswith("WITH req AS MATERIALIZED") for q in statements) == 1
     assert sum(q.startswith("UPDATE tasks SET") for q in statements) == 1  # the given task's own
+    assert store.check().ok
+    store.close()
+
+
+def _temp_files() -> list[str]:
+    """SQLite's temporary files open in this process (it unlinks them at once; /proc still names them)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if "etilqs_" in target:
+            found.append(target)
+    return found
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_the_writer_keeps_its_savepoint_journals_in_memory(orch, in_memory):
+    """A write in the writer's batch runs in a savepoint; its journal (the pages as they were) goes to a
+    temporary file past 64 KiB unless the connection keeps it in memory — a page written for each page
+    touched. ``in_memory=False`` shows the file the writer's connection no longer makes."""
+    store = Store.open(orch.db_path)
+    _queue(store, orch, 1)
+    store.execute("CREATE TABLE pad (id INTEGER PRIMARY KEY, v TEXT)")
+    store.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200) "
+        "INSERT INTO pad (v) SELECT printf('%.2000c', 'x') FROM n"
+    )  # about 100 pages
+    store.close()
+    writer = Writer(Store.open(orch.db_path))
+    if not in_memory:
+        writer.store.execute("PRAGMA temp_store=DEFAULT")
+
+    def touch_every_page(s: Store) -> list[str]:
+        s.execute("UPDATE pad SET v = printf('%.2000c', 'y')")
+        files = _temp_files()
+        raise RuntimeError(files)  # rolled back: the test leaves the database as it was
+
+    with pytest.raises(RuntimeError) as raised:
+        writer.submit(touch_every_page)
+    writer.close()
+    writer.store.close()
+    assert (raised.value.args[0] == []) is in_memory
+    store = Store.open(orch.db_path)
+    assert store.execute("SELECT count(*) FROM pad WHERE v LIKE 'y%'").fetchone()[0] == 0
     assert store.check().ok
     store.close()
 
