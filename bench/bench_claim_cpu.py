@@ -8,7 +8,8 @@ with 32 registered agents and claims in batches of 32 (what the writer groups un
   routing   ``urlsplit``, the route table, the ``Request`` and its JSON body
   auth      the bearer token: its hash and the principal cache (a hit, as under load)
   claim     ``Store.claim_many`` without its event part: the batch's claims (one time, as the server's
-            writer gives them) in one ``UPDATE … FROM … RETURNING``, and the commit
+            writer gives them) in one ``UPDATE … FROM … RETURNING``, and the commit (on a connection that
+            keeps its journals in memory, as the writer's does)
   events    ``Store._record_claims``: the ``task.assigned`` events, attempts and agent rows of the batch,
             each checked against the reducer
   response  ``services.claimed`` (the prompt rendered, the task token) and the JSON answer
@@ -80,6 +81,7 @@ def main() -> int:
         api = Api(cfg)
         api.writer.close()  # claims below run on a store of our own, timed step by step
         store = Store.open(db)
+        store.keep_journals_in_memory()  # as the writer's connection does
         raw = [(f"POST /api/v1/tasks/dequeue HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {t}\r\n"
                 "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}").encode() for t in agents]  # fmt: skip
         record = Store._record_claims
