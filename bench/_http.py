@@ -85,6 +85,44 @@ def proc_cpu_secs(pid: int) -> float:
         return 0.0
 
 
+#: serve's threads by their name for the kernel (fleetctl/server/pool.py, ``NamedThread``; 15 bytes at most)
+THREAD_KINDS = {"fleetctl-writer": "writer", "fleetctl-checkp": "checkpoint", "fleetctl-reques": "request threads"}
+
+
+def thread_cpu(pid: int) -> dict[str, tuple[float, float]]:
+    """User and system CPU seconds so far of each kind of a serve process's threads: ``event loop`` (the main
+    thread), ``writer``, ``checkpoint``, ``request threads``, ``other``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, tuple[float, float]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                head, _, rest = fh.read().rpartition(")")
+        except OSError:  # it ended meanwhile
+            continue
+        comm = head.partition("(")[2]
+        kind = "event loop" if tid == str(pid) else THREAD_KINDS.get(comm, "other")
+        fields = rest.split()
+        user, system = out.get(kind, (0.0, 0.0))
+        out[kind] = (user + int(fields[11]) / tick, system + int(fields[12]) / tick)
+    return out
+
+
+def thread_cpu_line(before: dict, after: dict, n: int) -> str:
+    """``kind user+sys`` in µs per claim (``n`` claims) for each kind of thread that used any CPU."""
+    parts = []
+    for kind in ("event loop", "writer", "checkpoint", "request threads", "other"):
+        u0, s0 = before.get(kind, (0.0, 0.0))
+        u1, s1 = after.get(kind, (0.0, 0.0))
+        if (u1 - u0) + (s1 - s0) > 0:
+            parts.append(f"{kind} {(u1 - u0) / n * 1e6:.0f}+{(s1 - s0) / n * 1e6:.0f}")
+    return ", ".join(parts)
+
+
 class RssSampler:
     """Samples a process's VmRSS every ``interval`` seconds on a thread; ``peak_kb`` is the largest seen."""
 

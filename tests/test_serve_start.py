@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import LiveServer, wait_for
@@ -242,3 +243,15 @@ def _healthz_or_none(port: int) -> int | None:
         return healthz(port, timeout=5)
     except (ConnectionError, OSError):
         return None
+
+
+def test_serve_names_its_threads_for_the_kernel(live_server):
+    """``top -H`` and ``/proc/PID/task/*/comm`` tell the writer, the checkpointer and the request threads apart
+    (the claims benchmark reads each one's CPU from there)."""
+    names = set()
+    for comm in Path(f"/proc/{live_server.proc.pid}/task").glob("*/comm"):
+        try:
+            names.add(comm.read_text().strip())
+        except OSError:  # a thread that ended meanwhile
+            continue
+    assert {"fleetctl-writer", "fleetctl-checkp", "fleetctl-reques"} <= names, names

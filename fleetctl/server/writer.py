@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fleetctl.errors import FleetError, StoreBusy, StoreError
+from fleetctl.server.pool import NamedThread
 from fleetctl.store import ClaimRequest, Store, connect_raw, translate_error, wal_checkpoint
 
 MAX_BATCH = 64
@@ -92,7 +93,7 @@ class Writer:
         store.set_autocheckpoint(0)  # this connection's commits never checkpoint (above)
         store.keep_journals_in_memory()  # its savepoints' journals never spill to a file (Store)
         self.checkpointer = Checkpointer(store.path, self)
-        self._thread = threading.Thread(target=self._run, name="fleetctl-writer", daemon=True)
+        self._thread = NamedThread(self._run, "fleetctl-writer")
         self._thread.start()
 
     def submit(self, fn: Callable[[Store], Any], *, timeout: float | None = None) -> Any:
@@ -236,7 +237,7 @@ class Checkpointer:
         self.writer = writer
         self.interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fleetctl-checkpoint", daemon=True)
+        self._thread = NamedThread(self._run, "fleetctl-checkpoint")
         self._thread.start()
 
     def _run(self) -> None:
