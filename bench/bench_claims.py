@@ -9,10 +9,11 @@ its token; ``apt-get install wrk``), else a Python multi-process one (``--loadge
 
 Reported: claims/s, p50/p90/p99 latency, serve RSS (VmRSS sampled during the run, VmHWM after) and CPU
 per claim — for serve also by thread (the event loop, the writer, the checkpointer, the request threads;
-user+system µs per claim, from /proc/PID/task) — and the proof of "zero tasks claimed twice", read from the database after serve has stopped:
-every claimed task has exactly one ``task.assigned`` event and attempt 1, their number equals the 200s
-the server answered (its /metrics) and is at least the 200s the clients counted, every task id a client
-received is distinct and assigned in the database, and ``fleetctl db check`` says ok.
+user+system µs per claim, from /proc/PID/task) — and the proof of "zero tasks claimed twice", read from the
+database after serve has stopped: every claimed task has exactly one ``task.assigned`` event and attempt 1,
+their number equals the 200s the server answered (its /metrics) and is at least the 200s the clients
+counted, every task id a client received is distinct and assigned in the database, and ``fleetctl db check``
+says ok.
 
 Reference, measured in the same run under the same load generator: a minimal stdlib
 ``ThreadingHTTPServer`` (in this file, run as its own process) doing the same one-statement claim — an
