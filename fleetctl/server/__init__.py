@@ -214,11 +214,9 @@ def _stop_with(parent: int) -> None:
     """In a worker: be sent SIGTERM (and so drain and stop) when the supervisor dies, even by ``kill -9`` —
     else orphaned workers would go on serving the port with nobody to restart or stop them (Linux's
     ``PR_SET_PDEATHSIG``; under systemd the unit's control group is stopped whole anyway)."""
-    import ctypes
+    from fleetctl.server.pool import PR_SET_PDEATHSIG, prctl
 
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: nothing to ask for
+    if not prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM)):  # not Linux: nothing to ask for
         return
     if os.getppid() != parent:  # it died before the line above
         os.kill(os.getpid(), signal.SIGTERM)

@@ -27,17 +27,22 @@ class NamedThread(threading.Thread):
         super().__init__(target=target, name=name, daemon=True)
 
     def run(self) -> None:
-        _set_os_thread_name(self.name)
+        prctl(PR_SET_NAME, self.name.encode()[:15])
         super().run()
 
 
-def _set_os_thread_name(name: str) -> None:
+PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
+
+
+def prctl(option: int, arg: int | bytes) -> bool:
+    """Linux's ``prctl(option, arg)`` for the calling thread or process; False where there is none."""
     import ctypes
 
     try:
-        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # 15: PR_SET_NAME
-    except (OSError, AttributeError):  # not Linux: the name stays Python's only
-        pass
+        ctypes.CDLL(None).prctl(option, arg, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux
+        return False
+    return True
 
 
 class Pool:
